@@ -1,0 +1,1 @@
+"""Distillation: teacher outputs, sparse KD losses, training (builds on quasar_model)."""

@@ -1,0 +1,1 @@
+"""Evaluation: held-out KL, long-context recall, scoring (builds on quasar_model)."""
