@@ -1,0 +1,23 @@
+"""SwiGLU feed-forward block: down(silu(gate(x)) * up(x)).
+
+Used as the dense MLP and as the shared expert of the MoE layer. No biases, as
+in LLaMA / DeepSeek: they add parameters and do nothing useful next to RMSNorm.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., hidden] -> [..., intermediate] (gated) -> [..., hidden]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
