@@ -10,15 +10,12 @@ runs; variants are interleaved so background load skews them equally.
 """
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from quasar_model.layers.moe import MoE, _grouped_mm_ok  # noqa: E402
+from quasar_model.layers.moe import MoE, _grouped_mm_ok
 
 
 def sync(device):

@@ -1,17 +1,14 @@
 """MoE layer: dispatch == loop reference, routing rule, bias buffer, balancing, padding, args."""
 
 import copy
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
-from quasar_model.layers.mlp import SwiGLU  # noqa: E402
-from quasar_model.layers.moe import MoE, _experts_loop, _experts_sorted, _grouped_mm_ok, route  # noqa: E402
+from quasar_model.layers.mlp import SwiGLU
+from quasar_model.layers.moe import MoE, _experts_loop, _experts_sorted, _grouped_mm_ok, route
 
 # the device-dependent dispatches; grouped_mm only where the probe says it runs
 DISPATCHES = ["padded"] + (["grouped_mm"] if _grouped_mm_ok(torch.device("cpu"), torch.float32, 32, 16) else [])
