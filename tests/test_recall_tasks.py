@@ -3,19 +3,16 @@ haystack variety, wording variety; with the real Qwen tokenizer and two toy toke
 
 import collections
 import json
-import os
 import re
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
-from eval import haystack  # noqa: E402
-from eval.recall_tasks import (  # noqa: E402
+from eval import haystack
+from eval.recall_tasks import (
     FAMILIES, FIRST_NAMES, KEY_ADJECTIVES, KEY_NOUNS, LAST_NAMES, UNIQUE_ANSWER_FAMILIES, VALUE_WORDS,
     canonical_json, generate_item, generate_items, items_digest, oracle_answer, oracle_answer_text)
-from eval.tokenizer import TextTokenizer  # noqa: E402
+from eval.tokenizer import TextTokenizer
 
 CTX = 256  # small competition context: the whole grid (150 items, up to 1024 tokens) in < 1 s
 
