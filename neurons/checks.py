@@ -1,0 +1,469 @@
+"""Validator-side checks of a fetched checkpoint directory, cheapest and most decisive first.
+
+    manifest  every file listed, allowed, and byte-identical to the manifest (nothing else read)
+    config    config.json: size cap, strict JSON, typed schema, model_type, QuasarLongConfig,
+              cheap competition bounds, then the exact parameter count on the `meta` device
+    header    safetensors headers only: every tensor's name/shape/dtype equals the meta model's
+              state_dict, offsets tile the file exactly; no tensor data read yet
+    weights   tensors loaded one slice at a time; any NaN/Inf refuses the submission
+
+Nothing from the submission is executed or unpickled: the model is built from our own library,
+weights are only ever read through safetensors. Each check raises `SubmissionRejected` with a
+reason and the stage that refused it; `check_submission` runs them in order.
+"""
+from __future__ import annotations
+
+import math
+import os
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .commitment import Commitment
+from .manifest import (
+    INDEX_NAME, Manifest, SubmissionRejected, read_manifest, read_small_file, strict_json_loads, verify_manifest,
+)
+
+MAX_CONFIG_BYTES = 64 << 10  # a real config.json is ~2-3 KiB; the cap also bounds every list in it
+MAX_INDEX_BYTES = 16 << 20
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own loader refuses headers over 100 MB
+SLICE_BYTES = 64 << 20  # NaN scan reads at most this much of one tensor at a time
+
+# safetensors dtype -> bytes per element, for the dtypes a weight may have.
+FLOAT_DTYPES = {"F32": 4, "BF16": 2, "F16": 2}
+# Non-float tensors (integer buffers such as engram's canonical_ids) must keep the meta model's
+# exact dtype; these are the ones we know the width of.
+INT_DTYPES = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+# Keys transformers writes into config.json that are not QuasarLongConfig fields.
+BOOKKEEPING_KEYS = {"architectures", "model_type", "transformers_version", "dtype", "torch_dtype"}
+ARCHITECTURES = ["QuasarLongForCausalLM"]
+CONFIG_DTYPES = {"float32", "bfloat16", "float16"}
+# Keys that make transformers import or run code named by the checkpoint, or change how weights
+# are interpreted: refused by name with a sharper reason than "unknown key".
+CODE_KEYS = {"auto_map", "custom_pipelines", "quantization_config"}
+
+
+@dataclass(frozen=True)
+class StudentLimits:
+    """A competition's bounds on a student. The first five come from the competition file.
+
+    The defaulted caps bound work the config could make the validator do in Python (loops over
+    engram tables, n-gram lags, conv taps, model loops) that the parameter count does not see.
+    """
+    max_total_params: int
+    vocab_size: int  # exact: the student shares the competition tokenizer (KL needs aligned ids)
+    max_layers: int
+    max_hidden: int
+    allowed_model_type: str = "quasar_long"
+    max_loops: int = 4
+    max_engram_tables: int = 64
+    max_ngram_order: int = 8
+    max_engram_conv_kernel: int = 16
+
+
+@dataclass(frozen=True)
+class SubmissionSummary:
+    model_hash: str
+    total_params: int
+    active_params: int
+    tensor_count: int
+    weight_bytes: int  # bytes of tensor data across all safetensors files
+    dtypes: dict[str, int] = field(default_factory=dict)  # safetensors dtype -> tensor count
+    files: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CheckedSubmission:
+    config: object  # QuasarLongConfig (imported lazily: importing torch is not needed to reject)
+    manifest: Manifest
+    summary: SubmissionSummary
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _reject(stage: str, reason: str) -> SubmissionRejected:
+    return SubmissionRejected(reason, stage)
+
+
+# ================================================================================== config
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _type_ok(annotation: str, v) -> bool:
+    """Whether a JSON value fits a QuasarLongConfig field annotation (kept as a string)."""
+    if annotation == "int":
+        return _is_int(v)
+    if annotation == "float":
+        try:  # float() of a 4000-digit integer overflows rather than returning inf
+            return (_is_int(v) or isinstance(v, float)) and math.isfinite(float(v))
+        except OverflowError:
+            return False
+    if annotation == "bool":
+        return isinstance(v, bool)
+    if annotation == "str":
+        return isinstance(v, str) and len(v) <= 64
+    if annotation == "int | None":
+        return v is None or _is_int(v)
+    if annotation == "list[int] | None":
+        return v is None or (isinstance(v, list) and all(_is_int(x) for x in v))
+    if annotation == "list[str] | None":
+        return v is None or (isinstance(v, list) and all(isinstance(x, str) and len(x) <= 64 for x in v))
+    if annotation == "int | list[int] | None":
+        return v is None or _is_int(v) or (isinstance(v, list) and all(_is_int(x) for x in v))
+    raise TypeError(annotation)
+
+
+def check_config_schema(raw: dict, limits: StudentLimits) -> None:
+    """model_type first (the cheapest decisive check), then every key's presence and JSON type.
+
+    QuasarLongConfig checks values, not types (a string where a float belongs would pass it and
+    fail later, somewhere less clear), so types are checked here against its own annotations.
+    """
+    model_type = raw.get("model_type")
+    if model_type != limits.allowed_model_type:
+        raise _reject("config", f"config.json model_type {str(model_type)[:40]!r} is not {limits.allowed_model_type!r}")
+    from quasar_model import QuasarLongConfig
+
+    fields = QuasarLongConfig.__annotations__
+    for key, value in raw.items():
+        if key in CODE_KEYS:
+            raise _reject("config", f"config.json key {key!r} is not accepted "
+                                    "(it makes loaders run code or reinterpret the weights)")
+        if key in BOOKKEEPING_KEYS:
+            continue
+        if key not in fields:
+            raise _reject("config", f"config.json has the unknown key {key[:60]!r}")
+        annotation = fields[key]
+        if not isinstance(annotation, str):  # evaluated annotations (no `from __future__`): spell them
+            annotation = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+        try:
+            ok = _type_ok(annotation, value)
+        except TypeError:  # a field type this checker does not know: fail closed, loudly
+            raise _reject("config", f"config.json field {key!r} has a type the validator cannot check") from None
+        if not ok:
+            raise _reject("config", f"config.json field {key!r} has the wrong type or value: "
+                                    f"{str(value)[:60]!r} (expected {fields[key]})")
+    if "architectures" in raw and raw["architectures"] != ARCHITECTURES:
+        raise _reject("config", f"config.json architectures {str(raw['architectures'])[:80]} is not {ARCHITECTURES}")
+    for key in ("dtype", "torch_dtype"):
+        if key in raw and not (isinstance(raw[key], str) and raw[key] in CONFIG_DTYPES):
+            raise _reject("config", f"config.json {key} {str(raw[key])[:40]!r} is not one of {sorted(CONFIG_DTYPES)}")
+    if "transformers_version" in raw and not (isinstance(raw["transformers_version"], str)
+                                               and len(raw["transformers_version"]) <= 32):
+        raise _reject("config", "config.json transformers_version is not a short string")
+
+
+def build_config(raw: dict):
+    """QuasarLongConfig from the checked dict; its own validation names the offending field."""
+    from quasar_model import QuasarLongConfig
+
+    fields = {k: v for k, v in raw.items() if k not in BOOKKEEPING_KEYS}
+    try:
+        return QuasarLongConfig(**fields)
+    except (ValueError, TypeError) as e:
+        raise _reject("config", f"config.json is not a valid QuasarLongConfig: {str(e)[:300]}") from None
+
+
+def check_config_bounds(config, limits: StudentLimits) -> None:
+    """Cheap field checks against the competition, before anything is built, even on meta.
+
+    These are what make a config bomb (vocab 10**9, 10**6 layers, a huge engram) cost
+    microseconds: the meta build is cheap per tensor but not per module, and engram computes its
+    hash primes in Python at construction.
+    """
+    def over(field_name: str, value, bound, rule: str):
+        raise _reject("config", f"config.json {field_name}={value} is outside the competition bounds ({rule} {bound})")
+
+    if config.vocab_size != limits.vocab_size:
+        over("vocab_size", config.vocab_size, limits.vocab_size, "must equal the competition tokenizer's")
+    if config.num_hidden_layers > limits.max_layers:
+        over("num_hidden_layers", config.num_hidden_layers, limits.max_layers, "at most")
+    if config.hidden_size > limits.max_hidden:
+        over("hidden_size", config.hidden_size, limits.max_hidden, "at most")
+    if config.num_attention_heads > limits.max_hidden:  # one Python entry per head per layer
+        over("num_attention_heads", config.num_attention_heads, limits.max_hidden, "at most max_hidden")
+    if config.num_loops > limits.max_loops:
+        over("num_loops", config.num_loops, limits.max_loops, "at most")
+    if config.engram_layers:
+        orders, heads = config.engram_ngram_orders, config.engram_num_heads
+        tables = len(orders) * heads
+        if tables > limits.max_engram_tables:
+            over("engram tables (len(engram_ngram_orders) * engram_num_heads)", tables, limits.max_engram_tables, "at most")
+        if max(orders) > limits.max_ngram_order:
+            over("engram_ngram_orders", max(orders), limits.max_ngram_order, "max order at most")
+        if not 1 <= config.engram_conv_kernel <= limits.max_engram_conv_kernel:
+            over("engram_conv_kernel", config.engram_conv_kernel, f"[1, {limits.max_engram_conv_kernel}]", "in")
+        # Each table has a prime number of rows >= slots // tables: a lower bound on the table
+        # parameters that needs no build (and keeps the Python prime search small).
+        table_params = tables * max(config.engram_slots // tables, 2) * (config.engram_dim // heads)
+        if table_params > limits.max_total_params:
+            over("engram_slots", config.engram_slots, f"{limits.max_total_params:,}",
+                 f"its tables alone hold >= {table_params:,} parameters; total at most")
+
+
+def count_parameters(config, limits: StudentLimits) -> dict[str, int]:
+    """Exact parameter counts on the meta device (no memory), refused over the competition cap."""
+    from quasar_model.report import parameter_counts
+
+    try:
+        counts = parameter_counts(config)
+    except Exception as e:  # our own library refusing a shape (overflow, bad sizes): still a rejection
+        first_line = (str(e).splitlines() or [""])[0][:200]
+        raise _reject("config", f"config.json does not build a model: {type(e).__name__}: {first_line}") from None
+    if counts["total"] > limits.max_total_params:
+        raise _reject("config", f"model has {counts['total']:,} parameters, "
+                                f"over the competition cap of {limits.max_total_params:,}")
+    return counts
+
+
+def _check_generation_config(directory: Path, manifest: Manifest) -> None:
+    # Not used to build anything, but loaders read it: keep it a small JSON object.
+    if manifest.entry("generation_config.json") is not None:
+        raw = read_small_file(directory / "generation_config.json", MAX_CONFIG_BYTES, "generation_config.json", "config")
+        if not isinstance(strict_json_loads(raw, "generation_config.json", "config"), dict):
+            raise _reject("config", "generation_config.json is not a JSON object")
+
+
+def check_config(directory: str | os.PathLike, limits: StudentLimits, manifest: Manifest):
+    """(config, parameter counts) of a checkpoint, or SubmissionRejected(stage="config")."""
+    directory = Path(directory)
+    if manifest.entry("config.json") is None:
+        raise _reject("config", "config.json is missing")
+    raw = read_small_file(directory / "config.json", MAX_CONFIG_BYTES, "config.json", "config")
+    body = strict_json_loads(raw, "config.json", "config")
+    if not isinstance(body, dict):
+        raise _reject("config", "config.json is not a JSON object")
+    check_config_schema(body, limits)
+    config = build_config(body)
+    check_config_bounds(config, limits)
+    counts = count_parameters(config, limits)
+    _check_generation_config(directory, manifest)
+    return config, counts
+
+
+# ================================================================================== headers
+def read_safetensors_header(path: Path, file_name: str) -> list[TensorInfo]:
+    """The tensors a safetensors file declares, after checking its layout; reads only the header.
+
+    Format: 8-byte little-endian header length N, N bytes of JSON, then the data region. Every
+    tensor must have an allowed dtype, a shape, and [begin, end) offsets whose length is exactly
+    numel * itemsize; together the tensors must tile the data region with no gap, overlap or
+    trailing bytes (as safetensors itself requires), so no hidden payload rides along.
+    """
+    def bad(why: str):
+        return _reject("header", f"{file_name}: {why}")
+
+    file_size = path.stat().st_size
+    if file_size < 8:
+        raise bad(f"file is {file_size} bytes, too short for a safetensors header")
+    with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > MAX_HEADER_BYTES:
+            raise bad(f"header length {header_len} is over the {MAX_HEADER_BYTES}-byte cap")
+        if 8 + header_len > file_size:
+            raise bad(f"header length {header_len} runs past the end of the {file_size}-byte file (truncated?)")
+        raw = f.read(header_len)
+    if len(raw) != header_len:
+        raise bad("header shorter than its declared length (truncated?)")
+    header = strict_json_loads(raw, f"{file_name} header", "header")
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise bad("__metadata__ must map strings to strings")
+
+    tensors = []
+    for name, spec in header.items():
+        shown = repr(name[:120])
+        if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
+            raise bad(f"tensor {shown} entry must have exactly dtype, shape, data_offsets")
+        dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+        if dtype not in FLOAT_DTYPES and dtype not in INT_DTYPES:
+            raise bad(f"tensor {shown} has dtype {str(dtype)[:20]!r}; weights must be one of {sorted(FLOAT_DTYPES)}")
+        if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(d) and d >= 0 for d in shape):
+            raise bad(f"tensor {shown} has an invalid shape {str(shape)[:80]}")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise bad(f"tensor {shown} has invalid data_offsets {str(offsets)[:80]}")
+        nbytes = math.prod(shape) * {**FLOAT_DTYPES, **INT_DTYPES}[dtype]
+        if offsets[1] - offsets[0] != nbytes:
+            raise bad(f"tensor {shown} offsets span {offsets[1] - offsets[0]} bytes, "
+                      f"its shape {shape} {dtype} needs {nbytes}")
+        tensors.append(TensorInfo(name, file_name, dtype, tuple(shape), offsets[0], offsets[1]))
+
+    data_len = file_size - 8 - header_len
+    cursor = 0
+    for t in sorted(tensors, key=lambda t: (t.begin, t.end)):
+        if t.begin != cursor:
+            what = "overlaps the previous tensor" if t.begin < cursor else f"leaves a gap at byte {cursor}"
+            raise bad(f"tensor {t.name[:120]!r} {what} (data offsets must tile the data region)")
+        cursor = t.end
+    if cursor != data_len:
+        if cursor > data_len:
+            raise bad(f"tensors need {cursor} data bytes but the file has {data_len} (truncated?)")
+        raise bad(f"{data_len - cursor} trailing bytes after the last tensor")
+    return tensors
+
+
+def expected_tensors(config) -> tuple[dict[str, tuple[tuple[int, ...], object]], dict[str, str]]:
+    """From the meta model: name -> (shape, torch dtype) of every stored tensor, and tied aliases.
+
+    A state_dict entry that is the same tensor object as an earlier one (tied lm_head) is an alias:
+    save_pretrained stores it once, under the first name, and so must a submission.
+    """
+    from quasar_model.report import build_on_meta
+
+    model = build_on_meta(config)
+    expected, aliases, seen = {}, {}, {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            aliases[name] = seen[id(tensor)]
+            continue
+        seen[id(tensor)] = name
+        expected[name] = (tuple(tensor.shape), tensor.dtype)
+    return expected, aliases
+
+
+def _safetensors_dtype(torch_dtype) -> str | None:
+    import torch
+
+    return {torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+            torch.uint8: "U8", torch.bool: "BOOL"}.get(torch_dtype)
+
+
+def _weight_files(directory: Path, manifest: Manifest) -> tuple[list[str], dict[str, str] | None]:
+    """The safetensors files to read and, when sharded, the index's tensor -> file map."""
+    shards = sorted(n for n in manifest.names if n.endswith(".safetensors"))
+    if not shards:
+        raise _reject("header", "checkpoint has no .safetensors weights")
+    if manifest.entry(INDEX_NAME) is None:
+        if shards != ["model.safetensors"]:
+            raise _reject("header", f"weights {shards[:5]} need {INDEX_NAME}, or one file named model.safetensors")
+        return shards, None
+    raw = read_small_file(directory / INDEX_NAME, MAX_INDEX_BYTES, INDEX_NAME, "header")
+    index = strict_json_loads(raw, INDEX_NAME, "header")
+    if not isinstance(index, dict) or not set(index) <= {"metadata", "weight_map"} or "weight_map" not in index:
+        raise _reject("header", f"{INDEX_NAME} must be an object with 'weight_map' (and optional 'metadata')")
+    weight_map = index["weight_map"]
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise _reject("header", f"{INDEX_NAME} weight_map must map tensor names to file names")
+    referenced = set(weight_map.values())
+    if referenced != set(shards):
+        unknown, unused = sorted(referenced - set(shards))[:3], sorted(set(shards) - referenced)[:3]
+        raise _reject("header", f"{INDEX_NAME} references files {unknown} not in the checkpoint, or leaves {unused} unused")
+    return shards, weight_map
+
+
+def check_headers(directory: str | os.PathLike, manifest: Manifest, config) -> list[TensorInfo]:
+    """Every tensor the files declare is exactly one the meta model expects, and vice versa."""
+    directory = Path(directory)
+    shards, weight_map = _weight_files(directory, manifest)
+    declared: dict[str, TensorInfo] = {}
+    for shard in shards:
+        for t in read_safetensors_header(directory / shard, shard):
+            if t.name in declared:
+                raise _reject("header", f"tensor {t.name[:120]!r} is stored twice ({declared[t.name].file} and {shard})")
+            if weight_map is not None and weight_map.get(t.name) != shard:
+                raise _reject("header", f"tensor {t.name[:120]!r} is in {shard} "
+                                        f"but {INDEX_NAME} says {weight_map.get(t.name)!r}")
+            declared[t.name] = t
+    if weight_map is not None and set(weight_map) != set(declared):
+        absent = sorted(set(weight_map) - set(declared))[:3]
+        raise _reject("header", f"{INDEX_NAME} lists tensors the shards do not hold: {absent}")
+
+    expected, aliases = expected_tensors(config)
+    for name in sorted(declared):
+        if name in aliases:
+            raise _reject("header", f"tensor {name!r} is tied to {aliases[name]!r} and must not be stored separately")
+        if name not in expected:
+            raise _reject("header", f"unexpected tensor {name[:120]!r} (not in the Quasar-Long model for this config)")
+    missing = sorted(set(expected) - set(declared))
+    if missing:
+        raise _reject("header", f"{len(missing)} tensor(s) missing, e.g. {missing[:3]}")
+    for name, t in declared.items():
+        shape, torch_dtype = expected[name]
+        if t.shape != shape:
+            raise _reject("header", f"tensor {name!r} has shape {list(t.shape)}, the model expects {list(shape)}")
+        if torch_dtype.is_floating_point:
+            if t.dtype not in FLOAT_DTYPES:
+                raise _reject("header", f"tensor {name!r} has dtype {t.dtype}; "
+                                        f"weights must be one of {sorted(FLOAT_DTYPES)}")
+        elif t.dtype != _safetensors_dtype(torch_dtype):
+            raise _reject("header", f"tensor {name!r} has dtype {t.dtype}, the model's buffer is {torch_dtype}")
+    return list(declared.values())
+
+
+# ================================================================================== weights
+def check_finite(directory: str | os.PathLike, tensors: list[TensorInfo]) -> None:
+    """Load float tensors through safetensors, a slice at a time, and refuse any NaN/Inf.
+
+    Slicing along the first dimension keeps memory to ~SLICE_BYTES however large the embedding.
+    """
+    import torch
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    by_file: dict[str, list[TensorInfo]] = {}
+    for t in tensors:
+        if t.dtype in FLOAT_DTYPES:
+            by_file.setdefault(t.file, []).append(t)
+    for file_name, infos in sorted(by_file.items()):
+        try:
+            with safe_open(str(directory / file_name), framework="pt", device="cpu") as f:
+                for t in infos:
+                    if not t.shape:
+                        chunks = [f.get_tensor(t.name)]
+                    else:
+                        row_bytes = max(1, (t.end - t.begin) // max(t.shape[0], 1))
+                        step = max(1, SLICE_BYTES // row_bytes)
+                        sl = f.get_slice(t.name)
+                        chunks = (sl[a:a + step] for a in range(0, t.shape[0], step))
+                    for chunk in chunks:
+                        bad = int((~torch.isfinite(chunk)).sum())
+                        if bad:
+                            raise _reject("weights", f"tensor {t.name!r} in {file_name} has {bad} "
+                                                     "non-finite value(s) (NaN/Inf)")
+        except SubmissionRejected:
+            raise
+        except Exception as e:  # safetensors refusing the file after our header checks passed
+            raise _reject("weights", f"{file_name} cannot be read by safetensors: {str(e)[:200]}") from None
+
+
+# ================================================================================== all
+def check_submission(directory: str | os.PathLike, limits: StudentLimits, *, manifest: Manifest | None = None,
+                     commitment: Commitment | None = None) -> CheckedSubmission:
+    """Run every check in order; the parsed config and a summary, or SubmissionRejected.
+
+    `manifest` defaults to the directory's manifest.json. With `commitment`, the manifest's model
+    hash must be the committed one, so a fetched checkpoint cannot be swapped for another.
+    """
+    directory = Path(directory)
+    if manifest is None:
+        manifest = read_manifest(directory)
+    if commitment is not None and not commitment.matches(manifest.model_hash):
+        raise _reject("manifest", f"manifest model_hash {manifest.model_hash[:32]} is not the committed "
+                                  f"{commitment.model_hash_prefix}")
+    verify_manifest(directory, manifest)
+    config, counts = check_config(directory, limits, manifest)
+    tensors = check_headers(directory, manifest, config)
+    check_finite(directory, tensors)
+    summary = SubmissionSummary(
+        model_hash=manifest.model_hash,
+        total_params=counts["total"],
+        active_params=counts["active"],
+        tensor_count=len(tensors),
+        weight_bytes=sum(t.end - t.begin for t in tensors),
+        dtypes=dict(Counter(t.dtype for t in tensors)),
+        files=tuple(manifest.names),
+    )
+    return CheckedSubmission(config, manifest, summary)
