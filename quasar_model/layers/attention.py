@@ -1,0 +1,37 @@
+"""GQA attention: fused QKV, per-head QK RMSNorm, partial rotary, causal SDPA."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .norm import RMSNorm
+from .rotary import apply_rotary
+
+
+class GQAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.use_qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.use_qk_norm else nn.Identity()
+
+    def forward(self, x, rope, attn_mask=None, state: dict | None = None):
+        # x [B, T, hidden]; rope = (cos, sin) [B, T, rotary_dim] or None
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).view(B, T, -1, self.head_dim).split([self.n_heads, self.n_kv, self.n_kv], dim=2)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        if state is not None:
+            if "k" in state:
+                k, v = torch.cat([state["k"], k], dim=2), torch.cat([state["v"], v], dim=2)
+            state["k"], state["v"] = k, v
+        # attn_mask: None means plain causal attention over a fresh sequence
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1, enable_gqa=self.n_kv != self.n_heads
+        )
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))

@@ -1,0 +1,54 @@
+"""The hybrid mixer: out = GQA(x) + sigmoid(a) * Adapter(c * g * Branch(x)).
+
+a starts at hybrid_alpha_init (sigmoid(-15) ~ 3e-7), so a fresh branch is switched off and the
+layer behaves as the attention it was distilled from; Adapter(y) = y + U(D(y)) with U zero, so it
+starts as the identity.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import initialization as init
+
+from .attention import GQAttention
+from .gla import GLABranch
+from .quasar import QuasarBranch
+from .raven import RavenBranch
+
+BRANCHES = {"quasar": QuasarBranch, "raven": RavenBranch, "gla": GLABranch}
+
+
+class HybridMixer(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.alpha_init = config.hybrid_alpha_init
+        self.kind = config.branch_kind(layer_idx)
+        self.attn = GQAttention(config)
+        self.branch = BRANCHES[self.kind](config, layer_idx)
+        self.alpha = nn.Parameter(torch.empty(()))
+        self.branch_gain = nn.Parameter(torch.empty(()))
+        self.channel_scale = nn.Parameter(torch.empty(config.hidden_size))
+        r = config.hybrid_output_adapter_rank
+        self.adapter_down = nn.Linear(config.hidden_size, r, bias=False) if r else None
+        self.adapter_up = nn.Linear(r, config.hidden_size, bias=False) if r else None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        init.constant_(self.alpha, self.alpha_init)
+        init.ones_(self.branch_gain)
+        init.ones_(self.channel_scale)
+        if self.adapter_up is not None:
+            init.zeros_(self.adapter_up.weight)
+
+    def forward(self, x, rope, attn_mask, state: dict | None, token_mask, cu_seqlens):
+        a = self.attn(x, rope, attn_mask, state)
+        y, branch_state = self.branch(
+            x, state=None if state is None else state.get("branch"), token_mask=token_mask,
+            cu_seqlens=cu_seqlens, rope=rope,
+        )
+        if state is not None:
+            state["branch"] = branch_state
+        y = self.channel_scale * self.branch_gain * y
+        if self.adapter_up is not None:
+            y = y + self.adapter_up(self.adapter_down(y))
+        return a + torch.sigmoid(self.alpha) * y
