@@ -232,3 +232,72 @@ def test_bad_inputs_are_refused_clearly():
         model(inputs_embeds=torch.randn(1, 8, 64))  # engram needs the ids
     with pytest.raises(ValueError, match="packed"):
         model(ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]]), past_key_values=QuasarLongCache())
+
+
+# ----------------------------------------------------------------------------------------------
+# Quasar branch with the optional state decay (gated delta rule)
+
+
+def _quasar_branches(model):
+    from quasar_model.layers.quasar import QuasarBranch
+    return [m for m in model.modules() if isinstance(m, QuasarBranch)]
+
+
+def test_quasar_decay_full_forward_equals_token_by_token_decoding():
+    cfg = tiny(hybrid_quasar_use_decay=True)
+    model = make(cfg)
+    branches = _quasar_branches(model)
+    assert branches and all(b.use_decay for b in branches)
+    for b in branches:  # Mamba2 init: A = exp(A_log) in (0, 16], softplus(dt_bias) in [1e-3, 0.1]
+        assert (b.A_log.exp() <= 16 + 1e-4).all()
+        dt = torch.nn.functional.softplus(b.dt_bias)
+        assert (dt >= 1e-3 - 1e-6).all() and (dt <= 0.1 + 1e-6).all()
+    ids = torch.randint(0, cfg.vocab_size, (2, 45))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        step = decode_token_by_token(model, ids)
+    assert full.abs().max() > 0.5
+    assert (full - step).abs().max().item() <= 1e-4
+
+
+def test_quasar_decay_changes_logits_and_adds_parameters_only_when_on():
+    ids = torch.randint(0, 100, (1, 40))
+    off, on = make(tiny()), make(tiny(hybrid_quasar_use_decay=True))
+    names_off = {n for n, _ in off.named_parameters()}
+    names_on = {n for n, _ in on.named_parameters()}
+    extra = names_on - names_off
+    assert names_off <= names_on and extra
+    n_quasar = len(_quasar_branches(on))
+    assert n_quasar > 0 and len(extra) == 3 * n_quasar
+    assert all(n.endswith(("branch.A_log", "branch.dt_bias", "branch.decay_proj.weight")) for n in extra)
+    assert not any("decay_proj" in n for n in names_off)
+    # same weights everywhere else: the decay alone moves the logits
+    missing, unexpected = on.load_state_dict(off.state_dict(), strict=False)
+    assert set(missing) == extra and not unexpected
+    with torch.no_grad():
+        l_off, l_on = off(ids, use_cache=False).logits, on(ids, use_cache=False).logits
+        assert (_quasar_branches(on)[0].log_decay(torch.randn(1, 5, on.config.hidden_size)) < 0).all()
+        assert not torch.allclose(l_off, l_on, atol=1e-3)
+        for b in _quasar_branches(on):  # A -> 0 turns the decay off: back to the ungated branch
+            b.A_log.fill_(-40.0)
+        l_nodecay = on(ids, use_cache=False).logits
+    assert (l_nodecay - l_off).abs().max() <= 1e-5
+
+
+def test_quasar_decay_padding_and_packing():
+    cfg = tiny(hybrid_quasar_use_decay=True)
+    model = make(cfg)
+    long_ids = torch.randint(1, cfg.vocab_size, (1, 30))
+    short_ids = torch.randint(1, cfg.vocab_size, (1, 21))
+    batch = torch.cat([long_ids, torch.cat([torch.zeros(1, 9, dtype=torch.long), short_ids], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :9] = 0
+    docs = [torch.randint(0, cfg.vocab_size, (n,)) for n in (11, 20, 9)]
+    pos = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    with torch.no_grad():
+        out = model(batch, attention_mask=mask, use_cache=False).logits
+        ref_short = model(short_ids, use_cache=False).logits
+        packed = model(torch.cat(docs)[None], position_ids=pos, use_cache=False).logits[0]
+        separate = torch.cat([model(d[None], use_cache=False).logits[0] for d in docs])
+    assert (out[1, 9:] - ref_short[0]).abs().max() <= 1e-4
+    assert (packed - separate).abs().max() <= 1e-4
