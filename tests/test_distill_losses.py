@@ -16,15 +16,6 @@ from distill.losses import (
 N, V, D, K = 37, 101, 16, 8   # D < N so that lm_head_weight [V, D] is smaller than N x V
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny problems: on a busy shared CPU, intra-op thread barriers cost more than they save
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_case(dtype=torch.float32, tau=1.0, n=N, v=V, d=D, k=K, seed=0, masked=True):
     """Student hidden/weight and a top-k teacher captured at tau from a random full teacher."""
     g = torch.Generator().manual_seed(seed)

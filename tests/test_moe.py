@@ -14,16 +14,6 @@ from quasar_model.layers.moe import MoE, _experts_loop, _experts_sorted, _groupe
 DISPATCHES = ["padded"] + (["grouped_mm"] if _grouped_mm_ok(torch.device("cpu"), torch.float32, 32, 16) else [])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # these problems are tiny: on a busy shared CPU, intra-op thread barriers
-    # cost far more than they save (seconds instead of milliseconds)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_moe(**kw):
     args = dict(
         hidden_size=32,

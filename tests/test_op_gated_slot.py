@@ -13,16 +13,6 @@ from quasar_model.ops.gated_slot import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    # tiny tensors: a second intra-op thread only adds sync cost, and on a busy machine its
-    # barrier waits make these tests 50x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_inputs(B, T, H, K, V, M, *, topk=4, strong=False, seed=0, device="cpu"):
     """Inputs as the model makes them: RMS-normalised q, k; a top-k-of-M router renormalised per
     head; per head/token log-rate A = -exp(A_log) * softplus(.) <= 0; g = A * r; s = 1 - exp(g).
