@@ -29,8 +29,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from distill.losses import chunked_kd_loss, naive_kd_loss  # noqa: E402
+from distill.losses import chunked_kd_loss, naive_kd_loss
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
