@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .backend import resolve_backend
+from .backend import check_cu_seqlens, check_cu_seqlens_bounds, resolve_backend
 
 __all__ = ["gated_slot_attention", "gated_slot_chunked", "gated_slot_recurrent"]
 
@@ -71,18 +71,6 @@ def _check_state(initial_state, N: int, q, v, s) -> None:
         if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"initial_state[{i}] ({name}) must have shape {shape}, got {got}")
-
-
-def _check_cu_seqlens(cu_seqlens, B: int, T: int) -> None:
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError("cu_seqlens must be a 1-D integer tensor [N+1] of document boundaries")
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"cu_seqlens must be int32/int64 (LongTensor), got {cu_seqlens.dtype}")
-    if B != 1:
-        raise ValueError(f"cu_seqlens needs packed inputs with batch size 1, got B={B}")
-    bounds = cu_seqlens.tolist()
-    if bounds[0] != 0 or bounds[-1] != T or any(b < a for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"cu_seqlens must rise from 0 to T={T} without decreasing, got {bounds}")
 
 
 def _zero_states(B, H, K, M, V, device) -> State:
@@ -360,7 +348,8 @@ def gated_slot_attention(
     _check_inputs(q, k, v, s, g, scale)
     B, T = q.shape[:2]
     if cu_seqlens is not None:
-        _check_cu_seqlens(cu_seqlens, B, T)
+        check_cu_seqlens(cu_seqlens, B)
+        check_cu_seqlens_bounds(cu_seqlens.tolist(), T)
     _check_state(initial_state, B if cu_seqlens is None else cu_seqlens.numel() - 1, q, v, s)
     backend = resolve_backend(q, backend)
 

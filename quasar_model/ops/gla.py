@@ -29,7 +29,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from .backend import resolve_backend
+from .backend import check_cu_seqlens, check_cu_seqlens_bounds, resolve_backend
 
 __all__ = ["gla_recurrent", "gla_chunked", "gated_linear_attention"]
 
@@ -60,21 +60,6 @@ def _check_inputs(q, k, v, g, scale, initial_state, n_states=None):
         if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != (N, H, K, V):
             got = tuple(initial_state.shape) if isinstance(initial_state, torch.Tensor) else type(initial_state)
             raise ValueError(f"initial_state must have shape [N, H, K, V] = {(N, H, K, V)}, got {got}")
-
-
-def _check_cu_seqlens(cu_seqlens, q):
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError("cu_seqlens must be a 1-D tensor [N+1] of sequence boundaries")
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"cu_seqlens must be an integer (int32/int64) tensor, got {cu_seqlens.dtype}")
-    if q.shape[0] != 1:
-        raise ValueError(f"cu_seqlens needs packed inputs with batch size 1, q has batch {q.shape[0]}")
-
-
-def _check_cu_seqlens_values(bounds, T):
-    # host-side values: only checked where we need them on the host anyway (torch path)
-    if bounds[0] != 0 or bounds[-1] != T or any(b < a for a, b in zip(bounds[:-1], bounds[1:])):
-        raise ValueError(f"cu_seqlens must rise from 0 to T={T} without decreasing, got {bounds}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,7 +312,7 @@ def gated_linear_attention(q, k, v, g, scale, initial_state=None, output_final_s
     """
     n_states = None
     if cu_seqlens is not None:
-        _check_cu_seqlens(cu_seqlens, q)
+        check_cu_seqlens(cu_seqlens, q.shape[0])
         n_states = cu_seqlens.numel() - 1
     _check_inputs(q, k, v, g, scale, initial_state, n_states)
     backend = resolve_backend(q, backend)
@@ -340,7 +325,7 @@ def gated_linear_attention(q, k, v, g, scale, initial_state=None, output_final_s
 
     # packed documents: run each segment on its own, then glue the outputs back together
     bounds = cu_seqlens.tolist()
-    _check_cu_seqlens_values(bounds, q.shape[1])
+    check_cu_seqlens_bounds(bounds, q.shape[1])
     outs, finals = [], []
     for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
         h0 = None if initial_state is None else initial_state[i:i + 1]
