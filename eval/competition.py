@@ -1,0 +1,215 @@
+"""The competition file: everything miners and validators must agree on, in one versioned file.
+
+A competition is a JSON file (YAML also read when PyYAML is importable) loaded into the frozen
+`Competition` below. Unknown keys, missing keys and out-of-range values are errors that name the
+key path, so a typo can never silently change how submissions are scored. `digest` (sha256 of the
+canonical JSON) is recorded with every round, so a stored round says exactly which rules made it.
+
+Shipped files (`eval/competitions/`): `localnet.json` (the tiny teacher trained by this project on
+the local corpus, CPU sizes) and `sn24.json` (the real subnet). `load_competition("localnet")`
+finds a shipped one by name; any other argument is a path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+FORMAT_VERSION = 1
+SHIPPED = Path(__file__).parent / "competitions"
+FAMILIES = ("passkey", "niah_multikey", "multivalue", "assoc_recall", "variable_tracking")
+
+
+class CompetitionError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    id: str                    # Hugging Face repo id or local path; "tiny-teacher" = distill.tiny_teacher
+    revision: str              # pinned commit on the Hub ("local" for the tiny teacher)
+    dtype: str = "bfloat16"
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    id: str                    # where the tokenizer is loaded from (usually the teacher's)
+    fingerprint: str = ""      # distill.tokenizers.tokenizer_fingerprint; "" = not pinned (localnet)
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    model_type: str
+    vocab_size: int            # exact: KL needs the teacher's ids
+    max_total_params: int
+    max_layers: int
+    max_hidden: int
+    max_loops: int = 4
+
+
+@dataclass(frozen=True)
+class HeldoutSpec:
+    dataset: str               # "local" (distill.corpus heldout split) or a Hub dataset name
+    split: str
+    text_field: str
+    documents: int             # sampled per round by the seed
+    seq_len: int               # tokens per document (longer ones are truncated)
+    topk: int                  # teacher top-k kept per position
+    temperature: float = 1.0
+    pool: int = 0              # streamed documents the seed samples from (0 = the whole split)
+
+
+@dataclass(frozen=True)
+class RecallSpec:
+    context_len: int           # 1x; the tasks also run at every multiple in `lengths`
+    families: tuple[str, ...] = FAMILIES
+    lengths: tuple[int, ...] = (1, 2, 4)
+    depth_bins: int = 10
+    items_per_cell: int = 1
+    prefill_chunk: int = 1024  # tokens per forward during prefill (memory flat in context length)
+    max_answer_tokens: int = 16
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    weights: dict[str, float]  # axis -> weight, summing to 1: "kl", "ce", "recall"
+    margin: float              # a challenger must beat the leader's composite by more than this
+    bootstrap_resamples: int = 1000
+    confidence: float = 0.95   # one-sided: the lower bound of the improvement's interval
+    ema_alpha: float = 0.3     # weight of this round in the per-hotkey score EMA
+    functional_copy_threshold: float = 0.999  # fingerprint similarity above which a later model is a copy
+    fingerprint_probes: int = 32              # probe sequences in the logit fingerprint
+    degenerate_max_repeat: float = 0.5        # share of greedy output a single repeated n-gram may fill
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    cadence_blocks: int        # a validator round every this many blocks
+    eval_delay_blocks: int     # commitments younger than this at the sync block wait a round
+    weights_top_k: int = 1     # how many ranked miners get weight (the leader first)
+
+
+@dataclass(frozen=True)
+class Competition:
+    version: int
+    name: str
+    netuid: int
+    teacher: TeacherSpec
+    tokenizer: TokenizerSpec
+    student: StudentSpec
+    heldout: HeldoutSpec
+    recall: RecallSpec
+    score: ScoreSpec
+    schedule: ScheduleSpec
+    notes: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def digest(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def check(self) -> "Competition":
+        def need(ok: bool, path: str, why: str):
+            if not ok:
+                raise CompetitionError(f"{path}: {why}")
+
+        need(self.version == FORMAT_VERSION, "version", f"this toolkit reads version {FORMAT_VERSION}, got {self.version}")
+        for path, v in [("student.vocab_size", self.student.vocab_size), ("student.max_total_params", self.student.max_total_params),
+                        ("student.max_layers", self.student.max_layers), ("student.max_hidden", self.student.max_hidden),
+                        ("heldout.documents", self.heldout.documents), ("heldout.seq_len", self.heldout.seq_len),
+                        ("heldout.topk", self.heldout.topk), ("recall.context_len", self.recall.context_len),
+                        ("recall.depth_bins", self.recall.depth_bins), ("recall.items_per_cell", self.recall.items_per_cell),
+                        ("recall.prefill_chunk", self.recall.prefill_chunk), ("recall.max_answer_tokens", self.recall.max_answer_tokens),
+                        ("score.bootstrap_resamples", self.score.bootstrap_resamples),
+                        ("score.fingerprint_probes", self.score.fingerprint_probes),
+                        ("schedule.cadence_blocks", self.schedule.cadence_blocks), ("schedule.weights_top_k", self.schedule.weights_top_k)]:
+            need(v >= 1, path, f"must be >= 1, got {v}")
+        need(self.heldout.topk <= self.student.vocab_size, "heldout.topk", "larger than the vocabulary")
+        need(self.heldout.temperature > 0, "heldout.temperature", "must be > 0")
+        need(self.schedule.eval_delay_blocks >= 0, "schedule.eval_delay_blocks", "must be >= 0")
+        unknown = set(self.recall.families) - set(FAMILIES)
+        need(not unknown and len(self.recall.families) > 0, "recall.families",
+             f"unknown {sorted(unknown)}; known: {list(FAMILIES)}" if unknown else "empty")
+        need(len(self.recall.lengths) > 0 and all(m >= 1 for m in self.recall.lengths), "recall.lengths",
+             f"need multiples >= 1, got {list(self.recall.lengths)}")
+        axes = {"kl", "ce", "recall"}
+        need(set(self.score.weights) <= axes, "score.weights", f"unknown axes {sorted(set(self.score.weights) - axes)}")
+        need(all(w >= 0 for w in self.score.weights.values()), "score.weights", "weights must be >= 0")
+        need(abs(sum(self.score.weights.values()) - 1) < 1e-9, "score.weights", f"must sum to 1, got {sum(self.score.weights.values())}")
+        need(self.score.margin >= 0, "score.margin", "must be >= 0")
+        need(0.5 <= self.score.confidence < 1, "score.confidence", "must be in [0.5, 1)")
+        need(0 < self.score.ema_alpha <= 1, "score.ema_alpha", "must be in (0, 1]")
+        need(0 < self.score.functional_copy_threshold <= 1, "score.functional_copy_threshold", "must be in (0, 1]")
+        need(0 < self.score.degenerate_max_repeat <= 1, "score.degenerate_max_repeat", "must be in (0, 1]")
+        return self
+
+
+def _build(cls, raw, path: str):
+    """raw JSON value -> an instance of the annotated type `cls`, naming the key path of any mismatch."""
+    where = path or "<top level>"
+    if dataclasses.is_dataclass(cls):
+        if not isinstance(raw, dict):
+            raise CompetitionError(f"{where}: expected an object, got {type(raw).__name__}")
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(fields))
+        if unknown:
+            raise CompetitionError(f"{where}: unknown keys {unknown}; known: {sorted(fields)}")
+        kwargs = {}
+        for name, f in fields.items():
+            sub = f"{path}.{name}" if path else name
+            if name in raw:
+                kwargs[name] = _build(hints[name], raw[name], sub)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise CompetitionError(f"{sub}: missing")
+        return cls(**kwargs)
+    origin = typing.get_origin(cls)
+    if origin is tuple:
+        if not isinstance(raw, (list, tuple)):
+            raise CompetitionError(f"{where}: expected a list, got {type(raw).__name__}")
+        (item,) = {a for a in typing.get_args(cls) if a is not Ellipsis}
+        return tuple(_build(item, v, f"{path}[{i}]") for i, v in enumerate(raw))
+    if origin is dict:
+        kt, vt = typing.get_args(cls)
+        if not isinstance(raw, dict):
+            raise CompetitionError(f"{where}: expected an object, got {type(raw).__name__}")
+        return {_build(kt, k, path): _build(vt, v, f"{path}.{k}") for k, v in raw.items()}
+    if cls is float and isinstance(raw, int) and not isinstance(raw, bool):
+        return float(raw)
+    if cls in (int, float, str) and (type(raw) is cls):
+        return raw
+    raise CompetitionError(f"{where}: expected {cls.__name__}, got {type(raw).__name__} {raw!r:.40}")
+
+
+def parse_competition(raw: dict) -> Competition:
+    return _build(Competition, raw, "").check()
+
+
+def load_competition(name_or_path: str | os.PathLike) -> Competition:
+    """A shipped competition by name (`localnet`, `sn24`) or a JSON/YAML file."""
+    path = Path(name_or_path)
+    if not path.exists() and (SHIPPED / f"{name_or_path}.json").exists():
+        path = SHIPPED / f"{name_or_path}.json"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in SHIPPED.glob("*.json"))
+        raise CompetitionError(f"competition {str(name_or_path)!r}: no such file, and not a shipped name {shipped}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+        raw = yaml.safe_load(text)
+    else:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CompetitionError(f"{path}: not valid JSON ({e})") from None
+    try:
+        return parse_competition(raw)
+    except CompetitionError as e:
+        raise CompetitionError(f"{path}: {e}") from None
