@@ -1,0 +1,313 @@
+"""Teacher outputs: load a teacher, capture its top-k log-probs + tail mass, write a teacher cache.
+
+capture_topk never builds the [B, T, V] logits: it runs the LM head on `token_chunk` positions and
+`vocab_chunk` vocab rows at a time and keeps a running top-k and a running log-sum-exp of
+everything that fell out of it:
+
+    z = (h @ W[c0:c1].T) / tau                     [n, c]   one vocab chunk, fp32 after the matmul
+    cand = cat(top_v, z)                            [n, k + c]
+    top_v, top_i = topk(cand)                       the k best so far
+    rest = logaddexp(rest, logsumexp(cand without the k best))
+    at the end: lse = logaddexp(logsumexp(top_v), rest)
+                topk_logprobs = top_v - lse,   tail_mass = exp(rest - lse)
+
+so the tail is a log-sum-exp of the non-top-k logits, accurate to fp32's relative precision
+however small it is (1 - sum(exp(topk)) would lose it below ~1e-7). Rows >= real_vocab of a
+padded LM head (Qwen: 151,936 rows, ~151,665 real tokens) are never looked at.
+
+capture_teacher_cache runs under torchrun: every rank walks the whole segment stream, cuts it into
+shards by one rule (teacher_cache.shard_is_full), captures the shards j with j % world == rank,
+batching only within a shard, and rank 0 writes the manifest after a barrier. Each shard is
+computed from the same batches whatever the world size, so the cache (and its id) does not depend
+on it. All ranks must see one filesystem (one node, or a shared mount).
+"""
+from __future__ import annotations
+
+import json
+import os
+import weakref
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .teacher_cache import (
+    DEFAULT_SHARD_TOKENS, CapturedSequence, ShardInfo, TeacherCacheMeta, finalize_cache, make_tmp_dir,
+    shard_is_full, write_shard,
+)
+from .tokenizers import token_table
+
+__all__ = ["load_teacher", "capture_topk", "capture_teacher_cache"]
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+def _local_cuda() -> str:
+    # under torchrun each rank owns the GPU of its LOCAL_RANK
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+
+
+def load_teacher(name_or_path: str | os.PathLike, *, revision: str | None = None, dtype="auto",
+                 device: str = "cpu", trust_remote_code: bool = False):
+    """(model, tokenizer) from a Hub name or a local checkpoint, in eval mode with no gradients.
+
+    dtype: "auto" (the checkpoint's), "float32"/"bfloat16"/"float16" or a torch.dtype.
+    device: "cpu", "cuda" (this rank's GPU under torchrun), "cuda:N", or "auto" (accelerate's
+    device_map="auto" when accelerate is installed and no torchrun is running, else this rank's
+    GPU if there is one, else the CPU).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(dtype, str) and dtype != "auto":
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype: unknown {dtype!r}; expected 'auto', one of {sorted(_DTYPES)} or a torch.dtype")
+        dtype = _DTYPES[dtype]
+    kwargs = dict(revision=revision, dtype=dtype, trust_remote_code=trust_remote_code)
+    place = None
+    if device == "auto":
+        try:
+            import accelerate  # noqa: F401
+            shardable = int(os.environ.get("WORLD_SIZE", 1)) == 1
+        except ImportError:
+            shardable = False
+        if shardable and torch.cuda.is_available():
+            kwargs["device_map"] = "auto"
+        else:
+            place = _local_cuda() if torch.cuda.is_available() else "cpu"
+    elif device == "cuda":
+        place = _local_cuda()
+    else:
+        place = device
+    if place is not None and place.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} asked for, but CUDA is not available")
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    if place is not None:
+        model.to(place)
+    model.eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    return model, tokenizer
+
+
+# -----------------------------------------------------------------------------
+# top-k capture
+
+_checked_models: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
+def _head(model):
+    """(decoder trunk, LM-head weight [V, D], logit post-processing) of a causal LM."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None:
+        raise ValueError(f"capture_topk: {type(model).__name__} has no bias-free LM head to read")
+    cap = getattr(model.config, "final_logit_softcapping", None)   # Gemma 2/3: z = cap * tanh(z / cap)
+    post = (lambda z: cap * torch.tanh(z / cap)) if cap else (lambda z: z)
+    return model.base_model, head.weight, post
+
+
+def _check_head_path(model, trunk, weight, post, input_ids, attention_mask):
+    """Once per model: hidden @ W.T must reproduce model(...).logits, or we would capture another model."""
+    if model in _checked_models:
+        return
+    ids = input_ids[:1, :8]
+    am = None if attention_mask is None else attention_mask[:1, :8]
+    ref = model(input_ids=ids, attention_mask=am).logits.float()               # [1, t, V]
+    h = trunk(input_ids=ids, attention_mask=am).last_hidden_state
+    z = post(F.linear(h, weight).float())                                        # [1, t, V]
+    tol = 1e-3 if weight.dtype == torch.float32 else 3e-2
+    err = ((z - ref).abs() / (1 + ref.abs())).max().item()
+    if err > tol:
+        raise RuntimeError(f"capture_topk: hidden @ lm_head differs from model(...).logits of "
+                           f"{type(model).__name__} (relative error {err:.2e}): the model post-processes its "
+                           "logits in a way capture_topk does not reproduce (logit scaling?)")
+    _checked_models.add(model)
+
+
+def _topk_rows(h, weight, post, k, temperature, real_vocab, vocab_chunk):
+    """h [n, D] -> (top ids [n, k] int64, top log-probs [n, k] fp32, tail mass [n] fp32)."""
+    n = h.shape[0]
+    top_v = h.new_empty(n, 0, dtype=torch.float32)                     # running top-k logits / tau
+    top_i = torch.empty(n, 0, dtype=torch.long, device=h.device)
+    rest = torch.full((n,), float("-inf"), device=h.device)          # lse of everything dropped
+    for c0 in range(0, real_vocab, vocab_chunk):
+        c1 = min(c0 + vocab_chunk, real_vocab)
+        z = post(F.linear(h, weight[c0:c1]).float()) / temperature     # [n, c]
+        cand_v = torch.cat([top_v, z], dim=-1)                         # [n, k' + c]
+        cand_i = torch.cat([top_i, torch.arange(c0, c1, device=h.device).expand(n, -1)], dim=-1)
+        top_v, pos = cand_v.topk(min(k, cand_v.shape[-1]), dim=-1)     # sorted, largest first
+        top_i = cand_i.gather(-1, pos)
+        dropped = cand_v.scatter(-1, pos, float("-inf"))               # [n, k' + c]
+        rest = torch.logaddexp(rest, torch.logsumexp(dropped, dim=-1))
+    lse = torch.logaddexp(torch.logsumexp(top_v, dim=-1), rest)        # [n] log Z
+    return top_i, top_v - lse[:, None], torch.exp(rest - lse)
+
+
+@torch.no_grad()
+def capture_topk(model, input_ids: torch.Tensor, *, k: int, temperature: float = 1.0,
+                 attention_mask: torch.Tensor | None = None, real_vocab: int | None = None,
+                 vocab_chunk: int = 32768, token_chunk: int = 2048):
+    """Teacher top-k at the capture temperature for every position of input_ids [B, T].
+
+    Returns topk_ids int64 [B, T, k] (most likely first), topk_logprobs float32 [B, T, k] =
+    log softmax(z / temperature) at those ids, and tail_mass float32 [B, T] = the probability of all
+    other ids < real_vocab. Row t is the distribution of the token after input_ids[:, t] (logits[t]).
+    real_vocab: how many LM-head rows are real tokens (default: all); the rest never count.
+    Pad on the right: positions where attention_mask is 0 hold ids 0, log-probs -inf and tail 1
+    (nothing known); left padding would shift the real tokens' positions.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids: expected [B, T], got shape {list(input_ids.shape)}")
+    trunk, weight, post = _head(model)
+    V = weight.shape[0]
+    real_vocab = V if real_vocab is None else int(real_vocab)
+    if not 0 < real_vocab <= V:
+        raise ValueError(f"real_vocab: {real_vocab} must be in [1, {V}] (the LM head has {V} rows); "
+                         "a tokenizer with more tokens than the model's head belongs to another model")
+    if not 1 <= k <= real_vocab:
+        raise ValueError(f"k: must be in [1, real_vocab={real_vocab}], got {k}")
+    if not temperature > 0:
+        raise ValueError(f"temperature: must be > 0, got {temperature}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask: shape {list(attention_mask.shape)} differs from input_ids "
+                         f"{list(input_ids.shape)}")
+    device = weight.device
+    input_ids = input_ids.to(device)
+    attention_mask = None if attention_mask is None else attention_mask.to(device)
+    _check_head_path(model, trunk, weight, post, input_ids, attention_mask)
+
+    h = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state   # [B, T, D]
+    B, T, D = h.shape
+    keep = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+    rows = h[keep]                                                                    # [n, D]
+    ids = torch.zeros(B, T, k, dtype=torch.long, device=device)
+    lp = torch.full((B, T, k), float("-inf"), device=device)
+    tail = torch.ones(B, T, device=device)
+    out_i, out_v, out_t = [], [], []
+    for s in range(0, rows.shape[0], token_chunk):
+        i, v, t = _topk_rows(rows[s:s + token_chunk], weight, post, k, temperature, real_vocab, vocab_chunk)
+        out_i.append(i), out_v.append(v), out_t.append(t)
+    if out_i:
+        ids[keep], lp[keep], tail[keep] = torch.cat(out_i), torch.cat(out_v), torch.cat(out_t)
+    return ids, lp, tail
+
+
+# -----------------------------------------------------------------------------
+# the cache, under torchrun or not
+
+def _plan_shards(segments: Iterable[list[int]], shard_tokens: int) -> Iterator[tuple[int, list[tuple[int, list[int]]]]]:
+    """(shard number, [(global index, token ids)]) in order; the same for every rank."""
+    shard, tokens, items = 0, 0, []
+    for i, seg in enumerate(segments):
+        seg = list(seg)
+        if not seg:
+            raise ValueError(f"segments: segment {i} is empty; every segment needs at least one token")
+        items.append((i, seg))
+        tokens += len(seg)
+        if shard_is_full(tokens, shard_tokens):
+            yield shard, items
+            shard, tokens, items = shard + 1, 0, []
+    if items:
+        yield shard, items
+
+
+def _capture_shard(model, items, *, k, temperature, real_vocab, batch_size) -> list[CapturedSequence]:
+    # batch by length inside the shard (less padding); right padding leaves causal outputs untouched
+    order = sorted(range(len(items)), key=lambda j: -len(items[j][1]))
+    out: dict[int, CapturedSequence] = {}
+    for b in range(0, len(order), batch_size):
+        batch = [items[j] for j in order[b:b + batch_size]]
+        T = max(len(seg) for _, seg in batch)
+        ids = torch.zeros(len(batch), T, dtype=torch.long)
+        mask = torch.zeros(len(batch), T, dtype=torch.long)
+        for r, (_, seg) in enumerate(batch):
+            ids[r, :len(seg)] = torch.tensor(seg)
+            mask[r, :len(seg)] = 1
+        ti, tl, tt = capture_topk(model, ids, k=k, temperature=temperature, attention_mask=mask,
+                                  real_vocab=real_vocab)
+        ti, tl, tt = ti.cpu(), tl.cpu(), tt.cpu()
+        for r, (index, seg) in enumerate(batch):
+            n = len(seg)
+            out[index] = CapturedSequence(index=index, input_ids=ids[r, :n].clone(), topk_ids=ti[r, :n].clone(),
+                                          topk_logprobs=tl[r, :n].clone(), tail_mass=tt[r, :n].clone())
+    return [out[i] for i, _ in items]
+
+
+def _distributed(device: torch.device):
+    """(rank, world, dist module or None, whether we created the process group)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1, None, False
+    import torch.distributed as dist
+
+    created = False
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        created = True
+    return dist.get_rank(), dist.get_world_size(), dist, created
+
+
+def _broadcast(dist, obj, device):
+    if dist is None:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=device if dist.get_backend() == "nccl" else None)
+    return box[0]
+
+
+def capture_teacher_cache(model, tokenizer, segments: Iterable[list[int]], out_root: str | os.PathLike, *,
+                          k: int, temperature: float, teacher_id: str, teacher_revision: str | None,
+                          data_fingerprint: str, batch_size: int = 8, progress: bool = True,
+                          shard_tokens: int = DEFAULT_SHARD_TOKENS, logprob_dtype: str = "float32") -> Path:
+    """Capture the teacher on token-id segments into out_root/<cache_id>/ and return that path.
+
+    segments: token-id lists (any lengths >= 1) of the teacher's tokenizer; cache order = their order.
+    Under torchrun (WORLD_SIZE > 1) every rank must call this with the same arguments and the same
+    segments; the process group is created (nccl on CUDA, else gloo) if it is not already.
+    """
+    table = token_table(tokenizer)       # read the vocab once: fingerprint and real size
+    meta = TeacherCacheMeta(teacher_id=teacher_id, teacher_revision=teacher_revision,
+                            tokenizer_fingerprint=table.fingerprint,
+                            vocab_size=table.size, k=k, temperature=temperature,
+                            data_fingerprint=data_fingerprint, logprob_dtype=logprob_dtype)
+    device = model.get_output_embeddings().weight.device
+    rank, world, dist, created = _distributed(device)
+    tmp = _broadcast(dist, str(make_tmp_dir(out_root)) if rank == 0 else None, device)
+
+    from tqdm import tqdm
+    bar = tqdm(desc=f"teacher capture (rank {rank}/{world})", unit="tok", disable=not progress or rank != 0)
+    n_shards = 0
+    for shard_no, items in _plan_shards(segments, shard_tokens):
+        n_shards = shard_no + 1
+        if shard_no % world != rank:
+            continue
+        seqs = _capture_shard(model, items, k=k, temperature=temperature, real_vocab=meta.vocab_size,
+                              batch_size=batch_size)
+        info = write_shard(tmp, shard_no, seqs, logprob_dtype)
+        # the record travels to rank 0 through the shared directory (works with any backend)
+        Path(tmp, f"{info.file}.json").write_text(json.dumps(info.__dict__))
+        bar.update(info.num_tokens)
+    bar.close()
+
+    if dist is not None:
+        dist.barrier()
+    path = None
+    if rank == 0:
+        infos = []
+        for j in range(n_shards):
+            rec = Path(tmp, f"shard-{j:05d}.safetensors.json")
+            if not rec.exists():
+                raise RuntimeError(f"capture_teacher_cache: shard {j} was not written by rank {j % world} "
+                                   f"(is {tmp} on a filesystem all ranks share?)")
+            infos.append(ShardInfo(**json.loads(rec.read_text())))
+            rec.unlink()
+        path = str(finalize_cache(tmp, out_root, meta, infos))
+    path = Path(_broadcast(dist, path, device))
+    if created:
+        dist.destroy_process_group()
+    return path
