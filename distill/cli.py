@@ -1,0 +1,174 @@
+"""`quasar teacher-cache` and `quasar distill`: capture a teacher once, then distill from its cache.
+
+    quasar teacher-cache --teacher Qwen/Qwen3-8B --data HuggingFaceFW/fineweb-edu --max-docs 100000 \\
+        --k 64 --seq-len 2048 --out caches/train
+    quasar distill configs/distill_tiny.json optim.lr=1e-3 steps=500
+    torchrun --nproc_per_node 8 -m distill.cli distill my.yaml parallel=fsdp
+
+`--teacher tiny` is the project's own ~1M-parameter teacher (trained on first use) and
+`--data corpus:train` / `corpus:heldout` the local real-text corpus: the offline end-to-end run.
+Also runnable as `python -m distill.cli ...`.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+CORPUS_PREFIX = "corpus:"
+
+
+def read_documents(data: str, *, split: str, text_field: str, max_docs: int | None) -> list[str]:
+    """The texts of a data source (`corpus:<split>` = the local corpus, else via distill.data.load_texts)."""
+    from . import corpus
+    from .data import load_texts
+
+    if data.startswith(CORPUS_PREFIX):
+        docs = corpus.local_split(data[len(CORPUS_PREFIX):])
+    else:
+        docs = []
+        for text in load_texts(data, split=split, text_field=text_field):
+            if max_docs is not None and len(docs) >= max_docs:
+                break
+            docs.append(text)
+    if max_docs is not None:
+        docs = docs[:max_docs]
+    if not docs:
+        raise ValueError(f"data source {data!r} (split {split!r}) has no documents")
+    return docs
+
+
+def teacher_cache_main(teacher: str, data: str, out: str | os.PathLike, *, k: int = 32, temperature: float = 1.0,
+                       seq_len: int = 512, split: str = "train", text_field: str = "text",
+                       max_docs: int | None = None, revision: str | None = None, batch_size: int = 8,
+                       device: str = "auto", dtype: str = "auto", logprob_dtype: str = "float32",
+                       progress: bool = True, reuse: bool = True) -> Path:
+    """Tokenise a data source into <= seq_len segments and capture the teacher on them; returns the cache dir.
+
+    reuse: when `out` already holds an intact cache of this teacher, tokenizer, data, k, temperature
+    and storage dtype, return it instead of capturing again.
+    """
+    from . import corpus
+    from .data import tokenize_segments
+    from .teacher import capture_teacher_cache, load_teacher
+
+    out = Path(out)
+    teacher_path = teacher
+    if teacher == "tiny":
+        from .tiny_teacher import tiny_teacher
+        teacher_path = str(tiny_teacher(progress=progress))
+    docs = read_documents(data, split=split, text_field=text_field, max_docs=max_docs)
+    # names the text and how it was cut; the tokenizer is named by its own fingerprint in the meta
+    fp = hashlib.sha256(f"{corpus.fingerprint(docs)}|seq_len={seq_len}|eos-per-doc".encode()).hexdigest()
+    if reuse:
+        from transformers import AutoTokenizer
+
+        from .tokenizers import tokenizer_fingerprint
+
+        tok = AutoTokenizer.from_pretrained(teacher_path, revision=revision)
+        want = dict(teacher_id=teacher_path, teacher_revision=revision, k=k, temperature=float(temperature),
+                    data_fingerprint=fp, logprob_dtype=logprob_dtype,
+                    tokenizer_fingerprint=tokenizer_fingerprint(tok))
+        found = find_cache(out, want)
+        if found is not None:
+            return found
+    model, tokenizer = load_teacher(teacher_path, revision=revision, dtype=dtype, device=device)
+    segments = list(tokenize_segments(docs, tokenizer, seq_len))
+    return capture_teacher_cache(model, tokenizer, segments, out, k=k, temperature=temperature,
+                                 teacher_id=teacher_path, teacher_revision=revision, data_fingerprint=fp,
+                                 batch_size=batch_size, progress=progress, logprob_dtype=logprob_dtype)
+
+
+def find_cache(out: Path, want: dict) -> Path | None:
+    """An intact cache under `out` whose meta has every field of `want`, else None."""
+    from dataclasses import asdict
+
+    from .teacher_cache import TeacherCacheError, open_teacher_cache
+
+    if not out.is_dir():
+        return None
+    for sub in sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            meta = asdict(open_teacher_cache(sub).meta)
+        except TeacherCacheError:
+            continue
+        if all(meta.get(key) == value for key, value in want.items()):
+            return sub
+    return None
+
+
+def cmd_teacher_cache(args) -> int:
+    path = teacher_cache_main(args.teacher, args.data, args.out, k=args.k, temperature=args.temperature,
+                              seq_len=args.seq_len, split=args.split, text_field=args.text_field,
+                              max_docs=args.max_docs, revision=args.revision, batch_size=args.batch_size,
+                              device=args.device, dtype=args.dtype, logprob_dtype=args.logprob_dtype,
+                              progress=not args.no_progress, reuse=not args.recapture)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(path)
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from .config import load_config
+    from .trainer import run
+
+    cfg = load_config(args.config, args.overrides)
+    records = run(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        losses = [r["loss"] for r in records if "loss" in r]
+        kls = [r["heldout_kl"] for r in records if "heldout_kl" in r]
+        if losses:
+            print(f"trained to step {cfg.steps}: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+        if len(kls) >= 2:
+            print(f"held-out KL {kls[0]:.4f} -> {kls[-1]:.4f}")
+        print(f"outputs in {cfg.output_dir} (metrics.jsonl, loss_curve.png, final/)")
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    """Register `teacher-cache` and `distill` on an argparse subparsers object."""
+    p = subparsers.add_parser("teacher-cache", help="capture a teacher's top-k log-probs on a dataset")
+    p.add_argument("--teacher", required=True, help="Hub name or local checkpoint; 'tiny' = the project's tiny teacher")
+    p.add_argument("--revision", default=None, help="Hub revision (commit) of the teacher")
+    p.add_argument("--data", required=True,
+                   help="local .jsonl/.json/.txt/.parquet file or directory, a Hub dataset name (streamed), "
+                        "or corpus:train / corpus:heldout (the local corpus)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--max-docs", type=int, default=None, help="read at most this many documents")
+    p.add_argument("--k", type=int, default=32, help="teacher ids kept per position")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seq-len", type=int, default=512, help="segment length (<= the student's data.seq_len)")
+    p.add_argument("--out", required=True, help="directory; the cache is written to OUT/<content hash>/")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="teacher weights: auto | float32 | bfloat16 | float16")
+    p.add_argument("--logprob-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--recapture", action="store_true", help="capture even if OUT already holds this cache")
+    p.set_defaults(func=cmd_teacher_cache)
+
+    p = subparsers.add_parser("distill", help="distill a teacher cache into a Quasar-Long student")
+    p.add_argument("config", help="JSON or YAML config file (see distill/config.py)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. optim.lr=1e-3 steps=200 student.overrides.num_loops=1")
+    p.set_defaults(func=cmd_distill)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m distill.cli", description=__doc__.split("\n")[0])
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    from .teacher_cache import TeacherCacheError
+
+    try:
+        return args.func(args)
+    except (ValueError, TeacherCacheError) as e:   # config, data and cache errors: the message says it all
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

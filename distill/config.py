@@ -1,0 +1,293 @@
+"""DistillConfig: everything one distillation run needs, from a JSON/YAML file plus `key=value` overrides.
+
+    cfg = load_config("configs/distill_tiny.json", ["optim.lr=1e-3", "steps=200"])
+
+Overrides are dotted paths into the sections (`optim.lr`, `loss.kind`, `student.overrides.num_loops`);
+values are parsed as the field's type (JSON for lists and dicts, `none`/`null` for optional fields).
+An unknown key, a value of the wrong type, or an out-of-range setting fails with a message naming the
+key. Relative paths are taken relative to the working directory, as with any command-line tool.
+Keys starting with "_" are ignored (comments in JSON).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .losses import KINDS
+
+
+@dataclass
+class StudentSection:
+    preset: str = "tiny"                                  # a QuasarLongConfig preset
+    overrides: dict = field(default_factory=dict)        # QuasarLongConfig fields over the preset
+    init_from: str | None = None                          # a save_pretrained dir instead of fresh weights
+
+
+@dataclass
+class DataSection:
+    train_cache: str = ""                 # teacher cache dir (`quasar teacher-cache --out`)
+    heldout_cache: str | None = None      # teacher cache of held-out text, for the KL evaluation
+    seq_len: int = 128                    # row length L; every cached sequence must fit
+    batch_size: int = 8                   # rows per micro-step, over all ranks together
+    grad_accum: int = 1                   # micro-steps per optimizer step
+    tokenizer: str | None = None          # exported with the student; default: the cache's teacher
+
+
+@dataclass
+class OptimSection:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1             # cosine floor, as a fraction of lr
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0                # max global grad norm; 0 = off
+    engram_lr_multiplier: float | None = None   # None: the student config's engram_lr_multiplier
+
+
+@dataclass
+class LossSection:
+    kind: str = "fkl"                     # fkl | rkl | jsd
+    beta: float = 0.5                     # JSD mixing weight
+    temperature: float | None = None      # None: the cache's capture temperature (the only valid one)
+    ce_weight: float = 0.0                # mix of next-token CE on the real text
+    hidden_mse_weight: float = 0.0        # needs teacher hidden states in the cache
+    kd_t2_scale: bool = False
+    chunk_size: int = 1024                # LM-head tokens per chunk in the sparse loss
+
+
+@dataclass
+class DistillConfig:
+    student: StudentSection = field(default_factory=StudentSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    loss: LossSection = field(default_factory=LossSection)
+    steps: int = 100                      # optimizer steps
+    output_dir: str = "runs/distill"
+    seed: int = 0
+    device: str = "auto"                  # auto | cpu | cuda | cuda:N
+    dtype: str = "bf16"                   # autocast dtype on CUDA (bf16 | fp32); CPU always runs fp32
+    parallel: str = "ddp"                 # under torchrun: ddp | fsdp (FSDP2 fully_shard)
+    log_every: int = 1
+    eval_every: int = 0                   # steps between held-out KL evaluations; 0 = start and end only
+    eval_sequences: int | None = None     # cap on held-out sequences per evaluation
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    resume: bool = True                   # continue from output_dir's latest checkpoint if there is one
+    progress: bool = True
+
+    def check(self) -> "DistillConfig":
+        def fail(key, why):
+            raise ValueError(f"config {key}: {why} (got {_get(self, key)!r})")
+
+        for key in ("steps", "data.seq_len", "data.batch_size", "data.grad_accum", "log_every",
+                    "checkpoint_every", "keep_checkpoints", "loss.chunk_size"):
+            if _get(self, key) < 1:
+                fail(key, "must be >= 1")
+        for key in ("optim.warmup_steps", "eval_every", "optim.weight_decay", "optim.grad_clip",
+                    "loss.hidden_mse_weight"):
+            if _get(self, key) < 0:
+                fail(key, "must be >= 0")
+        if self.data.seq_len < 2:
+            fail("data.seq_len", "must be >= 2")
+        if not self.data.train_cache:
+            fail("data.train_cache", "must name a teacher cache directory (from `quasar teacher-cache`)")
+        if not self.optim.lr > 0:
+            fail("optim.lr", "must be > 0")
+        if not 0 <= self.optim.min_lr_ratio <= 1:
+            fail("optim.min_lr_ratio", "must be in [0, 1]")
+        for key in ("optim.beta1", "optim.beta2"):
+            if not 0 <= _get(self, key) < 1:
+                fail(key, "must be in [0, 1)")
+        if self.optim.engram_lr_multiplier is not None and not self.optim.engram_lr_multiplier > 0:
+            fail("optim.engram_lr_multiplier", "must be > 0")
+        if self.loss.kind not in KINDS:
+            fail("loss.kind", f"must be one of {KINDS}")
+        if self.loss.kind == "jsd" and not 0 < self.loss.beta < 1:
+            fail("loss.beta", "must be in (0, 1) for kind=jsd")
+        if self.loss.temperature is not None and not self.loss.temperature > 0:
+            fail("loss.temperature", "must be > 0")
+        if not 0 <= self.loss.ce_weight <= 1:
+            fail("loss.ce_weight", "must be in [0, 1]")
+        if self.dtype not in ("bf16", "fp32"):
+            fail("dtype", "must be bf16 or fp32")
+        if self.parallel not in ("ddp", "fsdp"):
+            fail("parallel", "must be ddp or fsdp")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            fail("device", "must be auto, cpu, cuda or cuda:N")
+        from quasar_model.configuration_quasar_long import PRESETS
+        if self.student.preset not in PRESETS:
+            fail("student.preset", f"unknown preset; known: {sorted(PRESETS)}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# -----------------------------------------------------------------------------
+# building from dicts, files and overrides, with type checks
+
+def _get(obj, key: str):
+    for part in key.split("."):
+        obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+    return obj
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _allowed(tp) -> tuple[list, bool]:
+    """A type hint -> (its non-None member types, whether None is allowed)."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = typing.get_args(tp)
+        return [a for a in args if a is not type(None)], type(None) in args
+    return [tp], False
+
+
+def _check_value(key: str, value, tp):
+    members, optional = _allowed(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"config {key}: may not be null")
+    for t in members:
+        if dataclasses.is_dataclass(t):
+            if isinstance(value, dict):
+                return _build(t, value, key)
+            continue
+        t0 = typing.get_origin(t) or t
+        if t0 is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t0 is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t0 in (str, bool, dict, list) and isinstance(value, t0):
+            return value
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in members) + (" or null" if optional else "")
+    raise ValueError(f"config {key}: expected {names}, got {type(value).__name__} {value!r}")
+
+
+def _unknown(key: str, name: str, cls) -> ValueError:
+    known = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ValueError(f"config {key}: unknown key{hint} (known: {', '.join(known)})")
+
+
+def _build(cls, d: dict, prefix: str = ""):
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in d.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name.startswith("_"):          # "_comment" keys: notes in JSON files, which have no comments
+            continue
+        if name not in names:
+            raise _unknown(key, name, cls)
+        kwargs[name] = _check_value(key, value, hints[name])
+    return cls(**kwargs)
+
+
+def _parse(key: str, text: str, tp):
+    """A command-line string -> a value of the field's type (or a clear error)."""
+    members, optional = _allowed(tp)
+    if optional and text.lower() in ("none", "null"):
+        return None
+    for t in members:
+        t0 = typing.get_origin(t) or t
+        try:
+            if t0 is bool:
+                low = text.lower()
+                if low in ("true", "1", "yes", "on"):
+                    return True
+                if low in ("false", "0", "no", "off"):
+                    return False
+                continue
+            if t0 is int:
+                return int(text)
+            if t0 is float:
+                return float(text)
+            if t0 in (dict, list):
+                value = json.loads(text)
+                if isinstance(value, t0):
+                    return value
+                continue
+            if t0 is str:
+                return text
+        except ValueError:
+            continue
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in members) + (" or none" if optional else "")
+    raise ValueError(f"config override {key}={text}: expected {names}")
+
+
+def apply_override(cfg: DistillConfig, item: str) -> None:
+    """Set one `dotted.key=value` in place; the value is parsed as the field's type."""
+    if "=" not in item:
+        raise ValueError(f"config override {item!r}: expected key=value (e.g. optim.lr=1e-3)")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    obj, parts = cfg, key.split(".")
+    for i, part in enumerate(parts):
+        here = ".".join(parts[: i + 1])
+        if isinstance(obj, dict):       # free-form dict (student.overrides): JSON value or raw string
+            if i != len(parts) - 1:
+                raise ValueError(f"config override {key}: {'.'.join(parts[:i])} entries are not nested")
+            try:
+                obj[part] = json.loads(text)
+            except json.JSONDecodeError:
+                obj[part] = text
+            return
+        if part not in {f.name for f in dataclasses.fields(obj)}:
+            raise _unknown(here, part, type(obj))
+        tp = _hints(type(obj))[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(_allowed(tp)[0][0]):
+                raise ValueError(f"config override {key}: is a section; set one of its keys ({key}.<name>=...)")
+            setattr(obj, part, _parse(key, text, tp))
+            return
+        obj = getattr(obj, part)
+
+
+def read_file(path: str | os.PathLike) -> dict:
+    """A JSON or YAML (.yaml/.yml) config file -> dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r}: not found")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as e:
+            raise ValueError(f"config file {str(path)!r}: YAML needs pyyaml (pip install pyyaml), "
+                             "or write the config as JSON") from e
+        d = yaml.safe_load(text)
+    else:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {str(path)!r}: invalid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"config file {str(path)!r}: must hold a mapping at the top level")
+    return d
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = (),
+                **fields) -> DistillConfig:
+    """File (optional), then keyword sections/fields (dicts for sections), then dotted overrides."""
+    d = read_file(path) if path is not None else {}
+    for name, value in fields.items():
+        if isinstance(value, dict) and isinstance(d.get(name), dict):
+            d[name] = {**d[name], **value}
+        else:
+            d[name] = value
+    cfg = _build(DistillConfig, d)
+    for item in overrides:
+        apply_override(cfg, item)
+    return cfg.check()
