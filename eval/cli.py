@@ -1,0 +1,63 @@
+"""`quasar eval`: score a checkpoint exactly as a validator would, and write the report.
+
+    quasar eval CHECKPOINT [--competition localnet|FILE] [--seed N] [--out DIR] [--device cpu|cuda]
+
+Writes OUT/report.json, OUT/recall.png and OUT/kl_hist.png (eval.report) and prints a summary. The
+teacher cache lives under --cache-root (default $QUASAR_CACHE/eval), so scoring a second checkpoint
+on the same seed reuses the teacher's top-k. `neurons.cli` registers this command through
+`add_commands`; `python -m eval.cli eval ...` runs it alone.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def cmd_eval(args) -> int:
+    from eval.competition import load_competition
+    from eval.evaluate import evaluate_checkpoint
+    from eval.report import format_summary, summarize, write_report
+
+    comp = load_competition(args.competition)
+    t0 = time.perf_counter()
+    result = evaluate_checkpoint(args.checkpoint, comp, args.seed, cache_root=args.cache_root, device=args.device,
+                                 progress=not args.quiet, hotkey=args.hotkey)
+    paths = write_report(result, comp, args.seed, args.out)
+    print(format_summary(summarize(result, comp, args.seed)))
+    print(f"evaluated in {time.perf_counter() - t0:.1f} s; wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="score a checkpoint as a validator does (held-out KL/CE, recall)")
+    p.add_argument("checkpoint", help="checkpoint directory (config.json + *.safetensors)")
+    p.add_argument("--competition", default="localnet", help="shipped competition name or a JSON/YAML file")
+    p.add_argument("--seed", type=int, default=0, help="round seed: picks documents and recall items")
+    p.add_argument("--out", default="eval-report", help="directory for report.json and the PNGs")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--cache-root", default=None, help="teacher cache root (default: $QUASAR_CACHE/eval)")
+    p.add_argument("--hotkey", default="local", help="hotkey recorded in the result")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_with_device(cmd_eval))
+
+
+def _with_device(fn):
+    def run(args):
+        if args.device is None:
+            import torch
+
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        return fn(args)
+    return run
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="quasar", description="SN24 evaluation")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
