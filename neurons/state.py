@@ -184,6 +184,14 @@ class ValidatorState:
         return {h: (m, json.loads(r)) for h, m, r in self._conn().execute(
             "SELECT hotkey, model_hash, result FROM results WHERE round_id = ?", (round_id,))}
 
+    def fingerprints(self, before_round: int) -> dict[str, list[float]]:
+        """model_hash -> logit fingerprint, from every result stored before `before_round`."""
+        out: dict[str, list[float]] = {}
+        for m, r in self._conn().execute("SELECT model_hash, result FROM results WHERE round_id < ? ORDER BY round_id",
+                                         (before_round,)):
+            out.setdefault(m, json.loads(r).get("fingerprint", []))
+        return out
+
     # ------------------------------------------------------- scores, EMA, weights
     def ema(self) -> dict[str, float]:
         return dict(self._conn().execute("SELECT hotkey, value FROM ema"))
@@ -215,6 +223,10 @@ class ValidatorState:
             c.execute("INSERT OR REPLACE INTO weights VALUES (?, ?, ?, ?)",
                       (round_id, block, json.dumps({str(k): v for k, v in weights.items()}), int(accepted)))
             c.execute("UPDATE rounds SET phase = 'done', finished = ? WHERE id = ?", (time.time(), round_id))
+
+    def last_weights_block(self) -> int | None:
+        """The block of the latest weights this validator recorded as accepted by the chain."""
+        return self._conn().execute("SELECT MAX(block) FROM weights WHERE accepted = 1").fetchone()[0]
 
     def weights(self, round_id: int) -> tuple[dict[int, float], bool] | None:
         row = self._conn().execute("SELECT weights, accepted FROM weights WHERE round_id = ?", (round_id,)).fetchone()

@@ -1,0 +1,199 @@
+"""The miner: distil, score its own checkpoint exactly as validators will, publish only improvements.
+
+    loop  train `steps_per_cycle` steps (distill.trainer, resumable) -> export a checkpoint
+          -> `eval.evaluate` on the competition with the miner's own seed -> composite
+          -> if it beats the best published composite by `min_improvement`: publish + commit
+    serve the published checkpoint over HTTP to validators (signed requests, rate-limited)
+
+The self-evaluation seed is fixed for a miner, so successive checkpoints are compared on the same
+items; validators use fresh seeds, so tuning on these items gains nothing there.
+State (best score, what was published and committed) is `miner.json` in the work directory,
+written atomically; training resumes from the trainer's own checkpoints. SIGTERM stops cleanly
+between steps of the loop.
+
+`copy_from` makes this miner an adversary for localnet: it republishes another miner's
+published checkpoint under its own hotkey (what a weight copier does), which validators must
+give nothing.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from eval.competition import Competition
+from neurons.chain import Chain
+from neurons.logs import event
+
+log = logging.getLogger("miner")
+
+
+@dataclass
+class MinerSettings:
+    work_dir: Path
+    distill_config: str | None = None          # a distill config file (configs/*.json)
+    overrides: list[str] = field(default_factory=list)
+    steps_per_cycle: int = 50
+    eval_seed: int = 1
+    min_improvement: float = 0.0
+    min_commit_interval_blocks: int = 0
+    storage: str = "http"                      # http | local | hf
+    host: str = "127.0.0.1"                    # bind address of the checkpoint server
+    port: int = 0
+    public_host: str | None = None             # what validators dial (default: host)
+    storage_root: Path | None = None           # local storage (localnet)
+    repo_id: str | None = None                 # hf storage
+    hf_token: str | None = None
+    device: str = "cpu"
+    copy_from: Path | None = None              # adversary: republish another miner's checkpoint
+    serve_after_training: bool = True
+    poll_seconds: float = 1.0
+    progress: bool = False
+
+
+class Miner:
+    def __init__(self, chain: Chain, keypair, competition: Competition, settings: MinerSettings):
+        self.chain, self.keypair, self.competition, self.s = chain, keypair, competition, settings
+        self.work_dir = Path(settings.work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.state_path = self.work_dir / "miner.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {
+            "best": None, "published": None, "commitment": None, "commit_block": None, "history": []}
+        self.stop_event = threading.Event()
+        self.server = None
+        self._validators: tuple[float, set[str]] = (0.0, set())
+
+    # ------------------------------------------------------------------ plumbing
+    def install_signal_handlers(self) -> None:
+        def on_term(signum, frame):
+            event(log, "shutdown requested", signal=signal.Signals(signum).name)
+            self.stop_event.set()
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+
+    def _save_state(self) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=1))
+        os.replace(tmp, self.state_path)
+
+    def _is_validator(self, hotkey: str) -> bool:
+        """Registered with a validator permit; the metagraph is re-read at most every 12 s."""
+        stamp, hotkeys = self._validators
+        if time.monotonic() - stamp > 12:
+            mg = self.chain.metagraph()
+            hotkeys = {h for h, permit in zip(mg.hotkeys, mg.validator_permit) if permit}
+            self._validators = (time.monotonic(), hotkeys)
+        return hotkey in hotkeys
+
+    def start_server(self) -> None:
+        if self.s.storage != "http":
+            return
+        from neurons.serve import CheckpointServer
+
+        self.server = CheckpointServer(self.keypair.ss58_address, self._is_validator, host=self.s.host,
+                                       port=self.s.port).start()
+        event(log, "serving", host=self.server.host, port=self.server.port)
+        if self.state.get("published"):  # after a restart, keep serving what is committed
+            self.server.register(self.state["token"], self.state["published"])
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+    # ------------------------------------------------------------------ publishing
+    def publish(self, export: Path, score: float | None) -> bool:
+        """Copy `export` to the published slot, put it in storage and commit it. False when rate-limited."""
+        from neurons.storage import publish
+
+        last = self.state.get("commit_block")
+        if last is not None and self.chain.block() - last < self.s.min_commit_interval_blocks:
+            event(log, "commit deferred", blocks_since=self.chain.block() - last)
+            return False
+        target = self.work_dir / "published" / export.name
+        if not target.exists():
+            shutil.copytree(export, target)
+        kw = {}
+        if self.s.storage == "http":
+            kw = dict(server=self.server, host=self.s.public_host or self.server.host, port=self.server.port)
+        elif self.s.storage == "local":
+            kw = dict(storage_root=self.s.storage_root, location=f"{self.keypair.ss58_address[:12]}/{export.name}")
+        elif self.s.storage == "hf":
+            kw = dict(repo_id=self.s.repo_id, hf_token=self.s.hf_token)
+        commitment = publish(target, self.s.storage, **kw)
+        from neurons.commitment import encode_commitment
+
+        data = encode_commitment(commitment)
+        block = self.chain.commit(self.keypair, data)
+        previous = self.state.get("published")
+        self.state.update(best=score, published=str(target), commitment=data, commit_block=block,
+                          token=commitment.revision if self.s.storage != "hf" else None)
+        self.state["history"].append({"block": block, "score": score, "checkpoint": export.name})
+        self._save_state()
+        event(log, "committed", block=block, score=score, commitment=data)
+        if previous and previous != str(target):
+            shutil.rmtree(previous, ignore_errors=True)
+        return True
+
+    # ------------------------------------------------------------------ training
+    def self_score(self, export: Path) -> float:
+        from eval.evaluate import evaluate_checkpoint
+        from eval.scoring import composite
+
+        result = evaluate_checkpoint(export, self.competition, self.s.eval_seed,
+                                     cache_root=None, device=self.s.device,
+                                     progress=self.s.progress)
+        return composite(result.items, self.competition.score.weights)
+
+    def train_loop(self) -> None:
+        from distill.config import load_config
+        from distill.trainer import Trainer
+
+        overrides = [f"output_dir={self.work_dir / 'train'}", f"checkpoint_every={self.s.steps_per_cycle}",
+                     f"progress={str(self.s.progress).lower()}", *self.s.overrides]
+        cfg = load_config(self.s.distill_config, overrides)
+        trainer = Trainer(cfg)
+        while not self.stop_event.is_set() and trainer.step < cfg.steps:
+            trainer.train(until=min(trainer.step + self.s.steps_per_cycle, cfg.steps))
+            if trainer.step % self.s.steps_per_cycle and trainer.step < cfg.steps:
+                trainer.save_checkpoint()
+            export = trainer.export(self.work_dir / "exports" / f"step-{trainer.step:07d}")
+            score = self.self_score(export)
+            best = self.state.get("best")
+            event(log, "self-evaluated", step=trainer.step, score=round(score, 5), best=best)
+            if best is None or score > best + self.s.min_improvement:
+                self.publish(export, score)
+            if str(export) != self.state.get("published"):
+                shutil.rmtree(export, ignore_errors=True)
+
+    def copy_loop(self) -> None:
+        """Wait for the victim's published checkpoint, then republish it under this hotkey."""
+        victim = Path(self.s.copy_from) / "miner.json"
+        while not self.stop_event.is_set():
+            if victim.exists():
+                published = json.loads(victim.read_text()).get("published")
+                if published and Path(published).exists():
+                    stolen = self.work_dir / "stolen" / Path(published).name
+                    if not stolen.exists():
+                        shutil.copytree(published, stolen, ignore=shutil.ignore_patterns("manifest.json"))
+                    self.publish(stolen, None)
+                    return
+            self.stop_event.wait(self.s.poll_seconds)
+
+    def run(self) -> None:
+        self.start_server()
+        try:
+            if self.s.copy_from is not None:
+                if not self.state.get("published"):
+                    self.copy_loop()
+            else:
+                self.train_loop()
+            while self.s.serve_after_training and not self.stop_event.is_set():
+                self.stop_event.wait(self.s.poll_seconds)
+        finally:
+            self.stop()

@@ -1,0 +1,37 @@
+"""Opening the chain and the keys from command-line flags, the same way for miner and validator.
+
+Flags follow bittensor conventions: `--netuid`, `--network` (`finney`, `test`, a ws:// url, or
+`local` for the SQLite local chain named by `--chain.path`), `--wallet.name`, `--wallet.hotkey`,
+`--wallet.path`. On `local`, keys are localnet mnemonics in `--wallet.path` (created on first use).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from neurons.keys import DEFAULT_WALLET_PATH, load_wallet, local_keypair
+
+
+def add_chain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--netuid", type=int, default=24)
+    p.add_argument("--network", default="local", help="finney | test | ws://... | local (SQLite local chain)")
+    p.add_argument("--chain.path", dest="chain_path", default="localnet/chain.db",
+                   help="the local chain's SQLite file (network=local)")
+    p.add_argument("--wallet.name", dest="wallet_name", default="default")
+    p.add_argument("--wallet.hotkey", dest="wallet_hotkey", default="default")
+    p.add_argument("--wallet.path", dest="wallet_path", default=None,
+                   help=f"bittensor wallets (default {DEFAULT_WALLET_PATH}); on local, the localnet key directory")
+
+
+def open_chain(args):
+    """(chain, hotkey keypair) for the parsed flags."""
+    if args.network == "local":
+        from neurons.localchain import LocalChain
+
+        chain = LocalChain(args.chain_path, netuid=args.netuid)
+        key_dir = Path(args.wallet_path) if args.wallet_path else Path(args.chain_path).parent / "keys"
+        return chain, local_keypair(f"{args.wallet_name}-{args.wallet_hotkey}", key_dir)
+    from neurons.subtensor_chain import SubtensorChain
+
+    keys = load_wallet(args.wallet_name, args.wallet_hotkey, args.wallet_path or DEFAULT_WALLET_PATH)
+    return SubtensorChain(args.network, netuid=args.netuid, wallet=keys), keys.hotkey

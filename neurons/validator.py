@@ -1,0 +1,267 @@
+"""The validator: every cadence, one round of the spec, resumable at any instant.
+
+    sync   round at sync block S = the last multiple of the cadence; seed = sha256(block hash of S)
+    fetch  each registered hotkey's commitment, if new: parse, fetch, check (or a recorded rejection);
+           eligible = the hotkey's latest accepted submission committed at or before S - eval delay
+    eval   every eligible submission (the leader included, so it is re-scored on the same items);
+           one stored result per hotkey, and a model hash already evaluated this round is reused
+    score  gates, composite, leader/bootstrap, weights with the EMA (eval.scoring), stored at once
+    set    weights on chain once the rate limit allows
+
+State lives in `neurons.state.ValidatorState`; the phases make a restart redo only the phase the
+kill interrupted. Submitted code is never run: checkpoints are data, the model is built by
+`quasar_model` from a config that passed the bounds checks on the meta device.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from eval.competition import Competition
+from neurons.chain import Chain
+from neurons.checks import StudentLimits
+from neurons.commitment import CommitmentRejected, parse_commitment
+from neurons.logs import event
+from neurons.manifest import SubmissionRejected
+from neurons.state import Round, Submission, ValidatorState
+
+log = logging.getLogger("validator")
+
+
+def round_seed(block_hash: str) -> int:
+    """Seed = sha256 of the sync block's hash (its raw bytes when hex), as a 63-bit integer."""
+    h = block_hash[2:] if block_hash.startswith("0x") else block_hash
+    try:
+        raw = bytes.fromhex(h)
+    except ValueError:
+        raw = block_hash.encode()
+    return int.from_bytes(hashlib.sha256(raw).digest()[:8], "big") >> 1
+
+
+def student_limits(c: Competition) -> StudentLimits:
+    s = c.student
+    return StudentLimits(max_total_params=s.max_total_params, vocab_size=s.vocab_size, max_layers=s.max_layers,
+                         max_hidden=s.max_hidden, allowed_model_type=s.model_type, max_loops=s.max_loops)
+
+
+@dataclass
+class ValidatorSettings:
+    work_dir: Path
+    device: str = "cpu"
+    localnet: bool = False
+    storage_root: Path | None = None     # where `local` commitments point (localnet)
+    hf_endpoint: str | None = None
+    poll_seconds: float = 2.0
+    read_timeout: float = 60.0
+    total_timeout: float = 3600.0
+    progress: bool = False
+
+
+class Validator:
+    def __init__(self, chain: Chain, keypair, competition: Competition, settings: ValidatorSettings,
+                 evaluate=None):
+        self.chain, self.keypair, self.competition, self.settings = chain, keypair, competition, settings
+        self.work_dir = Path(settings.work_dir)
+        self.state = ValidatorState(self.work_dir / "validator.db")
+        self.stop_event = threading.Event()
+        self._evaluate = evaluate or self._evaluate_checkpoint
+        self._round_inputs = None
+
+    # ----------------------------------------------------------------- driving
+    def install_signal_handlers(self) -> None:
+        def on_term(signum, frame):
+            event(log, "shutdown requested", signal=signal.Signals(signum).name)
+            self.stop_event.set()
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+
+    def sync_block(self) -> int:
+        cadence = self.competition.schedule.cadence_blocks
+        return (self.chain.block() // cadence) * cadence
+
+    def next_round(self) -> Round | None:
+        """The round to work on: an unfinished one (after a restart), or a new one when a cadence passed."""
+        r = self.state.unfinished_round()
+        if r is not None:
+            return r
+        sync = self.sync_block()
+        last = self.state.last_round(done_only=False)
+        if sync <= 0 or (last is not None and sync <= last.sync_block):
+            return None
+        block_hash = self.chain.block_hash(sync)
+        return self.state.open_round(sync, block_hash, round_seed(block_hash), self.competition.digest)
+
+    def run(self, max_rounds: int | None = None) -> int:
+        """Run rounds until stopped (SIGTERM) or `max_rounds` rounds scored something; returns that count.
+
+        A round with no eligible submission still closes (nothing to weigh) but is not counted."""
+        done = 0
+        while not self.stop_event.is_set() and (max_rounds is None or done < max_rounds):
+            r = self.next_round()
+            if r is None:
+                self.stop_event.wait(self.settings.poll_seconds)
+                continue
+            if self.run_round(r) and self.state.scores(r.id):
+                done += 1
+        return done
+
+    def run_round(self, r: Round) -> bool:
+        """Carry `r` from its stored phase to `done`; False if stopped first."""
+        event(log, "round", id=r.id, sync_block=r.sync_block, seed=r.seed, phase=r.phase)
+        steps = {"fetch": self._fetch_phase, "evaluate": self._evaluate_phase, "score": self._score_phase,
+                 "weights": self._weights_phase}
+        while r.phase != "done":
+            if self.stop_event.is_set():
+                return False
+            if not steps[r.phase](r):
+                return False
+            r = self.state.round(r.id)
+        event(log, "round done", id=r.id, leader=r.leader)
+        return True
+
+    # ------------------------------------------------------------------ phases
+    def _fetch_phase(self, r: Round) -> bool:
+        metagraph = self.chain.metagraph()
+        registered = set(metagraph.hotkeys)
+        for hotkey, rec in sorted(self.chain.commitments().items()):
+            if self.stop_event.is_set():
+                return False
+            if hotkey not in registered or hotkey == self.keypair.ss58_address:
+                continue
+            if self.state.submission(hotkey, rec.data) is None:
+                self.state.record_submission(r.id, self._fetch(hotkey, rec.data, rec.block))
+        self.state.set_phase(r.id, "evaluate")
+        return True
+
+    def _fetch(self, hotkey: str, data: str, block: int) -> Submission:
+        from neurons.storage import FetchLimits, fetch
+
+        def rejected(stage, reason, model_hash=None):
+            event(log, "rejected", level=logging.WARNING, hotkey=hotkey, stage=stage, reason=reason)
+            return Submission(hotkey, data, model_hash, block, "rejected", stage, reason, None)
+
+        try:
+            commitment = parse_commitment(data, localnet=self.settings.localnet)
+        except CommitmentRejected as e:
+            return rejected("commitment", e.reason)
+        dest = self.work_dir / "submissions" / f"{hotkey[:16]}-{commitment.model_hash_prefix[:16]}"
+        shutil.rmtree(dest, ignore_errors=True)  # a kill mid-download leaves a partial directory
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        limits = FetchLimits(student=student_limits(self.competition), read_timeout=self.settings.read_timeout,
+                             total_timeout=self.settings.total_timeout)
+        try:
+            fetch(commitment, dest, limits=limits, keypair=self.keypair, miner_hotkey=hotkey,
+                  storage_root=self.settings.storage_root, localnet=self.settings.localnet,
+                  hf_endpoint=self.settings.hf_endpoint)
+        except SubmissionRejected as e:
+            return rejected(e.stage, e.reason)
+        except Exception as e:  # a bug or an environment failure must not stop the round for everyone
+            return rejected("fetch", f"{type(e).__name__}: {e}")
+        from neurons.manifest import read_manifest
+        model_hash = read_manifest(dest).model_hash
+        event(log, "accepted", hotkey=hotkey, model_hash=model_hash[:16], block=block)
+        return Submission(hotkey, data, model_hash, block, "accepted", None, None, str(dest))
+
+    def eligible(self, r: Round) -> dict[str, Submission]:
+        """hotkey -> its latest accepted submission old enough for this round, for registered hotkeys."""
+        cutoff = r.sync_block - self.competition.schedule.eval_delay_blocks
+        registered = set(self.chain.metagraph().hotkeys)
+        out: dict[str, Submission] = {}
+        for s in self.state.submissions("accepted"):  # ordered by commit block: later ones win
+            if s.hotkey in registered and s.commit_block <= cutoff:
+                out[s.hotkey] = s
+        return out
+
+    def _evaluate_phase(self, r: Round) -> bool:
+        done = self.state.results(r.id)
+        by_hash = {m: res for m, res in done.values()}
+        for hotkey, s in sorted(self.eligible(r).items()):
+            if hotkey in done:
+                continue
+            if self.stop_event.is_set():
+                return False
+            result = by_hash.get(s.model_hash)
+            if result is None:  # the same weights score the same on the same seed: evaluate once
+                t0 = time.time()
+                result = self._evaluate(Path(s.path), r.seed, s.model_hash)
+                event(log, "evaluated", hotkey=hotkey, model_hash=s.model_hash[:16], seconds=round(time.time() - t0, 1))
+            self.state.save_result(r.id, hotkey, s.model_hash, result)
+            by_hash[s.model_hash] = result
+        self.state.set_phase(r.id, "score")
+        return True
+
+    def _evaluate_checkpoint(self, path: Path, seed: int, model_hash: str) -> dict:
+        """The round's inputs (documents, teacher outputs, recall items) are built once per seed."""
+        from eval.evaluate import load_student, prepare_round, score_model
+
+        if self._round_inputs is None or self._round_inputs.seed != seed:
+            self._round_inputs = prepare_round(self.competition, seed, cache_root=None,  # shared, content-addressed
+                                               device=self.settings.device, progress=self.settings.progress)
+        model = load_student(path, self.competition, self.settings.device)
+        return score_model(model, self._round_inputs, model_hash=model_hash, device=self.settings.device,
+                           progress=self.settings.progress).to_dict()
+
+    def _score_phase(self, r: Round) -> bool:
+        from eval.results import SubmissionResult
+        from eval.scoring import axis_means, round_ranking, weights_from_scores
+
+        subs = self.eligible(r)
+        results = []
+        for hotkey, (model_hash, raw) in sorted(self.state.results(r.id).items()):
+            block = subs[hotkey].commit_block if hotkey in subs else raw["commit_block"]
+            # a result reused for a second hotkey with the same weights names the first one: re-label it
+            results.append(dataclasses.replace(SubmissionResult.from_dict(raw), hotkey=hotkey,
+                                               model_hash=model_hash, commit_block=block))
+        previous = self.state.last_round()
+        first_blocks = self.state.first_commit_blocks()
+        earlier = {h: (first_blocks.get(h, 0), fp) for h, fp in self.state.fingerprints(before_round=r.id).items()}
+        spec, schedule = self.competition.score, self.competition.schedule
+        ranking = round_ranking(results, spec, r.seed, leader_hash=None if previous is None else previous.leader_hash,
+                                first_blocks=first_blocks, earlier_fingerprints=earlier)
+        metagraph = self.chain.metagraph()
+        _, ema = weights_from_scores(ranking, schedule.weights_top_k, spec.ema_alpha, self.state.ema(),
+                                     registered=metagraph.hotkeys)
+        by_hotkey = {x.hotkey: x for x in results}
+        scores = [dict(hotkey=e.hotkey, uid=metagraph.uid_of(e.hotkey), model_hash=e.model_hash, composite=e.composite,
+                       gate=e.gate, rank=i + 1, axes={**axis_means(by_hotkey[e.hotkey].items), "gate_reason": e.reason,
+                                                      "lower_bound": e.lower_bound})
+                  for i, e in enumerate(ranking.entries)]
+        leader = ranking.leader
+        self.state.finish_scoring(r.id, scores, ema, leader and leader.hotkey, leader and leader.model_hash)
+        event(log, "scored", id=r.id, leader=leader and leader.hotkey,
+              scores={s["hotkey"][:8]: [round(s["composite"], 4), s["gate"]] for s in scores})
+        return True
+
+    def _weights_phase(self, r: Round) -> bool:
+        metagraph = self.chain.metagraph()
+        ema = {metagraph.uid_of(h): v for h, v in self.state.ema().items() if metagraph.uid_of(h) is not None}
+        total = sum(ema.values())
+        weights = {uid: v / total for uid, v in sorted(ema.items())} if total > 0 else {}
+        if not weights:
+            event(log, "no weights to set", id=r.id)
+            self.state.record_weights(r.id, self.chain.block(), {}, False)
+            return True
+        me = self.keypair.ss58_address
+        while not self.stop_event.is_set():
+            last = self.chain.last_weights_block(me)
+            block = self.chain.block()
+            recorded = self.state.last_weights_block()
+            if last is not None and last >= r.sync_block and (recorded is None or last > recorded):
+                # killed between the chain accepting the weights and recording it: do not send twice
+                self.state.record_weights(r.id, last, weights, True)
+                return True
+            if last is None or block - last >= self.chain.weights_rate_limit():
+                ok = self.chain.set_weights(self.keypair, list(weights), list(weights.values()))
+                if ok:
+                    self.state.record_weights(r.id, block, weights, True)
+                    event(log, "weights set", id=r.id, block=block, weights={str(k): round(v, 4) for k, v in weights.items()})
+                    return True
+            self.stop_event.wait(self.settings.poll_seconds)
+        return False
