@@ -1,6 +1,7 @@
 """`quasar eval`: score a checkpoint exactly as a validator would, and write the report.
 
     quasar eval CHECKPOINT [--competition localnet|FILE] [--seed N] [--out DIR] [--device cpu|cuda]
+    quasar eval --replay ROUND [--validator-dir DIR] [--competition ...] [--out DIR]   (from `quasar` only)
 
 Writes OUT/report.json, OUT/recall.png and OUT/kl_hist.png (eval.report) and prints a summary. The
 teacher cache lives under --cache-root (default $QUASAR_CACHE/eval), so scoring a second checkpoint
@@ -29,9 +30,11 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def add_commands(subparsers) -> None:
+def add_commands(subparsers, replay=None) -> None:
+    """Register `eval`. `replay(args) -> int`, when given, adds `--replay ROUND` (and `--validator-dir`):
+    the caller owns the validator's state, which this package must not import."""
     p = subparsers.add_parser("eval", help="score a checkpoint as a validator does (held-out KL/CE, recall)")
-    p.add_argument("checkpoint", help="checkpoint directory (config.json + *.safetensors)")
+    p.add_argument("checkpoint", nargs="?" if replay else None, help="checkpoint directory (config.json + *.safetensors)")
     p.add_argument("--competition", default="localnet", help="shipped competition name or a JSON/YAML file")
     p.add_argument("--seed", type=int, default=0, help="round seed: picks documents and recall items")
     p.add_argument("--out", default="eval-report", help="directory for report.json and the PNGs")
@@ -40,6 +43,17 @@ def add_commands(subparsers) -> None:
     p.add_argument("--hotkey", default="local", help="hotkey recorded in the result")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_with_device(cmd_eval))
+    if replay is None:
+        return
+    p.add_argument("--replay", type=int, default=None, metavar="ROUND",
+                   help="re-evaluate a stored validator round (its seed; --seed is ignored) and compare")
+    p.add_argument("--validator-dir", default="validator", help="the validator's --work-dir (with --replay)")
+
+    def run(args):
+        if (args.checkpoint is None) == (args.replay is None):
+            p.error("give exactly one of CHECKPOINT (score a checkpoint) or --replay ROUND (replay a stored round)")
+        return replay(args) if args.replay is not None else _with_device(cmd_eval)(args)
+    p.set_defaults(func=run)
 
 
 def _with_device(fn):

@@ -195,7 +195,8 @@ def parse_competition(raw: dict) -> Competition:
 def load_competition(name_or_path: str | os.PathLike) -> Competition:
     """A shipped competition by name (`localnet`, `sn24`) or a JSON/YAML file."""
     path = Path(name_or_path)
-    if not path.exists() and (SHIPPED / f"{name_or_path}.json").exists():
+    # a shipped name wins over a directory of the same name (`quasar localnet` works in ./localnet)
+    if not path.is_file() and (SHIPPED / f"{name_or_path}.json").exists():
         path = SHIPPED / f"{name_or_path}.json"
     if not path.is_file():
         shipped = sorted(p.stem for p in SHIPPED.glob("*.json"))

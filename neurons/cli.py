@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
 
 def cmd_params(args) -> int:
@@ -43,7 +45,69 @@ def cmd_demo(args) -> int:
     return 0 if same else 1
 
 
+def cmd_miner(args) -> int:
+    from eval.competition import load_competition
+    from neurons import logs
+    from neurons.miner import Miner, MinerSettings
+    from neurons.network import open_chain
+
+    logs.setup(f"miner:{args.wallet_name}")
+    chain, keypair = open_chain(args)
+    settings = MinerSettings(
+        work_dir=Path(args.work_dir), distill_config=args.config, overrides=args.override,
+        steps_per_cycle=args.steps_per_cycle, eval_seed=args.eval_seed, min_improvement=args.min_improvement,
+        min_commit_interval_blocks=args.min_commit_interval, storage=args.storage, host=args.host, port=args.port,
+        public_host=args.public_host, storage_root=args.storage_root and Path(args.storage_root),
+        repo_id=args.hf_repo, hf_token=os.environ.get("HF_TOKEN"), device=args.device,
+        copy_from=args.copy_from and Path(args.copy_from), serve_after_training=not args.exit_after_training,
+        progress=not args.quiet)
+    miner = Miner(chain, keypair, load_competition(args.competition), settings)
+    miner.install_signal_handlers()
+    miner.run()
+    return 0
+
+
+def cmd_validator(args) -> int:
+    from eval.competition import load_competition
+    from neurons import logs
+    from neurons.network import open_chain
+    from neurons.status import StatusServer
+    from neurons.validator import Validator, ValidatorSettings
+
+    log = logs.setup("validator")
+    chain, keypair = open_chain(args)
+    settings = ValidatorSettings(
+        work_dir=Path(args.work_dir), device=args.device, localnet=args.network == "local",
+        storage_root=args.storage_root and Path(args.storage_root), poll_seconds=args.poll_seconds,
+        progress=not args.quiet)
+    validator = Validator(chain, keypair, load_competition(args.competition), settings)
+    validator.install_signal_handlers()
+    status = None
+    if args.status_port >= 0:
+        status = StatusServer(validator.state.path, host=args.status_host, port=args.status_port).start()
+        logs.event(log, "status", url=status.url)
+        (Path(args.work_dir) / "status.url").write_text(status.url)
+    try:
+        validator.run(max_rounds=args.max_rounds)
+    finally:
+        if status is not None:
+            status.stop()
+    return 0
+
+
+def cmd_localnet(args) -> int:
+    from neurons.localnet import run_localnet
+
+    return run_localnet(Path(args.dir), rounds=args.rounds, block_time=args.block_time, timeout=args.timeout,
+                        fresh=not args.keep)
+
+
 def main(argv=None) -> int:
+    from distill.cli import add_commands as add_distill_commands
+    from eval.cli import add_commands as add_eval_commands
+    from neurons.network import add_chain_args
+    from neurons.replay import replay_command
+
     parser = argparse.ArgumentParser(prog="quasar", description="SN24 Quasar miner/validator toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("params", help="total and active parameter counts of the presets (meta device)")
@@ -55,6 +119,52 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+    add_distill_commands(sub)
+    add_eval_commands(sub, replay=replay_command)
+
+    p = sub.add_parser("miner", help="distil, self-evaluate, publish and commit improvements, serve them")
+    add_chain_args(p)
+    p.add_argument("--competition", default="localnet", help="shipped competition name or a file")
+    p.add_argument("--config", default=None, help="distill config file (see configs/)")
+    p.add_argument("--override", action="append", default=[], help="distill config key=value (repeatable)")
+    p.add_argument("--work-dir", default="miner")
+    p.add_argument("--steps-per-cycle", type=int, default=200, help="training steps between self-evaluations")
+    p.add_argument("--eval-seed", type=int, default=1)
+    p.add_argument("--min-improvement", type=float, default=0.0, help="composite gain needed to publish again")
+    p.add_argument("--min-commit-interval", type=int, default=0, help="blocks between two commitments")
+    p.add_argument("--storage", choices=["http", "local", "hf"], default="http")
+    p.add_argument("--host", default="127.0.0.1", help="bind address of the checkpoint server")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--public-host", default=None, help="host validators dial (default: --host)")
+    p.add_argument("--storage-root", default=None, help="local storage root (localnet)")
+    p.add_argument("--hf.repo", dest="hf_repo", default=None, help="Hub repo for hf storage (token: $HF_TOKEN)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--copy-from", default=None, help=argparse.SUPPRESS)  # localnet's copier adversary
+    p.add_argument("--exit-after-training", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_miner)
+
+    p = sub.add_parser("validator", help="score submissions every cadence and set weights")
+    add_chain_args(p)
+    p.add_argument("--competition", default="localnet")
+    p.add_argument("--work-dir", default="validator")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--storage-root", default=None, help="local storage root (localnet)")
+    p.add_argument("--status-host", default="127.0.0.1")
+    p.add_argument("--status-port", type=int, default=0, help="-1: no status server")
+    p.add_argument("--poll-seconds", type=float, default=2.0)
+    p.add_argument("--max-rounds", type=int, default=None, help="exit after this many scored rounds")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_validator)
+
+    p = sub.add_parser("localnet", help="a whole subnet on this machine: chain, teacher, miners, validator")
+    p.add_argument("--dir", default="localnet")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--block-time", type=float, default=1.0)
+    p.add_argument("--timeout", type=float, default=900.0)
+    p.add_argument("--keep", action="store_true", help="continue the chain and state in --dir")
+    p.set_defaults(func=cmd_localnet)
+
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -23,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Mapping
 
 from eval.competition import Competition
 from neurons.chain import Chain
@@ -49,6 +50,44 @@ def student_limits(c: Competition) -> StudentLimits:
     s = c.student
     return StudentLimits(max_total_params=s.max_total_params, vocab_size=s.vocab_size, max_layers=s.max_layers,
                          max_hidden=s.max_hidden, allowed_model_type=s.model_type, max_loops=s.max_loops)
+
+
+def label_results(stored: dict[str, tuple[str, dict]], commit_blocks: Mapping[str, int]) -> list:
+    """Stored results (hotkey -> (model_hash, result dict)) as SubmissionResults naming their hotkey.
+
+    A result reused for a second hotkey with the same weights names the first one (or none): re-label
+    it, with the commit block of the hotkey's eligible submission (the stored one when unknown)."""
+    from eval.results import SubmissionResult
+
+    return [dataclasses.replace(SubmissionResult.from_dict(raw), hotkey=hotkey, model_hash=model_hash,
+                                commit_block=commit_blocks.get(hotkey, raw["commit_block"]))
+            for hotkey, (model_hash, raw) in sorted(stored.items())]
+
+
+def score_results(state: ValidatorState, r: Round, results: list, registered: Iterable[str],
+                  uid_of: Callable[[str], int | None], competition: Competition, prior_ema: Mapping[str, float]):
+    """(ranking, new EMA, score rows) of round `r` from its labelled results: the score phase's rule.
+
+    The ranking's other inputs come from the state: the leader of the last finished round before `r`,
+    every model hash's first commit block, and fingerprints stored by earlier rounds. Shared with the
+    offline replay (neurons.replay) so a replayed round is ranked by exactly this code."""
+    from eval.scoring import axis_means, round_ranking, weights_from_scores
+
+    # while `r` is being scored it is the newest round, so this is state.last_round(); a replay of an
+    # older round must not see the leaders of rounds that came after it
+    previous = next((x for x in reversed(state.rounds()) if x.id < r.id and x.phase == "done"), None)
+    first_blocks = state.first_commit_blocks()
+    earlier = {h: (first_blocks.get(h, 0), fp) for h, fp in state.fingerprints(before_round=r.id).items()}
+    spec, schedule = competition.score, competition.schedule
+    ranking = round_ranking(results, spec, r.seed, leader_hash=None if previous is None else previous.leader_hash,
+                            first_blocks=first_blocks, earlier_fingerprints=earlier)
+    _, ema = weights_from_scores(ranking, schedule.weights_top_k, spec.ema_alpha, prior_ema, registered=registered)
+    by_hotkey = {x.hotkey: x for x in results}
+    scores = [dict(hotkey=e.hotkey, uid=uid_of(e.hotkey), model_hash=e.model_hash, composite=e.composite,
+                   gate=e.gate, rank=i + 1, axes={**axis_means(by_hotkey[e.hotkey].items), "gate_reason": e.reason,
+                                                  "lower_bound": e.lower_bound})
+              for i, e in enumerate(ranking.entries)]
+    return ranking, ema, scores
 
 
 @dataclass
@@ -209,30 +248,11 @@ class Validator:
                            progress=self.settings.progress).to_dict()
 
     def _score_phase(self, r: Round) -> bool:
-        from eval.results import SubmissionResult
-        from eval.scoring import axis_means, round_ranking, weights_from_scores
-
         subs = self.eligible(r)
-        results = []
-        for hotkey, (model_hash, raw) in sorted(self.state.results(r.id).items()):
-            block = subs[hotkey].commit_block if hotkey in subs else raw["commit_block"]
-            # a result reused for a second hotkey with the same weights names the first one: re-label it
-            results.append(dataclasses.replace(SubmissionResult.from_dict(raw), hotkey=hotkey,
-                                               model_hash=model_hash, commit_block=block))
-        previous = self.state.last_round()
-        first_blocks = self.state.first_commit_blocks()
-        earlier = {h: (first_blocks.get(h, 0), fp) for h, fp in self.state.fingerprints(before_round=r.id).items()}
-        spec, schedule = self.competition.score, self.competition.schedule
-        ranking = round_ranking(results, spec, r.seed, leader_hash=None if previous is None else previous.leader_hash,
-                                first_blocks=first_blocks, earlier_fingerprints=earlier)
+        results = label_results(self.state.results(r.id), {h: s.commit_block for h, s in subs.items()})
         metagraph = self.chain.metagraph()
-        _, ema = weights_from_scores(ranking, schedule.weights_top_k, spec.ema_alpha, self.state.ema(),
-                                     registered=metagraph.hotkeys)
-        by_hotkey = {x.hotkey: x for x in results}
-        scores = [dict(hotkey=e.hotkey, uid=metagraph.uid_of(e.hotkey), model_hash=e.model_hash, composite=e.composite,
-                       gate=e.gate, rank=i + 1, axes={**axis_means(by_hotkey[e.hotkey].items), "gate_reason": e.reason,
-                                                      "lower_bound": e.lower_bound})
-                  for i, e in enumerate(ranking.entries)]
+        ranking, ema, scores = score_results(self.state, r, results, metagraph.hotkeys, metagraph.uid_of,
+                                             self.competition, self.state.ema())
         leader = ranking.leader
         self.state.finish_scoring(r.id, scores, ema, leader and leader.hotkey, leader and leader.model_hash)
         event(log, "scored", id=r.id, leader=leader and leader.hotkey,

@@ -184,6 +184,7 @@ def _subnet_with_copier(tmp_path, models, extra_seeds=()):
         name = f"extra{seed}"
         owners[name] = net.commit(name, encode_commitment(publish(
             student(tmp_path / "src" / name, seed), "local", storage_root=net.storage, location=f"{name}/ckpt")))
+    net.chain.advance(1)  # the copy lands in a later block than the original it copies
     copy = tmp_path / "copy"
     shutil.copytree(models["a"], copy, ignore=shutil.ignore_patterns("manifest.json"))
     owners["copier"] = net.commit("copier", encode_commitment(
