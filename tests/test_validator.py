@@ -262,3 +262,22 @@ def test_sigkill_at_random_points_loses_and_double_counts_nothing(tmp_path, mode
     n_writes = net.chain._conn().execute("SELECT COUNT(*) FROM weights WHERE hotkey = ?",
                                          (net.validator.ss58_address,)).fetchone()[0]
     assert n_writes == 1                                               # weights sent once
+
+
+def test_sigterm_stops_cleanly_and_the_round_resumes(tmp_path, models):
+    net, owners = _subnet_with_copier(tmp_path, models)
+    work = tmp_path / "v"
+    p = subprocess.Popen(_validator_cmd(net, work), env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while not (work / "validator.db").exists() and p.poll() is None:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(60) == 0  # a clean exit, not a traceback or a kill
+    logs = [json.loads(line) for line in p.stderr.read().decode().splitlines() if line.startswith("{")]
+    assert any(e["event"] == "shutdown requested" and e["signal"] == "SIGTERM" for e in logs)
+    p = subprocess.run(_validator_cmd(net, work), env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    state = ValidatorState(work / "validator.db")
+    assert [r.phase for r in state.rounds()] == ["done"] and set(state.results(1)) == set(owners.values())
