@@ -86,6 +86,7 @@ def _plots(report: dict, out: Path) -> list[str]:
     for r in report["miners"]:
         xs = [x["round"] for x in r["rounds"]]
         ax.plot(xs, [x["composite"] for x in r["rounds"]], marker="o", label=r["name"])
+    ax.set_xticks([x["id"] for x in report["rounds"]])
     ax.set_xlabel("round")
     ax.set_ylabel("composite score")
     ax.legend()
