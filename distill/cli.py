@@ -99,7 +99,47 @@ def find_cache(out: Path, want: dict) -> Path | None:
     return None
 
 
+def text_cache_main(tokenizer_path: str, data: str, out: str | os.PathLike, *, seq_len: int = 512,
+                    split: str = "train", text_field: str = "text", max_docs: int | None = None) -> Path:
+    """Sequence-level KD data: texts (e.g. teacher generations) tokenised by the student's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from .data import tokenize_segments
+    from .sequence_kd import text_fingerprint, write_text_cache
+
+    docs = read_documents(data, split=split, text_field=text_field, max_docs=max_docs)
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    return write_text_cache(tok, tokenize_segments(docs, tok, seq_len), out,
+                            data_fingerprint=text_fingerprint(docs, seq_len), source=data)
+
+
+def cmd_teacher_generate(args) -> int:
+    """Teacher continuations of document openings, as a jsonl text dataset (sequence-level KD)."""
+    from .teacher import load_teacher
+    from .tokenizers import generate_teacher_texts, write_teacher_texts
+
+    teacher = args.teacher
+    if teacher == "tiny":
+        from .tiny_teacher import tiny_teacher
+        teacher = str(tiny_teacher())
+    docs = read_documents(args.data, split=args.split, text_field=args.text_field, max_docs=args.max_docs)
+    model, tok = load_teacher(teacher, revision=args.revision, dtype=args.dtype, device=args.device)
+    prompts = [d[:args.prompt_chars] for d in docs]
+    texts = generate_teacher_texts(model, tok, prompts, args.max_new_tokens, temperature=args.temperature,
+                                   seed=args.seed)
+    print(write_teacher_texts(args.out, texts))
+    return 0
+
+
 def cmd_teacher_cache(args) -> int:
+    if args.text_only:
+        if not args.tokenizer:
+            raise SystemExit("teacher-cache --text-only needs --tokenizer (the student's tokenizer directory)")
+        print(text_cache_main(args.tokenizer, args.data, args.out, seq_len=args.seq_len, split=args.split,
+                              text_field=args.text_field, max_docs=args.max_docs))
+        return 0
+    if not args.teacher:
+        raise SystemExit("teacher-cache needs --teacher (or --text-only --tokenizer for sequence-level KD)")
     path = teacher_cache_main(args.teacher, args.data, args.out, k=args.k, temperature=args.temperature,
                               seq_len=args.seq_len, split=args.split, text_field=args.text_field,
                               max_docs=args.max_docs, revision=args.revision, batch_size=args.batch_size,
@@ -130,7 +170,11 @@ def cmd_distill(args) -> int:
 def add_commands(subparsers) -> None:
     """Register `teacher-cache` and `distill` on an argparse subparsers object."""
     p = subparsers.add_parser("teacher-cache", help="capture a teacher's top-k log-probs on a dataset")
-    p.add_argument("--teacher", required=True, help="Hub name or local checkpoint; 'tiny' = the project's tiny teacher")
+    p.add_argument("--teacher", default=None, help="Hub name or local checkpoint; 'tiny' = the project's tiny teacher")
+    p.add_argument("--text-only", action="store_true",
+                   help="no teacher: cache the text itself (e.g. teacher generations) for sequence-level KD; "
+                        "train it with loss.ce_weight=1")
+    p.add_argument("--tokenizer", default=None, help="with --text-only: the student's tokenizer directory")
     p.add_argument("--revision", default=None, help="Hub revision (commit) of the teacher")
     p.add_argument("--data", required=True,
                    help="local .jsonl/.json/.txt/.parquet file or directory, a Hub dataset name (streamed), "
@@ -149,6 +193,23 @@ def add_commands(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--recapture", action="store_true", help="capture even if OUT already holds this cache")
     p.set_defaults(func=cmd_teacher_cache)
+
+    p = subparsers.add_parser("teacher-generate", help="teacher continuations as a jsonl text dataset "
+                                                       "(sequence-level KD across tokenizers)")
+    p.add_argument("--teacher", required=True, help="Hub name or local checkpoint; 'tiny' = the project's tiny teacher")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--data", required=True, help="where the prompts come from (as for teacher-cache)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--max-docs", type=int, default=None)
+    p.add_argument("--prompt-chars", type=int, default=200, help="each prompt is a document's first characters")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--out", required=True, help="the .jsonl file to write")
+    p.set_defaults(func=cmd_teacher_generate)
 
     p = subparsers.add_parser("distill", help="distill a teacher cache into a Quasar-Long student")
     p.add_argument("config", help="JSON or YAML config file (see distill/config.py)")

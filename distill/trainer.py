@@ -37,6 +37,7 @@ from .config import DistillConfig
 from .data import PackedBatch, PackedLoader, iterate_once
 from .losses import chunked_kd_loss
 from .optim import build_optimizer, build_scheduler
+from .sequence_kd import is_text_cache
 
 # a checkpoint only continues the run it came from: these settings must not change on resume
 RESUME_MUST_MATCH = ("student", "data.train_cache", "data.seq_len", "data.batch_size", "data.grad_accum",
@@ -224,6 +225,9 @@ class Trainer:
 
         self.train_cache, self.heldout_cache = open_caches(cfg)
         meta = self.train_cache.meta
+        if is_text_cache(meta) and cfg.loss.ce_weight != 1:
+            raise ValueError(f"config loss.ce_weight={cfg.loss.ce_weight}: the training cache is text only "
+                             "(sequence-level KD, no teacher distribution), so train it with loss.ce_weight=1")
         self.temperature = float(meta.temperature)
         self.tokenizer = load_tokenizer(cfg, meta)
 
