@@ -82,6 +82,11 @@ class Fetched:
     submission: CheckedSubmission
 
 
+class SourceUnavailable(SubmissionRejected):
+    """The storage could not be reached at all. Callers may try again later instead of recording a
+    rejection: a miner's server restarting must not cost it its commitment."""
+
+
 def _reject(reason: str, stage: str = "fetch") -> SubmissionRejected:
     return SubmissionRejected(reason, stage)
 
@@ -289,6 +294,8 @@ async def _stream(session: aiohttp.ClientSession, url: str, headers: dict[str, s
         raise _reject(f"{what}: not complete after the per-request limit of {limits.request_timeout:g}s") from None
     except aiohttp.TooManyRedirects:
         raise _reject(f"{what}: more than {limits.max_redirects} redirects") from None
+    except aiohttp.ClientConnectorError as e:  # nothing answered: maybe down for a minute, not hostile
+        raise SourceUnavailable(f"{what}: cannot connect: {str(e)[:200]}", "fetch") from None
     except (aiohttp.ClientError, OSError) as e:
         raise _reject(f"{what}: download failed: {type(e).__name__}: {str(e)[:200]}") from None
 

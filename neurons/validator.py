@@ -175,12 +175,14 @@ class Validator:
             if hotkey not in registered or hotkey == self.keypair.ss58_address:
                 continue
             if self.state.submission(hotkey, rec.data) is None:
-                self.state.record_submission(r.id, self._fetch(hotkey, rec.data, rec.block))
+                fetched = self._fetch(hotkey, rec.data, rec.block)
+                if fetched is not None:  # None: storage unreachable now, try again next round
+                    self.state.record_submission(r.id, fetched)
         self.state.set_phase(r.id, "evaluate")
         return True
 
-    def _fetch(self, hotkey: str, data: str, block: int) -> Submission:
-        from neurons.storage import FetchLimits, fetch
+    def _fetch(self, hotkey: str, data: str, block: int) -> Submission | None:
+        from neurons.storage import FetchLimits, SourceUnavailable, fetch
 
         def rejected(stage, reason, model_hash=None):
             event(log, "rejected", level=logging.WARNING, hotkey=hotkey, stage=stage, reason=reason)
@@ -199,6 +201,9 @@ class Validator:
             fetch(commitment, dest, limits=limits, keypair=self.keypair, miner_hotkey=hotkey,
                   storage_root=self.settings.storage_root, localnet=self.settings.localnet,
                   hf_endpoint=self.settings.hf_endpoint)
+        except SourceUnavailable as e:
+            event(log, "unreachable, retried next round", level=logging.WARNING, hotkey=hotkey, reason=e.reason)
+            return None
         except SubmissionRejected as e:
             return rejected(e.stage, e.reason)
         except Exception as e:  # a bug or an environment failure must not stop the round for everyone

@@ -281,3 +281,22 @@ def test_sigterm_stops_cleanly_and_the_round_resumes(tmp_path, models):
     assert p.returncode == 0, p.stderr.decode()[-2000:]
     state = ValidatorState(work / "validator.db")
     assert [r.phase for r in state.rounds()] == ["done"] and set(state.results(1)) == set(owners.values())
+
+
+def test_unreachable_storage_is_retried_next_round_not_rejected(tmp_path, models):
+    import socket
+
+    net = Subnet(tmp_path)
+    good = net.commit("good", encode_commitment(publish(models["a"], "local", storage_root=net.storage,
+                                                        location="good/ckpt")))
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = f"q1:http:127.0.0.1:{port}:t1:" + "0" * 32
+    down = net.commit("down", data)
+    net.chain.advance(25)
+    v = Validator(net.chain, net.validator, net.competition, net.settings(tmp_path / "v"))
+    assert v.run(max_rounds=1) == 1
+    state = ValidatorState(tmp_path / "v" / "validator.db")
+    assert state.submission(down, data) is None          # not recorded: the next round tries again
+    assert [s["hotkey"] for s in state.scores(state.last_round().id)] == [good]
