@@ -176,8 +176,11 @@ class Miner:
         victim = Path(self.s.copy_from) / "miner.json"
         while not self.stop_event.is_set():
             if victim.exists():
-                published = json.loads(victim.read_text()).get("published")
-                if published and Path(published).exists():
+                state = json.loads(victim.read_text())
+                published, block = state.get("published"), state.get("commit_block")
+                # a copier learns of a model from its commitment on chain, so its own lands in a later
+                # block (in the same block, (block, hotkey) order would decide who owns the hash)
+                if published and Path(published).exists() and block is not None and self.chain.block() > block:
                     stolen = self.work_dir / "stolen" / Path(published).name
                     if not stolen.exists():
                         shutil.copytree(published, stolen, ignore=shutil.ignore_patterns("manifest.json"))
