@@ -25,7 +25,7 @@ from pathlib import Path
 
 MINERS = {
     # name: (total steps, steps per self-evaluation cycle) or None for the copier
-    "miner-long": (500, 250),
+    "miner-long": (800, 400),
     "miner-short": (250, 250),
     "miner-copier": None,
 }
