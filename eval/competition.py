@@ -201,15 +201,12 @@ def load_competition(name_or_path: str | os.PathLike) -> Competition:
     if not path.is_file():
         shipped = sorted(p.stem for p in SHIPPED.glob("*.json"))
         raise CompetitionError(f"competition {str(name_or_path)!r}: no such file, and not a shipped name {shipped}")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-        raw = yaml.safe_load(text)
-    else:
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise CompetitionError(f"{path}: not valid JSON ({e})") from None
+    from distill.config import read_file
+
+    try:
+        raw = read_file(path)  # JSON, or YAML by extension: the same reader as distill configs
+    except ValueError as e:
+        raise CompetitionError(str(e)) from None
     try:
         return parse_competition(raw)
     except CompetitionError as e:

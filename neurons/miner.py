@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from pathlib import Path
 from eval.competition import Competition
 from neurons.chain import Chain
 from neurons.logs import event
+from neurons.shutdown import stop_on_signals
 
 log = logging.getLogger("miner")
 
@@ -71,11 +71,7 @@ class Miner:
 
     # ------------------------------------------------------------------ plumbing
     def install_signal_handlers(self) -> None:
-        def on_term(signum, frame):
-            event(log, "shutdown requested", signal=signal.Signals(signum).name)
-            self.stop_event.set()
-        signal.signal(signal.SIGTERM, on_term)
-        signal.signal(signal.SIGINT, on_term)
+        stop_on_signals(self.stop_event, log)
 
     def _save_state(self) -> None:
         tmp = self.state_path.with_suffix(".tmp")

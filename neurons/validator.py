@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import logging
 import shutil
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from neurons.chain import Chain
 from neurons.checks import StudentLimits
 from neurons.commitment import CommitmentRejected, parse_commitment
 from neurons.logs import event
+from neurons.shutdown import stop_on_signals
 from neurons.manifest import SubmissionRejected
 from neurons.state import Round, Submission, ValidatorState
 
@@ -115,11 +115,7 @@ class Validator:
 
     # ----------------------------------------------------------------- driving
     def install_signal_handlers(self) -> None:
-        def on_term(signum, frame):
-            event(log, "shutdown requested", signal=signal.Signals(signum).name)
-            self.stop_event.set()
-        signal.signal(signal.SIGTERM, on_term)
-        signal.signal(signal.SIGINT, on_term)
+        stop_on_signals(self.stop_event, log)
 
     def sync_block(self) -> int:
         cadence = self.competition.schedule.cadence_blocks
