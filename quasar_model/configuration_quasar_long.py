@@ -13,7 +13,7 @@ from transformers import PreTrainedConfig
 BRANCH_KINDS = ("quasar", "raven", "gla")
 LONG_CONTEXT_MODES = ("rope_short_nope_long", "rope", "nope")
 BALANCING_METHODS = ("smebu", "sign", "none")
-REPLACEMENT_MODES = ("add",)
+REPLACEMENT_MODES = ("add", "replace")  # "replace": the branch alone (see layers/hybrid.py)
 RAVEN_DECAY_TYPES = ("Mamba2",)
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 

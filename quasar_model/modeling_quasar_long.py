@@ -164,7 +164,9 @@ class QuasarLongModel(QuasarLongPreTrainedModel):
         return StepContext(rope, attn_mask, token_mask, cu_seqlens, position_ids, input_ids, prev_ids)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+                inputs_embeds=None, use_cache=None, output_hidden_states=None, **kwargs) -> BaseModelOutputWithPast:
+        # output_hidden_states: Hugging Face's convention, (embeddings, output of layer 0, ..., of layer
+        # L-2, normed output of layer L-1), the layer outputs taken from the last loop
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if input_ids is None and self.engram_lag:
@@ -182,6 +184,9 @@ class QuasarLongModel(QuasarLongPreTrainedModel):
 
         P = h
         n_loops = self.config.num_loops
+        output_hidden_states = (output_hidden_states if output_hidden_states is not None
+                                else self.config.output_hidden_states)
+        hidden_states = [h] if output_hidden_states else None
         for loop in range(n_loops):
             for i, layer in enumerate(self.layers):
                 if self.loop_gates is not None:
@@ -191,14 +196,19 @@ class QuasarLongModel(QuasarLongPreTrainedModel):
                     h = checkpoint(layer, h, ctx, None, use_reentrant=False)
                 else:
                     h = layer(h, ctx, state)
+                if hidden_states is not None and loop == n_loops - 1 and i < len(self.layers) - 1:
+                    hidden_states.append(h)
         h = self.norm(h)
+        if hidden_states is not None:
+            hidden_states.append(h)
 
         if cache is not None:
             cache.seen_tokens += T
             if self.engram_lag:
                 hist = input_ids if ctx.prev_ids is None else torch.cat([ctx.prev_ids, input_ids], 1)
                 cache.token_history = hist[:, -self.engram_lag:]
-        return BaseModelOutputWithPast(last_hidden_state=h, past_key_values=cache)
+        return BaseModelOutputWithPast(last_hidden_state=h, past_key_values=cache,
+                                       hidden_states=None if hidden_states is None else tuple(hidden_states))
 
     def moe_layers(self) -> list[MoE]:
         return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
@@ -227,9 +237,10 @@ class QuasarLongForCausalLM(QuasarLongPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int = 0,
-                **kwargs) -> CausalLMOutputWithPast:
+                output_hidden_states=None, **kwargs) -> CausalLMOutputWithPast:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         output_hidden_states=output_hidden_states)
         h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
@@ -238,7 +249,8 @@ class QuasarLongForCausalLM(QuasarLongPreTrainedModel, GenerationMixin):
         if labels is not None:
             # next-token cross-entropy; -100 marks positions that are not predicted
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                      hidden_states=out.hidden_states)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # Hugging Face would build a DynamicCache (K/V only); the branches need their recurrent states.

@@ -30,6 +30,7 @@ def decode_token_by_token(model, ids):
     dict(num_loops=1, use_looped_injection=False),
     dict(latent_memory_layers=[3], latent_memory_segment=8, latent_memory_slots=6, latent_memory_dim=16),
     dict(hybrid_gla_data_dependent_gate=True, engram_layers=[1, 5]),
+    dict(hybrid_replacement_mode="replace"),  # hybrid layers without attention: recurrent state only
 ])
 def test_full_forward_equals_token_by_token_decoding(overrides):
     cfg = tiny(**overrides)
@@ -204,6 +205,26 @@ def test_dense_baseline_runs_and_has_no_branches_or_experts():
         assert (model(ids, use_cache=False).logits - decode_token_by_token(model, ids)).abs().max() <= 1e-4
 
 
+def test_replace_mode_layers_have_no_attention_and_pack_like_separate_documents():
+    cfg = tiny(hybrid_replacement_mode="replace")
+    model = make(cfg)
+    names = [n for n, _ in model.named_parameters()]
+    assert not any(n.startswith("model.layers.1.mixer.attn.") or n == "model.layers.1.mixer.alpha" for n in names)
+    assert any(n.startswith("model.layers.0.mixer.qkv_proj") for n in names)      # non-hybrid layer 0 keeps GQA
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in make(tiny()).parameters())
+    docs = [torch.randint(0, cfg.vocab_size, (n,)) for n in (11, 20)]
+    with torch.no_grad():
+        packed = model(torch.cat(docs)[None], position_ids=torch.cat([torch.arange(11), torch.arange(20)])[None],
+                       use_cache=False).logits[0]
+        separate = torch.cat([model(d[None], use_cache=False).logits[0] for d in docs])
+        hs = model(docs[0][None], use_cache=False, output_hidden_states=True).hidden_states
+    assert (packed - separate).abs().max() <= 1e-4
+    # hidden states: embeddings, then every layer's output, the last one normed (Hugging Face's convention)
+    assert len(hs) == cfg.num_hidden_layers + 1
+    torch.testing.assert_close(hs[-1], model.model(docs[0][None], use_cache=False).last_hidden_state)
+    torch.testing.assert_close(hs[0], model.model.embed_tokens(docs[0][None]))
+
+
 @pytest.mark.parametrize("bad, field", [
     (dict(num_key_value_heads=3), "num_key_value_heads"),
     (dict(num_experts_per_tok=9), "num_experts_per_tok"),
@@ -217,6 +238,7 @@ def test_dense_baseline_runs_and_has_no_branches_or_experts():
     (dict(long_context_mode="yarn"), "long_context_mode"),
     (dict(moe_balancing="aux_loss"), "moe_balancing"),
     (dict(vocab_size=0), "vocab_size"),
+    (dict(hybrid_replacement_mode="swap"), "hybrid_replacement_mode"),
 ])
 def test_invalid_configs_fail_naming_the_field(bad, field):
     with pytest.raises(ValueError, match=field):

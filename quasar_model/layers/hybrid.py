@@ -1,8 +1,12 @@
-"""The hybrid mixer: out = GQA(x) + sigmoid(a) * Adapter(c * g * Branch(x)).
+"""The hybrid mixer: out = GQA(x) + sigmoid(a) * Adapter(c * g * Branch(x))   (replacement mode "add").
 
 a starts at hybrid_alpha_init (sigmoid(-15) ~ 3e-7), so a fresh branch is switched off and the
 layer behaves as the attention it was distilled from; Adapter(y) = y + U(D(y)) with U zero, so it
 starts as the identity.
+
+Replacement mode "replace" (an extension past the spec, which names only "add"): the layer has no
+attention and no a, out = Adapter(c * g * Branch(x)); the Quasar-10B recipe's attention layers
+swapped for recurrent ones, whose state does not grow with the context.
 """
 from __future__ import annotations
 
@@ -23,9 +27,10 @@ class HybridMixer(nn.Module):
         super().__init__()
         self.alpha_init = config.hybrid_alpha_init
         self.kind = config.branch_kind(layer_idx)
-        self.attn = GQAttention(config)
+        self.replace = config.hybrid_replacement_mode == "replace"
+        self.attn = None if self.replace else GQAttention(config)
         self.branch = BRANCHES[self.kind](config, layer_idx)
-        self.alpha = nn.Parameter(torch.empty(()))
+        self.alpha = None if self.replace else nn.Parameter(torch.empty(()))
         self.branch_gain = nn.Parameter(torch.empty(()))
         self.channel_scale = nn.Parameter(torch.empty(config.hidden_size))
         r = config.hybrid_output_adapter_rank
@@ -34,14 +39,15 @@ class HybridMixer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        init.constant_(self.alpha, self.alpha_init)
+        if self.alpha is not None:
+            init.constant_(self.alpha, self.alpha_init)
         init.ones_(self.branch_gain)
         init.ones_(self.channel_scale)
         if self.adapter_up is not None:
             init.zeros_(self.adapter_up.weight)
 
     def forward(self, x, rope, attn_mask, state: dict | None, token_mask, cu_seqlens):
-        a = self.attn(x, rope, attn_mask, state)
+        a = None if self.replace else self.attn(x, rope, attn_mask, state)
         y, branch_state = self.branch(
             x, state=None if state is None else state.get("branch"), token_mask=token_mask,
             cu_seqlens=cu_seqlens, rope=rope,
@@ -51,4 +57,6 @@ class HybridMixer(nn.Module):
         y = self.channel_scale * self.branch_gain * y
         if self.adapter_up is not None:
             y = y + self.adapter_up(self.adapter_down(y))
+        if self.replace:
+            return y
         return a + torch.sigmoid(self.alpha) * y
