@@ -1,9 +1,16 @@
-"""`quasar teacher-cache` and `quasar distill`: capture a teacher once, then distill from its cache.
+"""`quasar teacher-cache`, `quasar init-student` and `quasar distill`.
 
     quasar teacher-cache --teacher Qwen/Qwen3-8B --data HuggingFaceFW/fineweb-edu --max-docs 100000 \\
         --k 64 --seq-len 2048 --out caches/train
     quasar distill configs/distill_tiny.json optim.lr=1e-3 steps=500
     torchrun --nproc_per_node 8 -m distill.cli distill my.yaml parallel=fsdp
+
+Structural distillation (the Quasar-10B recipe): a student that starts as the teacher, trained
+with layer-wise hidden-state MSE against the live teacher (configs/structural_tiny.json):
+
+    quasar init-student --teacher Qwen/Qwen3-0.6B --replace --hybrid-layers 4-27 --out runs/q06/student
+    quasar distill my.json student.init_from=runs/q06/student teacher.model=Qwen/Qwen3-0.6B \\
+        loss.hidden_mse_weight=1
 
 `--teacher tiny` is the project's own ~1M-parameter teacher (trained on first use) and
 `--data corpus:train` / `corpus:heldout` the local real-text corpus: the offline end-to-end run.
@@ -167,6 +174,69 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def _layer_list(text: str) -> list[int]:
+    """'4-19' / '1,3,5' / 'none' -> layer indices."""
+    if text.lower() == "none":
+        return []
+    out = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        try:
+            out.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"layers: expected e.g. 4-19, 1,3,5 or none, got {text!r}") from None
+    return out
+
+
+def cmd_init_student(args) -> int:
+    """A Quasar-Long student holding a teacher's weights, saved with the teacher's tokenizer."""
+    import json
+
+    import torch
+
+    from .structural import init_student, logit_gap
+    from .teacher import load_teacher
+
+    teacher = args.teacher
+    if teacher == "tiny":
+        from .tiny_teacher import tiny_teacher
+        teacher = str(tiny_teacher())
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected key=value (a QuasarLongConfig field)")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    model, tok = load_teacher(teacher, revision=args.revision, dtype="float32", device=args.device)
+    torch.manual_seed(args.seed)         # what is not copied from the teacher (gates, routers) is seeded
+    student = init_student(
+        model, hybrid_layers=args.hybrid_layers, cycle=args.cycle.split(",") if args.cycle else None,
+        alpha_init=args.alpha, replacement_mode="replace" if args.replace else "add",
+        num_experts=args.experts, experts_per_tok=args.experts_per_tok,
+        moe_intermediate_size=args.moe_intermediate_size, first_k_dense_replace=args.first_k_dense,
+        overrides=overrides, dtype=torch.float32, branch_from_attention=not args.fresh_branches,
+    ).to(model.device)
+    g = torch.Generator().manual_seed(0)
+    probe = torch.randint(0, min(tok.vocab_size, model.config.vocab_size), (2, 64), generator=g)
+    gap = logit_gap(student.eval(), model, probe)
+    out = Path(args.out)
+    student.save_pretrained(out)
+    tok.save_pretrained(out)
+    report = {"teacher": args.teacher, "revision": args.revision,
+              "hybrid_layers": student.config.hybrid_attention_layers,
+              "branches": {i: student.config.branch_kind(i) for i in student.config.hybrid_attention_layers},
+              "hybrid_replacement_mode": student.config.hybrid_replacement_mode,
+              "hybrid_alpha_init": student.config.hybrid_alpha_init, "num_experts": student.config.num_experts,
+              "max_abs_logit_gap_to_teacher": gap}
+    (out / "structural_init.json").write_text(json.dumps(report, indent=1))
+    print(f"student in {out}: {sum(p.numel() for p in student.parameters()) / 1e6:.2f} M parameters, "
+          f"max |logit - teacher logit| = {gap:.3g} on a random probe")
+    return 0
+
+
 def add_commands(subparsers) -> None:
     """Register `teacher-cache` and `distill` on an argparse subparsers object."""
     p = subparsers.add_parser("teacher-cache", help="capture a teacher's top-k log-probs on a dataset")
@@ -210,6 +280,34 @@ def add_commands(subparsers) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--out", required=True, help="the .jsonl file to write")
     p.set_defaults(func=cmd_teacher_generate)
+
+    p = subparsers.add_parser("init-student", help="build a Quasar-Long student from a teacher's weights "
+                                                   "(structural distillation, stage 1)")
+    p.add_argument("--teacher", required=True,
+                   help="qwen3/llama/mistral checkpoint (Hub name or local); 'tiny' = the project's tiny teacher")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--out", required=True, help="directory for the student (save_pretrained + tokenizer)")
+    p.add_argument("--hybrid-layers", type=_layer_list, default=None,
+                   help="layers that get a recurrent branch: e.g. 4-19, 1,3,5 or none (default: all but the "
+                        "first fifth, as in the preview)")
+    p.add_argument("--cycle", default=None, help="branch kinds cycled over the hybrid layers, e.g. quasar,raven,gla")
+    p.add_argument("--alpha", type=float, default=-15.0,
+                   help="hybrid_alpha_init: -15 starts the branches off (student == teacher); e.g. -4 "
+                        "lets them learn from the first step")
+    p.add_argument("--replace", action="store_true",
+                   help="hybrid layers become the branch alone (no attention): the Quasar-10B swap; train with "
+                        "loss.hidden_mse_weight > 0 so each branch learns its attention's output")
+    p.add_argument("--experts", type=int, default=0, help="routed experts per MoE layer (0: dense everywhere)")
+    p.add_argument("--experts-per-tok", type=int, default=2)
+    p.add_argument("--moe-intermediate-size", type=int, default=None)
+    p.add_argument("--first-k-dense", type=int, default=1, help="with --experts: leading layers kept dense")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any other QuasarLongConfig field (JSON value), e.g. --set nope_after_position=8192")
+    p.add_argument("--fresh-branches", action="store_true",
+                   help="leave the branches at their fresh init instead of copying the attention's q/k/v/o")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_init_student)
 
     p = subparsers.add_parser("distill", help="distill a teacher cache into a Quasar-Long student")
     p.add_argument("config", help="JSON or YAML config file (see distill/config.py)")

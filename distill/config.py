@@ -27,6 +27,7 @@ class StudentSection:
     preset: str = "tiny"                                  # a QuasarLongConfig preset
     overrides: dict = field(default_factory=dict)        # QuasarLongConfig fields over the preset
     init_from: str | None = None                          # a save_pretrained dir instead of fresh weights
+    trainable: str = "all"                                # all | branches (hybrid branches and their gates only)
 
 
 @dataclass
@@ -58,9 +59,18 @@ class LossSection:
     beta: float = 0.5                     # JSD mixing weight
     temperature: float | None = None      # None: the cache's capture temperature (the only valid one)
     ce_weight: float = 0.0                # mix of next-token CE on the real text
-    hidden_mse_weight: float = 0.0        # needs teacher hidden states in the cache
+    hidden_mse_weight: float = 0.0        # layer-wise hidden-state MSE against the live teacher (teacher.model)
     kd_t2_scale: bool = False
     chunk_size: int = 1024                # LM-head tokens per chunk in the sparse loss
+
+
+@dataclass
+class TeacherSection:
+    """The live teacher for hidden-state MSE (structural distillation); caches hold no hidden states."""
+    model: str | None = None              # Hub name or local checkpoint; "tiny" = the project's tiny teacher
+    revision: str | None = None
+    dtype: str = "auto"                   # auto | float32 | bfloat16 | float16
+    layers: list | None = None            # [[student_layer, teacher_layer], ...]; None: distill.structural.layer_map
 
 
 @dataclass
@@ -69,6 +79,7 @@ class DistillConfig:
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     loss: LossSection = field(default_factory=LossSection)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
     steps: int = 100                      # optimizer steps
     output_dir: str = "runs/distill"
     seed: int = 0
@@ -116,6 +127,13 @@ class DistillConfig:
             fail("loss.temperature", "must be > 0")
         if not 0 <= self.loss.ce_weight <= 1:
             fail("loss.ce_weight", "must be in [0, 1]")
+        if self.loss.hidden_mse_weight > 0 and not self.teacher.model:
+            fail("teacher.model", "must name the live teacher when loss.hidden_mse_weight > 0 (a teacher "
+                 "cache keeps top-k log-probs, not hidden states)")
+        if self.teacher.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            fail("teacher.dtype", "must be auto, float32, bfloat16 or float16")
+        if self.student.trainable not in ("all", "branches"):
+            fail("student.trainable", "must be all or branches")
         if self.dtype not in ("bf16", "fp32"):
             fail("dtype", "must be bf16 or fp32")
         if self.parallel not in ("ddp", "fsdp"):

@@ -429,13 +429,15 @@ def chunked_kd_loss(hidden, lm_head_weight, topk_ids, topk_logprobs, mask=None, 
 # -----------------------------------------------------------------------------
 # layer-wise structural distillation
 
-def hidden_mse(student_hidden, teacher_hidden, proj=None, mask=None):
+def hidden_mse(student_hidden, teacher_hidden, proj=None, mask=None, normalize=False):
     """Mean squared error between student and teacher hidden states.
 
     student_hidden [..., Ds], teacher_hidden [..., Dt] (the teacher is a constant: detached). proj maps
     Ds -> Dt: a module/callable, or a [Dt, Ds] weight (nn.Linear layout); None needs Ds == Dt. The
     squared error is averaged over features, then over positions where mask [...] is True (all if
-    None). Computed in fp32. Returns 0 when no position is unmasked.
+    None). Computed in fp32. Returns 0 when no position is unmasked. normalize=True divides by the
+    teacher's mean square over the same positions (a constant): residual streams grow with depth,
+    and without it the deepest layers would outweigh the rest of a layer-wise sum.
     """
     s = student_hidden
     if proj is not None:
@@ -448,10 +450,15 @@ def hidden_mse(student_hidden, teacher_hidden, proj=None, mask=None):
     if s.shape != teacher_hidden.shape:
         raise ValueError(f"teacher_hidden: shape {_shape(teacher_hidden)} does not match the (projected) "
                          f"student hidden {_shape(s)}" + ("; pass proj to map Ds -> Dt" if proj is None else ""))
-    err = (s.float() - teacher_hidden.detach().float()).pow(2).mean(-1)     # [...]
+    t = teacher_hidden.detach().float()
+    err = (s.float() - t).pow(2).mean(-1)                                    # [...]
+    scale = t.pow(2).mean(-1) if normalize else None                          # [...]
     if mask is None:
-        return err.mean()
+        return err.mean() / scale.mean().clamp(min=1e-12) if normalize else err.mean()
     if mask.shape != err.shape:
         raise ValueError(f"mask: shape {_shape(mask)} does not match the positions {_shape(err)}")
     m = mask.to(err.device).bool()
-    return torch.where(m, err, 0.0).sum() / m.sum().clamp(min=1)
+    mse = torch.where(m, err, 0.0).sum() / m.sum().clamp(min=1)
+    if normalize:
+        mse = mse / (torch.where(m, scale, 0.0).sum() / m.sum().clamp(min=1)).clamp(min=1e-12)
+    return mse

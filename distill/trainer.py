@@ -35,13 +35,13 @@ from torch import nn
 from . import parallel
 from .config import DistillConfig
 from .data import PackedBatch, PackedLoader, iterate_once
-from .losses import chunked_kd_loss
+from .losses import chunked_kd_loss, hidden_mse
 from .optim import build_optimizer, build_scheduler
 from .sequence_kd import is_text_cache
 
 # a checkpoint only continues the run it came from: these settings must not change on resume
 RESUME_MUST_MATCH = ("student", "data.train_cache", "data.seq_len", "data.batch_size", "data.grad_accum",
-                     "optim", "loss", "steps", "seed")
+                     "optim", "loss", "teacher", "steps", "seed")
 
 
 # -----------------------------------------------------------------------------
@@ -53,22 +53,36 @@ class KDStudent(nn.Module):
     Returns the mean loss over the batch's target positions. Wrapping the loss inside the module
     means the LM head is used inside the wrapped forward, which FSDP needs (it gathers the root's
     parameters for the duration of its forward and backward).
+
+    With hidden_targets (the live teacher's outputs of the layers paired with `hidden_layers`),
+    the loss adds hidden_mse_weight * the mean over pairs of the teacher-normalised MSE between
+    the student's and the teacher's layer outputs, over the same target positions; the last value
+    is kept in `last_hidden_mse` for logging.
     """
 
     def __init__(self, student: nn.Module, *, kind="fkl", beta=0.5, temperature=1.0, ce_weight=0.0,
-                 kd_t2_scale=False, chunk_size=1024):
+                 kd_t2_scale=False, chunk_size=1024, hidden_layers=(), hidden_mse_weight=0.0):
         super().__init__()
         self.student = student
         self.kind, self.beta, self.temperature = kind, beta, temperature
         self.ce_weight, self.kd_t2_scale, self.chunk_size = ce_weight, kd_t2_scale, chunk_size
+        self.hidden_layers, self.hidden_mse_weight = list(hidden_layers), hidden_mse_weight
+        self.last_hidden_mse: torch.Tensor | None = None
 
     def forward(self, input_ids, position_ids, topk_ids, topk_logprobs, tail, mask, labels,
-                kind: str | None = None, ce_weight: float | None = None):
+                kind: str | None = None, ce_weight: float | None = None, hidden_targets=None):
         kind = self.kind if kind is None else kind
         ce_weight = self.ce_weight if ce_weight is None else ce_weight
         # position ids restart per packed segment: block-diagonal attention, branch states reset
-        h = self.student.model(input_ids=input_ids, position_ids=position_ids,
-                               use_cache=False).last_hidden_state                     # [B, L, D]
+        out = self.student.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                 output_hidden_states=hidden_targets is not None)
+        h = out.last_hidden_state                                                        # [B, L, D]
+        mse = None
+        if hidden_targets is not None:
+            # hidden_states[i + 1] is layer i's output (the last one normed, as the teacher's is)
+            mse = torch.stack([hidden_mse(out.hidden_states[i + 1], t, mask=mask, normalize=True)
+                               for i, t in zip(self.hidden_layers, hidden_targets, strict=True)]).mean()
+            self.last_hidden_mse = mse.detach()
         w = self.student.lm_head.weight                                                  # [V, D]
         dev = h.device.type
         if torch.is_autocast_enabled(dev):
@@ -77,10 +91,11 @@ class KDStudent(nn.Module):
             h, w = h.to(dt), w.to(dt)
         else:
             w = w.to(h.dtype)
-        return chunked_kd_loss(h, w, topk_ids, topk_logprobs, mask=mask,
+        loss = chunked_kd_loss(h, w, topk_ids, topk_logprobs, mask=mask,
                                labels=labels if ce_weight > 0 else None, kind=kind, beta=self.beta,
                                temperature=self.temperature, ce_weight=ce_weight, chunk_size=self.chunk_size,
                                tail=tail, kd_t2_scale=self.kd_t2_scale)
+        return loss if mse is None else loss + self.hidden_mse_weight * mse
 
 
 def _call(model: nn.Module, b: PackedBatch, **kw) -> torch.Tensor:
@@ -205,7 +220,30 @@ def build_student(cfg: DistillConfig, vocab_size: int, tokenizer=None) -> nn.Mod
     if model.config.vocab_size < vocab_size:
         raise ValueError(f"student vocab_size={model.config.vocab_size} is smaller than the teacher's "
                          f"{vocab_size}: the student must be able to emit every teacher id")
+    if cfg.student.trainable == "branches":
+        freeze_all_but_branches(model)
     return model
+
+
+def freeze_all_but_branches(model: nn.Module) -> list[str]:
+    """requires_grad only on the hybrid layers' branches and their gates (a, g, c, adapter).
+
+    Structural distillation's first phase: the trunk copied from the teacher stays the teacher's,
+    and only what is new learns. Returns the names left trainable.
+    """
+    from quasar_model.layers.hybrid import HybridMixer
+
+    model.requires_grad_(False)
+    names = []
+    for mname, m in model.named_modules():
+        if isinstance(m, HybridMixer):
+            for pname, p in m.named_parameters():
+                if not pname.startswith("attn."):
+                    p.requires_grad_(True)
+                    names.append(f"{mname}.{pname}")
+    if not names:
+        raise ValueError("student.trainable=branches, but the student has no hybrid layers (no branches to train)")
+    return names
 
 
 # -----------------------------------------------------------------------------
@@ -219,10 +257,6 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.metrics_path = self.out / "metrics.jsonl"
-        if cfg.loss.hidden_mse_weight > 0:
-            raise ValueError("config loss.hidden_mse_weight > 0 needs the teacher's hidden states, which a "
-                             "teacher cache does not store (it keeps top-k log-probs only); set it to 0")
-
         self.train_cache, self.heldout_cache = open_caches(cfg)
         meta = self.train_cache.meta
         if is_text_cache(meta) and cfg.loss.ce_weight != 1:
@@ -236,8 +270,14 @@ class Trainer:
         self.student = build_student(cfg, meta.vocab_size, self.tokenizer).to(self.device)
         self.student.train()
         lc = cfg.loss
+        self.teacher = None
+        if lc.hidden_mse_weight > 0:     # structural distillation: the live teacher's layer outputs
+            from .structural import load_live_teacher
+            self.teacher = load_live_teacher(cfg.teacher, meta, self.student.config, self.device)
         self.engine = KDStudent(self.student, kind=lc.kind, beta=lc.beta, temperature=self.temperature,
-                                ce_weight=lc.ce_weight, kd_t2_scale=lc.kd_t2_scale, chunk_size=lc.chunk_size)
+                                ce_weight=lc.ce_weight, kd_t2_scale=lc.kd_t2_scale, chunk_size=lc.chunk_size,
+                                hidden_layers=self.teacher.student_layers if self.teacher else (),
+                                hidden_mse_weight=lc.hidden_mse_weight)
         self.model = parallel.wrap(self.engine, self.env, cfg.parallel, layers=list(self.student.model.layers))
 
         oc = cfg.optim
@@ -263,18 +303,23 @@ class Trainer:
         micro = [self.loader.next_batch() for _ in range(self.cfg.data.grad_accum)]
         n_local = [b.n_tokens for b in micro]
         n_global = float(self.env.all_reduce_sum(sum(n_local)))
-        loss_sum = 0.0
+        loss_sum, mse_sum = 0.0, 0.0
         for i, b in enumerate(micro):
             b = b.to(self.device)
+            kw = {}
+            if self.teacher is not None:
+                kw["hidden_targets"] = self.teacher.hidden_targets(b.input_ids, b.position_ids)
             with parallel.grad_sync(self.model, sync=i == len(micro) - 1):
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                                     enabled=self.autocast_dtype is not None):
-                    loss = _call(self.model, b)
+                    loss = _call(self.model, b, **kw)
                 # weight by this micro-batch's share of all the step's positions; x world undoes
                 # the data-parallel gradient average, so the sum over ranks is the global mean
                 scale = n_local[i] / max(n_global, 1.0) * self.env.world_size
                 (loss * scale).backward()
             loss_sum = loss_sum + loss.detach().double() * n_local[i]     # no host sync per micro-step
+            if self.teacher is not None:
+                mse_sum = mse_sum + self.engine.last_hidden_mse.double() * n_local[i]
         parallel.sync_replicated_grads(self.model, self.env)
         grad_norm = parallel.clip_grad_norm(self.student.parameters(), self.cfg.optim.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0]["lr_scale"]
@@ -289,8 +334,11 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
-        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen,
-                "tok_per_s": n_global / dt, "step_s": dt}
+        rec = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen,
+               "tok_per_s": n_global / dt, "step_s": dt}
+        if self.teacher is not None:
+            rec["hidden_mse"] = float(self.env.all_reduce_sum(mse_sum)) / max(n_global, 1.0)
+        return rec
 
     # ---------------------------------------------------------------- the loop
     def train(self, until: int | None = None) -> list[dict]:
@@ -311,7 +359,8 @@ class Trainer:
         while self.step < stop:
             rec = self.train_step()
             bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tok_per_s']:.0f}")
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tok_per_s']:.0f}",
+                            **({"mse": f"{rec['hidden_mse']:.4f}"} if "hidden_mse" in rec else {}))
             if self.step % cfg.log_every == 0 or self.step == cfg_steps:
                 records.append(self.log(rec))
             last = self.step == cfg_steps
@@ -350,9 +399,13 @@ class Trainer:
         recs = read_metrics(self.metrics_path)
         train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
         held = [(r["step"], r["heldout_kl"]) for r in recs if "heldout_kl" in r]
+        mse = [(r["step"], r["hidden_mse"]) for r in recs if "hidden_mse" in r]
         fig, ax = plt.subplots(figsize=(7, 4))
         if train:
-            ax.plot(*zip(*train), lw=1, label=f"train {self.cfg.loss.kind} loss")
+            ax.plot(*zip(*train), lw=1, label=f"train loss ({self.cfg.loss.kind}"
+                    + (" + hidden MSE" if mse else "") + ")")
+        if mse:
+            ax.plot(*zip(*mse), lw=1, label="hidden-state MSE (teacher-normalised, train)")
         if held:
             ax.plot(*zip(*held), "o-", label="held-out KL(teacher || student)")
         ax.set_xlabel("optimizer step")

@@ -183,7 +183,8 @@ def test_clear_errors(caches, tmp_path):
     cases = [
         (["student.overrides.vocab_size=300"], "smaller than the teacher's"),
         (["loss.temperature=2.0"], "captured at temperature 1.0"),
-        (["loss.hidden_mse_weight=0.5"], "does not store"),
+        (["loss.hidden_mse_weight=0.5"], "teacher.model: must name the live teacher"),
+        (["loss.hidden_mse_weight=0.5", "teacher.model=tiny"], "compares the residual streams directly"),
         ([f"data.heldout_cache={train}"], "same data as the training cache"),
         ([f"data.train_cache={tmp_path / 'nothing'}"], "no such directory"),
         ([f"data.train_cache={tmp_path}"], "holds no teacher cache"),

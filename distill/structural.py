@@ -1,0 +1,312 @@
+"""Structural initialisation: a Quasar-Long student built from a dense teacher's own weights.
+
+Stage 1 of the Quasar-10B recipe: start the student as the teacher, swap attention layers for
+recurrent branches, then train with hidden-state MSE (layer by layer, against the live teacher)
+plus CE/KD. Two kinds of swap:
+
+- replacement mode "replace": the hybrid layer is the branch alone; the teacher's attention
+  projections become the branch's, and the layer-wise MSE teaches the branch to produce what
+  the attention did (the recipe proper: the swapped layers keep no KV cache);
+- mode "add" (the spec's): GQA + sigmoid(a) * Branch; the attention stays, the branch starts off.
+  Trained against a teacher whose function the trunk already computes, the branch's best move is
+  to stay silent, so "add" students are structural copies to distill further, not a swap.
+
+    teacher (qwen3 / llama / mistral decoder)       student (QuasarLongForCausalLM)
+    embed_tokens, norm, lm_head (tied or not)   ->  the same
+    layer i  input_layernorm                    ->  input_norm
+             post_attention_layernorm           ->  post_norm
+             self_attn q, k, v, o (+ q/k norm)  ->  GQA: qkv_proj = [q; k; v], o_proj, q/k norm
+                                                    (mixer, or mixer.attn on a hybrid layer)
+             mlp gate, up, down                 ->  dense SwiGLU; on MoE layers the shared expert,
+                                                    with every routed expert's down_proj zero
+    hybrid layer branch (quasar | raven | gla)  ->  q/k/v/o copied from the same attention
+
+In "add" mode with the branch switched off (hybrid_alpha_init = -15, the spec's value) and no
+routed expert contributing, the student computes the teacher's function (`logit_gap` measures
+it). The branch copies of q/k/v/o start the recurrent read-out where the attention's is, the
+usual linearisation init; what is not an attention projection (gates, decays, slot routers) keeps
+its fresh init.
+
+Refused with a message naming the reason: attention or MLP biases, rope scaling (only plain-theta
+RoPE is representable), sliding-window attention, activations other than SiLU, other families
+(GLM's fused, interleaved-rotary layers and MoE teachers do not map onto these shapes exactly).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+SUPPORTED_FAMILIES = ("qwen3", "llama", "mistral")
+
+
+# -----------------------------------------------------------------------------
+# configs
+
+def check_teacher(tc) -> None:
+    """Raise ValueError naming the first property of the teacher config that does not map exactly."""
+    family = getattr(tc, "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(f"teacher model_type {family!r}: structural init maps {SUPPORTED_FAMILIES} decoders "
+                         "(q/k/v/o attention + SwiGLU MLP); distill other teachers from a teacher cache instead")
+    if getattr(tc, "hidden_act", "silu") != "silu":
+        raise ValueError(f"teacher hidden_act={tc.hidden_act!r}: the student's SwiGLU uses SiLU")
+    for flag in ("attention_bias", "mlp_bias"):
+        if getattr(tc, flag, False):
+            raise ValueError(f"teacher {flag}=True: the student's projections have no biases")
+    rope = getattr(tc, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"teacher rope_type={rope.get('rope_type')!r}: only plain-theta RoPE maps onto the "
+                         "student's rotary embedding")
+    layer_types = getattr(tc, "layer_types", None) or []
+    sliding = getattr(tc, "sliding_window", None) and (getattr(tc, "use_sliding_window", True)
+                                                      or "sliding_attention" in layer_types)
+    if sliding or "sliding_attention" in layer_types:
+        raise ValueError(f"teacher sliding_window={tc.sliding_window!r}: the student attends over the whole "
+                         "sequence, so sliding-window layers would not be reproduced")
+
+
+def head_dim_of(tc) -> int:
+    return getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+
+
+def default_hybrid_layers(n_layers: int) -> list[int]:
+    """The preview's proportion: the first fifth of the layers keep plain attention, the rest are hybrid."""
+    return list(range(n_layers // 5, n_layers))
+
+
+def student_config(tc, *, hybrid_layers: list[int] | None = None, cycle: list[str] | None = None,
+                   alpha_init: float = -15.0, replacement_mode: str = "add", num_experts: int = 0,
+                   experts_per_tok: int = 2,
+                   moe_intermediate_size: int | None = None, first_k_dense_replace: int = 1,
+                   overrides: dict | None = None):
+    """The QuasarLongConfig of a student with the teacher's trunk shape.
+
+    num_experts=0 keeps a dense SwiGLU on every layer. num_experts=E upcycles layers from
+    first_k_dense_replace on to MoE: moe_intermediate_size (default: intermediate_size // 4) must
+    divide the teacher's intermediate_size, and the shared expert (intermediate_size wide) is the
+    teacher's MLP.
+    """
+    from quasar_model import QuasarLongConfig
+
+    check_teacher(tc)
+    L, I = tc.num_hidden_layers, tc.intermediate_size
+    rope_theta = float((getattr(tc, "rope_parameters", None) or {}).get("rope_theta", getattr(tc, "rope_theta", 1e4)))
+    kw = dict(
+        vocab_size=tc.vocab_size, hidden_size=tc.hidden_size, num_hidden_layers=L,
+        num_attention_heads=tc.num_attention_heads, num_key_value_heads=tc.num_key_value_heads,
+        head_dim=head_dim_of(tc), intermediate_size=I, rms_norm_eps=tc.rms_norm_eps,
+        use_qk_norm=tc.model_type == "qwen3", tie_word_embeddings=bool(tc.tie_word_embeddings),
+        partial_rotary_factor=1.0, rope_theta=rope_theta,
+        # RoPE inside the teacher's trained window, NoPE past it (the Quasar long-context rule)
+        long_context_mode="rope_short_nope_long", use_nope=True,
+        nope_after_position=int(tc.max_position_embeddings),
+        hybrid_attention_layers=default_hybrid_layers(L) if hybrid_layers is None else list(hybrid_layers),
+        hybrid_alpha_init=alpha_init, hybrid_replacement_mode=replacement_mode, num_loops=1, use_looped_injection=False, engram_layers=[],
+        pad_token_id=tc.pad_token_id, bos_token_id=tc.bos_token_id, eos_token_id=tc.eos_token_id,
+    )
+    if cycle is not None:
+        kw["hybrid_layerwise_cycle"] = list(cycle)
+    if num_experts > 0:
+        moe_i = moe_intermediate_size or I // 4
+        if moe_i < 1 or I % moe_i:
+            raise ValueError(f"moe_intermediate_size={moe_i} must divide the teacher's intermediate_size={I} "
+                             "(the shared expert is the teacher's MLP, intermediate_size wide)")
+        groups = next(g for g in (4, 2, 1) if num_experts % g == 0)
+        kw.update(num_experts=num_experts, num_experts_per_tok=experts_per_tok, moe_intermediate_size=moe_i,
+                  num_shared_experts=I // moe_i, n_group=groups, topk_group=max(1, groups // 2),
+                  first_k_dense_replace=first_k_dense_replace)
+    else:
+        kw.update(num_experts=0, first_k_dense_replace=L)
+    kw.update(overrides or {})
+    return QuasarLongConfig(**kw)
+
+
+# -----------------------------------------------------------------------------
+# weights
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    if dst.shape != src.shape:
+        raise ValueError(f"{name}: teacher tensor {tuple(src.shape)} does not fit the student's {tuple(dst.shape)}")
+    dst.copy_(src.to(dst.dtype))
+
+
+def _repeat_heads(w: torch.Tensor, n_kv: int, rep: int) -> torch.Tensor:
+    """[n_kv*d, hidden] -> [n_kv*rep*d, hidden]: each KV head's rows repeated for its query heads."""
+    d = w.shape[0] // n_kv
+    return w.view(n_kv, d, -1).repeat_interleave(rep, dim=0).reshape(n_kv * rep * d, -1)
+
+
+def _attention_into(gqa, attn) -> None:
+    _copy(gqa.qkv_proj.weight, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), "qkv_proj")
+    _copy(gqa.o_proj.weight, attn.o_proj.weight, "o_proj")
+    if hasattr(attn, "q_norm"):
+        _copy(gqa.q_norm.weight, attn.q_norm.weight, "q_norm")
+        _copy(gqa.k_norm.weight, attn.k_norm.weight, "k_norm")
+
+
+def _branch_from_attention(branch, kind: str, attn, n_kv: int, rep: int) -> None:
+    q, k, v, o = attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight
+    if kind == "quasar":          # one q/k/v per head: the KV heads repeated across their group
+        _copy(branch.qkv_proj.weight, torch.cat([q, _repeat_heads(k, n_kv, rep), _repeat_heads(v, n_kv, rep)]),
+              "branch.qkv_proj")
+    else:                         # gla, raven: GQA-shaped q and kv projections
+        _copy(branch.q_proj.weight, q, "branch.q_proj")
+        _copy(branch.kv_proj.weight, torch.cat([k, v]), "branch.kv_proj")
+        if hasattr(attn, "q_norm"):
+            _copy(branch.q_norm.weight, attn.q_norm.weight, "branch.q_norm")
+            _copy(branch.k_norm.weight, attn.k_norm.weight, "branch.k_norm")
+    _copy(branch.o_proj.weight, o, "branch.o_proj")
+
+
+def _mlp_into(ffn, mlp) -> None:
+    from quasar_model.layers.moe import MoE
+
+    if not isinstance(ffn, MoE):
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            _copy(getattr(ffn, name).weight, getattr(mlp, name).weight, f"ffn.{name}")
+        return
+    shared = ffn.shared_experts
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        _copy(getattr(shared, name).weight, getattr(mlp, name).weight, f"ffn.shared_experts.{name}")
+    # Routed expert e starts as slice e mod (I / I_moe) of the teacher's MLP, writing nothing
+    # (down = 0): the layer's output is the teacher's, and the experts grow from known features.
+    I_moe = ffn.moe_intermediate_size
+    n_slices = mlp.gate_proj.weight.shape[0] // I_moe
+    for e in range(ffn.num_experts):
+        rows = slice((e % n_slices) * I_moe, (e % n_slices + 1) * I_moe)
+        gate_up = torch.cat([mlp.gate_proj.weight[rows], mlp.up_proj.weight[rows]])   # [2I, hidden]
+        _copy(ffn.gate_up_proj[e], gate_up.t(), f"ffn.gate_up_proj[{e}]")
+    ffn.down_proj.zero_()
+
+
+@torch.no_grad()
+def init_student(teacher: nn.Module, config=None, *, dtype: torch.dtype = torch.float32,
+                 branch_from_attention: bool = True, **config_kw):
+    """A QuasarLongForCausalLM holding the teacher's weights (see the module docstring for the map).
+
+    branch_from_attention=False leaves the branches at their fresh init (for comparison).
+    """
+    from quasar_model import QuasarLongForCausalLM
+
+    tc = teacher.config
+    config = config if config is not None else student_config(tc, **config_kw)
+    check_teacher(tc)
+    for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "intermediate_size"):
+        if getattr(config, field) != getattr(tc, field):
+            raise ValueError(f"student {field}={getattr(config, field)} differs from the teacher's "
+                             f"{getattr(tc, field)}: structural init copies the trunk as it is")
+    student = QuasarLongForCausalLM(config).to(dtype)
+    t_model = teacher.get_decoder() if hasattr(teacher, "get_decoder") else teacher.model
+    rep = config.num_attention_heads // config.num_key_value_heads
+    _copy(student.model.embed_tokens.weight, t_model.embed_tokens.weight, "embed_tokens")
+    _copy(student.model.norm.weight, t_model.norm.weight, "norm")
+    if not config.tie_word_embeddings:
+        _copy(student.lm_head.weight, teacher.get_output_embeddings().weight, "lm_head")
+    for i, (s_layer, t_layer) in enumerate(zip(student.model.layers, t_model.layers)):
+        _copy(s_layer.input_norm.weight, t_layer.input_layernorm.weight, f"layers.{i}.input_norm")
+        _copy(s_layer.post_norm.weight, t_layer.post_attention_layernorm.weight, f"layers.{i}.post_norm")
+        if s_layer.is_hybrid:
+            if s_layer.mixer.attn is not None:
+                _attention_into(s_layer.mixer.attn, t_layer.self_attn)
+            if branch_from_attention:
+                _branch_from_attention(s_layer.mixer.branch, s_layer.mixer.kind, t_layer.self_attn,
+                                       config.num_key_value_heads, rep)
+        else:
+            _attention_into(s_layer.mixer, t_layer.self_attn)
+        _mlp_into(s_layer.ffn, t_layer.mlp)
+    if config.tie_word_embeddings:
+        student.tie_weights()
+    return student
+
+
+# -----------------------------------------------------------------------------
+# checks and the layer map
+
+@torch.no_grad()
+def logit_gap(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor) -> float:
+    """max |student logits - teacher logits| on input_ids (fp32): ~0 when the init is exact."""
+    s = student(input_ids=input_ids.to(student.device), use_cache=False).logits.float()
+    t = teacher(input_ids=input_ids.to(teacher.device), use_cache=False).logits.float()
+    return float((s - t.to(s.device)).abs().max())
+
+
+def layer_map(n_student: int, n_teacher: int, pairs: list | None = None) -> list[tuple[int, int]]:
+    """(student layer, teacher layer) pairs whose outputs the hidden-state MSE matches.
+
+    Default: every layer to itself when the depths agree, else student layer i to teacher layer
+    round((i + 1) * n_teacher / n_student) - 1 (the last layers always meet).
+    """
+    if pairs is None:
+        return [(i, round((i + 1) * n_teacher / n_student) - 1) for i in range(n_student)]
+    out = []
+    for p in pairs:
+        if not (isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, int) for x in p)):
+            raise ValueError(f"teacher.layers: each entry must be a [student_layer, teacher_layer] pair, got {p!r}")
+        s, t = p
+        if not 0 <= s < n_student:
+            raise ValueError(f"teacher.layers: student layer {s} out of range [0, {n_student})")
+        if not 0 <= t < n_teacher:
+            raise ValueError(f"teacher.layers: teacher layer {t} out of range [0, {n_teacher})")
+        out.append((s, t))
+    if not out:
+        raise ValueError("teacher.layers: empty; leave it unset for the default map")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the live teacher of hidden-state MSE
+
+class LiveTeacher:
+    """A frozen teacher run beside the student: its outputs of the layers paired with the student's.
+
+    Runs only the decoder (no LM head: the top-k targets come from the teacher cache). Packed rows
+    (position ids restarting per document) get Hugging Face's block-diagonal packed-sequence mask.
+    """
+
+    def __init__(self, model: nn.Module, pairs: list[tuple[int, int]]):
+        self.model, self.pairs = model, pairs
+        self.decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+
+    @property
+    def student_layers(self) -> list[int]:
+        return [s for s, _ in self.pairs]
+
+    @torch.no_grad()
+    def hidden_targets(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> list[torch.Tensor]:
+        # input_ids, position_ids [B, L] -> one [B, L, D] per pair (hidden_states[i + 1] = layer i's output)
+        # use_cache=False matters: Hugging Face builds the packed-sequence mask only without a cache
+        hs = self.decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                          output_hidden_states=True).hidden_states
+        return [hs[t + 1] for _, t in self.pairs]
+
+
+def load_live_teacher(tcfg, meta, student_config, device) -> LiveTeacher:
+    """The config's teacher section -> a LiveTeacher, checked against the cache and the student.
+
+    tcfg: distill.config.TeacherSection; meta: the training cache's TeacherCacheMeta.
+    """
+    import warnings
+
+    from .teacher import load_teacher
+    from .tokenizers import tokenizer_fingerprint
+
+    name = tcfg.model
+    if name == "tiny":
+        from .tiny_teacher import tiny_teacher
+        name = str(tiny_teacher())
+    model, tok = load_teacher(name, revision=tcfg.revision, dtype=tcfg.dtype, device=str(device))
+    fp = tokenizer_fingerprint(tok)
+    if fp != meta.tokenizer_fingerprint:
+        raise ValueError(f"teacher.model {tcfg.model!r} has tokenizer fingerprint {fp[:12]}, the training cache "
+                         f"{meta.tokenizer_fingerprint[:12]}: hidden states and KD targets must come from the "
+                         "same tokenisation")
+    if name != meta.teacher_id and tcfg.model != meta.teacher_id:
+        warnings.warn(f"teacher.model {tcfg.model!r} is not the cache's teacher {meta.teacher_id!r}: the "
+                      "hidden-state targets and the top-k targets come from different models", stacklevel=2)
+    if model.config.hidden_size != student_config.hidden_size:
+        raise ValueError(f"teacher hidden_size={model.config.hidden_size} but the student's is "
+                         f"{student_config.hidden_size}: hidden-state MSE compares the residual streams "
+                         "directly (build the student with `quasar init-student`)")
+    pairs = layer_map(student_config.num_hidden_layers, model.config.num_hidden_layers, tcfg.layers)
+    return LiveTeacher(model, pairs)
