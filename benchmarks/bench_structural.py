@@ -5,9 +5,11 @@
 
 Every variant trains with configs/structural_tiny.json's optimiser and data (the tiny teacher's
 corpus caches, 4 x 128-token rows per step) and reports held-out KL(teacher || student) before and
-after. The baseline is a fresh `tiny`-preset student trained on KD alone (configs/distill_tiny.json's
-recipe at the same step count). The structural variants are students built from the teacher by
-`quasar init-student` with layers 1-3 swapped for branches alone (replacement mode "replace"):
+after. The baseline is the same student architecture with random weights (a fresh init of the
+structural student's config), trained on KD alone; `fresh tiny preset` is configs/distill_tiny.json's
+student and recipe at the same step count, for reference. The structural variants are students
+built from the teacher by `quasar init-student` with layers 1-3 swapped for branches alone
+(replacement mode "replace"):
 
   swap+mse        branches copied from the attention, KD + hidden-state MSE (the recipe)
   swap            the same student, KD only
@@ -69,8 +71,15 @@ def main(argv=None) -> int:
             with contextlib.redirect_stdout(io.StringIO()):
                 cli_main(["init-student", "--teacher", "tiny", "--replace", "--hybrid-layers", "1-3",
                           "--cycle", "quasar,raven,gla", "--out", str(students[name]), *extra])
+        from quasar_model import QuasarLongConfig, QuasarLongForCausalLM
+        torch.manual_seed(0)
+        config = QuasarLongConfig.from_pretrained(students["attention"])
+        QuasarLongForCausalLM(config).save_pretrained(tmp / "student-random")
         runs = {
-            "baseline (fresh tiny, KD)": (ROOT / "configs/distill_tiny.json", data),
+            "baseline (random init, KD)": (ROOT / "configs/structural_tiny.json",
+                                           [*data, f"student.init_from={tmp / 'student-random'}",
+                                            "loss.hidden_mse_weight=0"]),
+            "fresh tiny preset, KD": (ROOT / "configs/distill_tiny.json", data),
             "swap+mse": (ROOT / "configs/structural_tiny.json", [*data, f"student.init_from={students['attention']}"]),
             "swap": (ROOT / "configs/structural_tiny.json", [*data, f"student.init_from={students['attention']}",
                                                              "loss.hidden_mse_weight=0"]),
@@ -82,7 +91,7 @@ def main(argv=None) -> int:
             start, end, secs = heldout_run(cfg, over, tmp / name.split()[0])
             results[name] = {"kl_start": start, "kl_end": end, "seconds": secs}
             print(f"{name:28s} held-out KL {start:.4f} -> {end:.4f}   ({secs:.1f} s)", flush=True)
-    base = results["baseline (fresh tiny, KD)"]["kl_end"]
+    base = results["baseline (random init, KD)"]["kl_end"]
     print(f"\nafter {args.steps} steps, KL ratio baseline / variant (higher = closer to the teacher):")
     for name, r in results.items():
         r["ratio_vs_baseline"] = base / r["kl_end"]

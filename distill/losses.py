@@ -435,9 +435,11 @@ def hidden_mse(student_hidden, teacher_hidden, proj=None, mask=None, normalize=F
     student_hidden [..., Ds], teacher_hidden [..., Dt] (the teacher is a constant: detached). proj maps
     Ds -> Dt: a module/callable, or a [Dt, Ds] weight (nn.Linear layout); None needs Ds == Dt. The
     squared error is averaged over features, then over positions where mask [...] is True (all if
-    None). Computed in fp32. Returns 0 when no position is unmasked. normalize=True divides by the
-    teacher's mean square over the same positions (a constant): residual streams grow with depth,
-    and without it the deepest layers would outweigh the rest of a layer-wise sum.
+    None). Computed in fp32. Returns 0 when no position is unmasked. normalize=True divides each
+    position's error by the teacher's mean square at that position (relative error): residual
+    streams grow with depth and across tokens, and without it the deepest layers and the loudest
+    tokens would outweigh the rest. Per position, so the value stays a plain mean over positions
+    and splits over micro-batches and ranks like the KD loss.
     """
     s = student_hidden
     if proj is not None:
@@ -452,13 +454,11 @@ def hidden_mse(student_hidden, teacher_hidden, proj=None, mask=None, normalize=F
                          f"student hidden {_shape(s)}" + ("; pass proj to map Ds -> Dt" if proj is None else ""))
     t = teacher_hidden.detach().float()
     err = (s.float() - t).pow(2).mean(-1)                                    # [...]
-    scale = t.pow(2).mean(-1) if normalize else None                          # [...]
+    if normalize:
+        err = err / t.pow(2).mean(-1).clamp(min=1e-12)
     if mask is None:
-        return err.mean() / scale.mean().clamp(min=1e-12) if normalize else err.mean()
+        return err.mean()
     if mask.shape != err.shape:
         raise ValueError(f"mask: shape {_shape(mask)} does not match the positions {_shape(err)}")
     m = mask.to(err.device).bool()
-    mse = torch.where(m, err, 0.0).sum() / m.sum().clamp(min=1)
-    if normalize:
-        mse = mse / (torch.where(m, scale, 0.0).sum() / m.sum().clamp(min=1)).clamp(min=1e-12)
-    return mse
+    return torch.where(m, err, 0.0).sum() / m.sum().clamp(min=1)

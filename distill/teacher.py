@@ -63,6 +63,9 @@ def load_teacher(name_or_path: str | os.PathLike, *, revision: str | None = None
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    text = str(name_or_path)
+    if text.startswith(("/", "./", "../", "~")) and not Path(text).expanduser().is_dir():
+        raise ValueError(f"teacher {text!r}: no such checkpoint directory")
     if isinstance(dtype, str) and dtype != "auto":
         if dtype not in _DTYPES:
             raise ValueError(f"dtype: unknown {dtype!r}; expected 'auto', one of {sorted(_DTYPES)} or a torch.dtype")

@@ -166,7 +166,17 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_localnet)
 
     args = parser.parse_args(argv)
-    return args.func(args)
+    from distill.teacher_cache import TeacherCacheError
+
+    try:
+        return args.func(args)
+    except (ValueError, TeacherCacheError) as e:
+        # bad configs, files, checkpoints and arguments: the message names the problem; a traceback
+        # adds nothing for an operator (QUASAR_DEBUG=1 keeps it)
+        if os.environ.get("QUASAR_DEBUG"):
+            raise
+        print(f"quasar {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

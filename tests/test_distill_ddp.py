@@ -64,7 +64,7 @@ def assert_same_run(a, b):
     for ra, rb in zip(a, b):
         assert ra["step"] == rb["step"]
         rel = 1e-6 if ra["step"] <= 1 and "loss" in ra or ra["step"] == 0 else 2e-4
-        for key in ("loss", "heldout_kl"):
+        for key in ("loss", "heldout_kl", "hidden_mse"):
             if key in ra:
                 assert ra[key] == pytest.approx(rb[key], rel=rel), (ra, rb)
         if "tokens" in ra:
@@ -89,3 +89,19 @@ def test_slow_fsdp2_two_processes_match_one_and_resume_in_one(config_file, one_p
     rec = single.train_step()
     last = [r for r in two if r["step"] == STEPS and "loss" in r][0]
     assert rec["loss"] == pytest.approx(last["loss"], rel=1e-6)      # same weights and state as rank 0 had
+
+
+def test_slow_ddp_structural_hidden_mse_two_processes_match_one(config_file, tmp_path):
+    """The live teacher runs on every rank over that rank's rows; the hidden-state MSE is a mean over
+    target positions like the KD loss, so the 2-rank run is the 1-process run."""
+    from distill.cli import main as cli_main
+
+    student = tmp_path / "student"
+    assert cli_main(["init-student", "--teacher", "tiny", "--replace", "--hybrid-layers", "2-3",
+                     "--cycle", "gla,quasar", "--out", str(student)]) == 0
+    over = [f"student.init_from={student}", "teacher.model=tiny", "loss.hidden_mse_weight=1"]
+    Trainer(load_config(config_file, [f"output_dir={tmp_path / 'one'}", *over])).train()
+    one = read_metrics(tmp_path / "one" / "metrics.jsonl")
+    two = torchrun(config_file, tmp_path / "ddp", "parallel=ddp", *over)
+    assert all("hidden_mse" in r for r in one if "loss" in r)
+    assert_same_run(two, one)
