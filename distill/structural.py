@@ -262,6 +262,8 @@ class LiveTeacher:
 
     Runs only the decoder (no LM head: the top-k targets come from the teacher cache). Packed rows
     (position ids restarting per document) get Hugging Face's block-diagonal packed-sequence mask.
+    Every rank holds a whole replica (FSDP shards the student only): a teacher that does not fit
+    beside the student on one GPU cannot be the live teacher; distill from its cache with KD alone.
     """
 
     def __init__(self, model: nn.Module, pairs: list[tuple[int, int]]):
