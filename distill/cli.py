@@ -210,14 +210,15 @@ def cmd_init_student(args) -> int:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
-    model, tok = load_teacher(teacher, revision=args.revision, dtype="float32", device=args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model, tok = load_teacher(teacher, revision=args.revision, dtype=dtype, device=args.device)
     torch.manual_seed(args.seed)         # what is not copied from the teacher (gates, routers) is seeded
     student = init_student(
         model, hybrid_layers=args.hybrid_layers, cycle=args.cycle.split(",") if args.cycle else None,
         alpha_init=args.alpha, replacement_mode="replace" if args.replace else "add",
         num_experts=args.experts, experts_per_tok=args.experts_per_tok,
         moe_intermediate_size=args.moe_intermediate_size, first_k_dense_replace=args.first_k_dense,
-        overrides=overrides, dtype=torch.float32, branch_from_attention=not args.fresh_branches,
+        overrides=overrides, dtype=dtype, branch_from_attention=not args.fresh_branches,
     ).to(model.device)
     g = torch.Generator().manual_seed(0)
     probe = torch.randint(0, min(tok.vocab_size, model.config.vocab_size), (2, 64), generator=g)
@@ -306,7 +307,10 @@ def add_commands(subparsers) -> None:
     p.add_argument("--fresh-branches", action="store_true",
                    help="leave the branches at their fresh init instead of copying the attention's q/k/v/o")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="teacher and student weights while building (bfloat16 halves the memory of large teachers; "
+                        "the trainer keeps fp32 master weights either way)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
     p.set_defaults(func=cmd_init_student)
 
     p = subparsers.add_parser("distill", help="distill a teacher cache into a Quasar-Long student")

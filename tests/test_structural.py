@@ -261,3 +261,20 @@ def test_branches_only_training_and_live_teacher_errors(tmp_path):
                                                              "teacher.layers=[[0, 7]]"]))
     with pytest.raises(ValueError, match="student.trainable"):
         load_config("configs/structural_tiny.json", [*base, "student.trainable=some"])
+
+
+def test_init_student_in_bfloat16_halves_the_checkpoint(tmp_path):
+    from safetensors import safe_open
+
+    from distill.cli import main as cli_main
+
+    sizes = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        assert cli_main(["init-student", "--teacher", "tiny", "--dtype", dtype, "--out", str(out)]) == 0
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            assert f.get_tensor("model.embed_tokens.weight").dtype == getattr(torch, dtype)
+        sizes[dtype] = (out / "model.safetensors").stat().st_size
+        report = json.loads((out / "structural_init.json").read_text())
+        assert report["max_abs_logit_gap_to_teacher"] < (1e-4 if dtype == "float32" else 0.5)
+    assert sizes["bfloat16"] < 0.55 * sizes["float32"]
