@@ -24,6 +24,8 @@ import os
 import sys
 from pathlib import Path
 
+from .tiny_teacher import resolve_teacher
+
 CORPUS_PREFIX = "corpus:"
 
 
@@ -62,10 +64,7 @@ def teacher_cache_main(teacher: str, data: str, out: str | os.PathLike, *, k: in
     from .teacher import capture_teacher_cache, load_teacher
 
     out = Path(out)
-    teacher_path = teacher
-    if teacher == "tiny":
-        from .tiny_teacher import tiny_teacher
-        teacher_path = str(tiny_teacher(progress=progress))
+    teacher_path = resolve_teacher(teacher, progress=progress)
     docs = read_documents(data, split=split, text_field=text_field, max_docs=max_docs)
     # names the text and how it was cut; the tokenizer is named by its own fingerprint in the meta
     fp = hashlib.sha256(f"{corpus.fingerprint(docs)}|seq_len={seq_len}|eos-per-doc".encode()).hexdigest()
@@ -125,10 +124,7 @@ def cmd_teacher_generate(args) -> int:
     from .teacher import load_teacher
     from .tokenizers import generate_teacher_texts, write_teacher_texts
 
-    teacher = args.teacher
-    if teacher == "tiny":
-        from .tiny_teacher import tiny_teacher
-        teacher = str(tiny_teacher())
+    teacher = resolve_teacher(args.teacher)
     docs = read_documents(args.data, split=args.split, text_field=args.text_field, max_docs=args.max_docs)
     model, tok = load_teacher(teacher, revision=args.revision, dtype=args.dtype, device=args.device)
     prompts = [d[:args.prompt_chars] for d in docs]
@@ -194,22 +190,17 @@ def cmd_init_student(args) -> int:
 
     import torch
 
+    from .config import json_or_text
     from .structural import init_student, logit_gap
     from .teacher import load_teacher
 
-    teacher = args.teacher
-    if teacher == "tiny":
-        from .tiny_teacher import tiny_teacher
-        teacher = str(tiny_teacher())
+    teacher = resolve_teacher(args.teacher)
     overrides = {}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set {item!r}: expected key=value (a QuasarLongConfig field)")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+        overrides[key] = json_or_text(value)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     model, tok = load_teacher(teacher, revision=args.revision, dtype=dtype, device=args.device)
     torch.manual_seed(args.seed)         # what is not copied from the teacher (gates, routers) is seeded

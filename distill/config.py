@@ -245,6 +245,14 @@ def _parse(key: str, text: str, tp):
     raise ValueError(f"config override {key}={text}: expected {names}")
 
 
+def json_or_text(text: str):
+    """A command-line value for a free-form field: its JSON value if it parses, else the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def apply_override(cfg: DistillConfig, item: str) -> None:
     """Set one `dotted.key=value` in place; the value is parsed as the field's type."""
     if "=" not in item:
@@ -257,10 +265,7 @@ def apply_override(cfg: DistillConfig, item: str) -> None:
         if isinstance(obj, dict):       # free-form dict (student.overrides): JSON value or raw string
             if i != len(parts) - 1:
                 raise ValueError(f"config override {key}: {'.'.join(parts[:i])} entries are not nested")
-            try:
-                obj[part] = json.loads(text)
-            except json.JSONDecodeError:
-                obj[part] = text
+            obj[part] = json_or_text(text)
             return
         if part not in {f.name for f in dataclasses.fields(obj)}:
             raise _unknown(here, part, type(obj))

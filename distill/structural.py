@@ -291,12 +291,10 @@ def load_live_teacher(tcfg, meta, student_config, device) -> LiveTeacher:
     import warnings
 
     from .teacher import load_teacher
+    from .tiny_teacher import resolve_teacher
     from .tokenizers import tokenizer_fingerprint
 
-    name = tcfg.model
-    if name == "tiny":
-        from .tiny_teacher import tiny_teacher
-        name = str(tiny_teacher())
+    name = resolve_teacher(tcfg.model)
     model, tok = load_teacher(name, revision=tcfg.revision, dtype=tcfg.dtype, device=str(device))
     fp = tokenizer_fingerprint(tok)
     if fp != meta.tokenizer_fingerprint:

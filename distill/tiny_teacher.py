@@ -143,3 +143,11 @@ def tiny_teacher(cache_dir: str | os.PathLike | None = None, progress: bool = Tr
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def resolve_teacher(name: str, progress: bool = True) -> str:
+    """A teacher as named on the command line or in a config -> what `load_teacher` takes.
+
+    "tiny" is the project's own teacher (trained here on first use); anything else passes through.
+    """
+    return str(tiny_teacher(progress=progress)) if name == "tiny" else name
