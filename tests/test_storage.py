@@ -10,7 +10,6 @@ import hashlib
 import http.client
 import json
 import os
-import shutil
 import socket
 import threading
 import time
@@ -35,23 +34,6 @@ MINER = Keypair.create_from_uri("//Bob")
 STRANGER = Keypair.create_from_uri("//Eve")
 VALIDATORS = {VALIDATOR.ss58_address, OTHER_VALIDATOR.ss58_address}
 FAST = FetchLimits(LIMITS, connect_timeout=2, read_timeout=5, request_timeout=10, total_timeout=20)
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pristine")
-    torch.manual_seed(0)
-    QuasarLongForCausalLM(QuasarLongConfig.preset("tiny")).save_pretrained(d)
-    (d / "tokenizer_config.json").write_text("{}")
-    write_manifest(d)
-    return d
-
-
-@pytest.fixture
-def ckpt(tmp_path, pristine):
-    d = tmp_path / "ckpt"
-    shutil.copytree(pristine, d)
-    return d
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ with a reason naming the problem. CPU only; the checkpoint is built once per mod
 import hashlib
 import json
 import os
-import shutil
 import time
 
 import pytest
@@ -26,23 +25,6 @@ from quasar_model.report import parameter_counts
 
 LIMITS = StudentLimits(max_total_params=10_000_000, vocab_size=384, max_layers=12, max_hidden=256)
 WEIGHTS = "model.safetensors"
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pristine")
-    torch.manual_seed(0)
-    QuasarLongForCausalLM(QuasarLongConfig.preset("tiny")).save_pretrained(d)
-    (d / "tokenizer_config.json").write_text("{}")
-    write_manifest(d)
-    return d
-
-
-@pytest.fixture
-def ckpt(tmp_path, pristine):
-    d = tmp_path / "ckpt"
-    shutil.copytree(pristine, d)
-    return d
 
 
 def rejected(d, stage, *words, limits=LIMITS, **kwargs) -> SubmissionRejected:
