@@ -21,7 +21,7 @@ def prefill(model, ctx: int, vocab: int, chunk: int = 512) -> QuasarLongCache:
     cache = QuasarLongCache()
     ids = torch.randint(0, vocab, (1, ctx))
     for a in range(0, ctx, chunk):  # chunked prefill: memory stays flat in the context
-        model(ids[:, a:a + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(ids[:, a:a + chunk], cache=cache, use_cache=True, logits_to_keep=1)
     return cache
 
 
@@ -54,7 +54,7 @@ def main():
             def step(cache=cache, snapshot=snapshot, ctx=ctx, tok=tok):
                 cache.entries = {k: dict(v) for k, v in snapshot.items()}  # every step from the same context
                 cache.seen_tokens = ctx
-                model(tok, past_key_values=cache, use_cache=True)
+                model(tok, cache=cache, use_cache=True)
 
             fns.setdefault("full model step", {})[ctx] = step
             x = torch.randn(1, 1, cfg.hidden_size)

@@ -442,8 +442,8 @@ def generate_teacher_texts(model, tokenizer, prompts: Sequence[str], max_new_tok
         x = torch.tensor([prompt_ids], device=device)
         cache, new = None, []
         for _ in range(max_new_tokens):
-            out = model(input_ids=x, past_key_values=cache, use_cache=True, **last_only)
-            cache = out.past_key_values
+            out = model(input_ids=x, cache=cache, use_cache=True, **last_only)
+            cache = out.cache
             z = out.logits[0, -1].float().cpu()                          # [V]
             if temperature == 0:
                 nxt = int(z.argmax())

@@ -11,10 +11,11 @@ budget). With a small vocabulary (localnet's 1024-token BPE) a multi-part answer
 than the budget; such items are graded on the first `max_answer_tokens` tokens and flagged
 `truncated`, so a report can say how many were.
 
-The model is anything called as `model(input_ids=[1, t], past_key_values=cache, use_cache=True,
-logits_to_keep=1)` returning `.logits` [1, 1, V] and `.past_key_values` (the cache to pass next):
-a QuasarLongForCausalLM, a Hugging Face decoder (a teacher used as a reference), or a test double.
-The first call passes past_key_values=None and the model makes its own cache.
+The model is anything called as `model(input_ids=[1, t], cache=cache, use_cache=True,
+logits_to_keep=1)` returning `.logits` [1, 1, V] and `.cache` (the cache to pass next; Hugging
+Face's names since transformers 5.24): a QuasarLongForCausalLM, a Hugging Face decoder (a teacher
+used as a reference), or a test double. The first call passes cache=None and the model makes its
+own cache.
 """
 from __future__ import annotations
 
@@ -76,8 +77,8 @@ def prefill(model, prompt_ids: Sequence[int], chunk: int, device=None):
     for a in range(0, ids.shape[1], chunk):
         # logits_to_keep=1: only the last position's logits are ever read, and a chunk's full
         # [chunk, V] logits would dominate memory with a 250k vocabulary
-        out = model(input_ids=ids[:, a:a + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache, logits = out.past_key_values, out.logits
+        out = model(input_ids=ids[:, a:a + chunk], cache=cache, use_cache=True, logits_to_keep=1)
+        cache, logits = out.cache, out.logits
     return logits[0, -1].float(), cache
 
 
@@ -94,9 +95,8 @@ def greedy_decode(model, prompt_ids: Sequence[int], n_tokens: int, *, prefill_ch
         out.append(tok)
         if i + 1 == n_tokens or (target is not None and tok != target[i]):
             break
-        step = model(input_ids=torch.tensor([[tok]], device=dev), past_key_values=cache, use_cache=True,
-                     logits_to_keep=1)
-        cache, logits = step.past_key_values, step.logits[0, -1].float()
+        step = model(input_ids=torch.tensor([[tok]], device=dev), cache=cache, use_cache=True, logits_to_keep=1)
+        cache, logits = step.cache, step.logits[0, -1].float()
     return out
 
 

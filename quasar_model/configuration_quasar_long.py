@@ -20,7 +20,7 @@ KERNEL_BACKENDS = ("auto", "torch", "triton")
 
 class QuasarLongConfig(PreTrainedConfig):
     model_type = "quasar_long"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache"]
 
     # --- trunk ---
     vocab_size: int = 157184

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .cache import QuasarLongCache
 from .configuration_quasar_long import QuasarLongConfig
@@ -163,7 +164,9 @@ class QuasarLongModel(QuasarLongPreTrainedModel):
         prev_ids = cache.token_history if cache is not None else None
         return StepContext(rope, attn_mask, token_mask, cu_seqlens, position_ids, input_ids, prev_ids)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    # transformers 5.24 renamed past_key_values to cache; old callers keep working, with its warning
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, use_cache=None, output_hidden_states=None, **kwargs) -> BaseModelOutputWithPast:
         # output_hidden_states: Hugging Face's convention, (embeddings, output of layer 0, ..., of layer
         # L-2, normed output of layer L-1), the layer outputs taken from the last loop
@@ -174,11 +177,10 @@ class QuasarLongModel(QuasarLongPreTrainedModel):
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, hidden]
         B, T, _ = h.shape
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        cache = past_key_values
         if cache is None and use_cache:
             cache = QuasarLongCache()
         if cache is not None and not isinstance(cache, QuasarLongCache):
-            raise TypeError(f"past_key_values must be a QuasarLongCache, got {type(cache).__name__}")
+            raise TypeError(f"cache must be a QuasarLongCache, got {type(cache).__name__}")
         past = cache.get_seq_length() if cache is not None else 0
         ctx = self._context(input_ids, attention_mask, position_ids, past, B, T, h.device, cache)
 
@@ -207,7 +209,7 @@ class QuasarLongModel(QuasarLongPreTrainedModel):
             if self.engram_lag:
                 hist = input_ids if ctx.prev_ids is None else torch.cat([ctx.prev_ids, input_ids], 1)
                 cache.token_history = hist[:, -self.engram_lag:]
-        return BaseModelOutputWithPast(last_hidden_state=h, past_key_values=cache,
+        return BaseModelOutputWithPast(last_hidden_state=h, cache=cache,
                                        hidden_states=None if hidden_states is None else tuple(hidden_states))
 
     def moe_layers(self) -> list[MoE]:
@@ -235,11 +237,12 @@ class QuasarLongForCausalLM(QuasarLongPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int = 0,
                 output_hidden_states=None, **kwargs) -> CausalLMOutputWithPast:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_hidden_states=output_hidden_states)
         h = out.last_hidden_state
         if logits_to_keep:
@@ -249,10 +252,10 @@ class QuasarLongForCausalLM(QuasarLongPreTrainedModel, GenerationMixin):
         if labels is not None:
             # next-token cross-entropy; -100 marks positions that are not predicted
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache,
                                       hidden_states=out.hidden_states)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # Hugging Face would build a DynamicCache (K/V only); the branches need their recurrent states.
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
-            model_kwargs["past_key_values"] = QuasarLongCache()
+        if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
+            model_kwargs["cache"] = QuasarLongCache()

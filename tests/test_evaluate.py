@@ -108,15 +108,15 @@ class OracleLM:
         self.V = vocab_size
         self.calls = []   # chunk lengths, to check the prefill really is chunked
 
-    def __call__(self, input_ids, past_key_values=None, use_cache=True, logits_to_keep=0):
-        seen = (past_key_values or []) + input_ids[0].tolist()
+    def __call__(self, input_ids, cache=None, use_cache=True, logits_to_keep=0):
+        seen = (cache or []) + input_ids[0].tolist()
         self.calls.append(input_ids.shape[1])
         logits = torch.zeros(1, 1, self.V)
         done = [p for p in self.answers if tuple(seen[:len(p)]) == p]   # none while the prompt is being read
         if done:
             answer, n = self.answers[done[0]], len(seen) - len(done[0])
             logits[0, -1, answer[n] if n < len(answer) else 0] = 1.0
-        return SimpleNamespace(logits=logits, past_key_values=seen)
+        return SimpleNamespace(logits=logits, cache=seen)
 
 
 def test_oracle_scores_one_on_recall(round_inputs, comp):

@@ -21,7 +21,7 @@ def make(cfg, seed=0):
 def decode_token_by_token(model, ids):
     cache, logits = QuasarLongCache(), []
     for t in range(ids.shape[1]):
-        logits.append(model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+        logits.append(model(ids[:, t:t + 1], cache=cache, use_cache=True).logits)
     return torch.cat(logits, 1)
 
 
@@ -50,7 +50,7 @@ def test_chunked_prefill_equals_full_forward():
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         cache = QuasarLongCache()
-        parts = [model(ids[:, a:b], past_key_values=cache).logits for a, b in [(0, 13), (13, 14), (14, 37), (37, 50)]]
+        parts = [model(ids[:, a:b], cache=cache).logits for a, b in [(0, 13), (13, 14), (14, 37), (37, 50)]]
     assert (torch.cat(parts, 1) - full).abs().max().item() <= 1e-4
 
 
@@ -161,7 +161,7 @@ def test_save_load_round_trip_via_auto_classes(tmp_path):
     assert torch.equal(model.model.moe_layers()[0].expert_bias, loaded.model.moe_layers()[0].expert_bias)
 
 
-def test_generate_with_and_without_cache_agree_including_left_padding():
+def test_generate_with_and_without_cache_agree_including_left_padding(recwarn, caplog):
     cfg = tiny()
     model = make(cfg)
     prompt = torch.randint(1, cfg.vocab_size, (2, 20))
@@ -173,6 +173,23 @@ def test_generate_with_and_without_cache_agree_including_left_padding():
         uncached = model.generate(prompt, attention_mask=mask, use_cache=False, **kw)
     assert cached.shape == (2, 32)
     assert torch.equal(cached, uncached)
+    # the forward signature follows the installed transformers: generate() warns about nothing
+    said = [str(w.message) for w in recwarn] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if "deprecated" in m or "past_key_values" in m], said
+
+
+def test_the_old_cache_keyword_still_reaches_the_cache():
+    cfg = tiny()
+    model = make(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (1, 9))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cache = QuasarLongCache()
+        with pytest.warns(FutureWarning, match="past_key_values"):
+            model(ids[:, :5], past_key_values=cache)
+        rest = model(ids[:, 5:], cache=cache).logits
+    assert cache.get_seq_length() == 9  # not swallowed by **kwargs: the first call filled it
+    assert (rest - full[:, 5:]).abs().max().item() <= 1e-4
 
 
 def test_preview_on_meta_device_counts_and_branch_layout():
@@ -253,7 +270,7 @@ def test_bad_inputs_are_refused_clearly():
     with pytest.raises(ValueError, match="input_ids"):
         model(inputs_embeds=torch.randn(1, 8, 64))  # engram needs the ids
     with pytest.raises(ValueError, match="packed"):
-        model(ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]]), past_key_values=QuasarLongCache())
+        model(ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]]), cache=QuasarLongCache())
 
 
 # ----------------------------------------------------------------------------------------------

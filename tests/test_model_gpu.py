@@ -35,5 +35,5 @@ def test_triton_decoding_matches_full_forward():
     with torch.no_grad():
         full = model(ids, use_cache=False).logits.float()
         cache = QuasarLongCache()
-        steps = torch.cat([model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(64)], 1).float()
+        steps = torch.cat([model(ids[:, t:t + 1], cache=cache).logits for t in range(64)], 1).float()
     assert (full - steps).abs().max() / full.abs().max() < 3e-2
