@@ -209,7 +209,9 @@ def build_student(cfg: DistillConfig, vocab_size: int, tokenizer=None) -> nn.Mod
     from quasar_model import QuasarLongConfig, QuasarLongForCausalLM
 
     if cfg.student.init_from:
-        model = QuasarLongForCausalLM.from_pretrained(cfg.student.init_from, dtype=torch.float32)
+        # master weights in torch's default dtype: float32, unless a caller sets another (the
+        # equivalence tests run in float64)
+        model = QuasarLongForCausalLM.from_pretrained(cfg.student.init_from, dtype=torch.get_default_dtype())
     else:
         special = {}
         if tokenizer is not None:
