@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 FORMAT_VERSION = 1
@@ -106,13 +106,18 @@ class Competition:
     score: ScoreSpec
     schedule: ScheduleSpec
     notes: str = ""
+    # package -> exact version every validator must run (eval.stack); {} = not pinned (localnet)
+    eval_stack: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @property
     def digest(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        raw = self.to_dict()
+        if not raw["eval_stack"]:  # files from before eval_stack keep their digest (stored rounds resume)
+            del raw["eval_stack"]
+        blob = json.dumps(raw, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def check(self) -> "Competition":
@@ -148,6 +153,9 @@ class Competition:
         need(0 < self.score.ema_alpha <= 1, "score.ema_alpha", "must be in (0, 1]")
         need(0 < self.score.functional_copy_threshold <= 1, "score.functional_copy_threshold", "must be in (0, 1]")
         need(0 < self.score.degenerate_max_repeat <= 1, "score.degenerate_max_repeat", "must be in (0, 1]")
+        for package, version in self.eval_stack.items():
+            need(bool(package.strip()) and bool(version.strip()) and "+" not in version, f"eval_stack.{package}",
+                 f"need a package name and an exact public version (no +local part), got {version!r}")
         return self
 
 

@@ -79,7 +79,7 @@ def cmd_validator(args) -> int:
     settings = ValidatorSettings(
         work_dir=Path(args.work_dir), device=args.device, localnet=args.network == "local",
         storage_root=args.storage_root and Path(args.storage_root), poll_seconds=args.poll_seconds,
-        progress=not args.quiet)
+        progress=not args.quiet, allow_stack_mismatch=args.allow_stack_mismatch)
     validator = Validator(chain, keypair, load_competition(args.competition), settings)
     validator.install_signal_handlers()
     status = None
@@ -154,6 +154,9 @@ def main(argv=None) -> int:
     p.add_argument("--status-port", type=int, default=0, help="-1: no status server")
     p.add_argument("--poll-seconds", type=float, default=2.0)
     p.add_argument("--max-rounds", type=int, default=None, help="exit after this many scored rounds")
+    p.add_argument("--allow-stack-mismatch", action="store_true",
+                   help="score although installed library versions differ from the competition's eval_stack "
+                        "(recorded with every round)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_validator)
 

@@ -29,7 +29,7 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS rounds (
         id INTEGER PRIMARY KEY AUTOINCREMENT, sync_block INTEGER NOT NULL UNIQUE, block_hash TEXT NOT NULL,
         seed INTEGER NOT NULL, competition TEXT NOT NULL, phase TEXT NOT NULL,
-        started REAL NOT NULL, finished REAL, leader TEXT, leader_hash TEXT)""",
+        started REAL NOT NULL, finished REAL, leader TEXT, leader_hash TEXT, stack TEXT)""",
     # One row per (hotkey, commitment string) ever seen: fetched once, whatever happens later.
     """CREATE TABLE IF NOT EXISTS submissions (
         hotkey TEXT NOT NULL, commitment TEXT NOT NULL, model_hash TEXT, commit_block INTEGER NOT NULL,
@@ -80,6 +80,9 @@ class ValidatorState:
         with self._tx() as c:
             for stmt in _SCHEMA:
                 c.execute(stmt)
+            # files from before rounds recorded their evaluation stack (eval.stack) gain the column
+            if "stack" not in {row[1] for row in c.execute("PRAGMA table_info(rounds)")}:
+                c.execute("ALTER TABLE rounds ADD COLUMN stack TEXT")
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -113,17 +116,25 @@ class ValidatorState:
 
     _ROUND_COLS = "id, sync_block, block_hash, seed, competition, phase, leader, leader_hash"
 
-    def open_round(self, sync_block: int, block_hash: str, seed: int, competition: str) -> Round:
-        """The round at `sync_block`, created in phase `fetch` if new (idempotent across restarts)."""
+    def open_round(self, sync_block: int, block_hash: str, seed: int, competition: str,
+                   stack: dict | None = None) -> Round:
+        """The round at `sync_block`, created in phase `fetch` if new (idempotent across restarts);
+        `stack` (eval.stack.check_stack) is stored with a new round."""
         with self._tx() as c:
-            c.execute("INSERT OR IGNORE INTO rounds (sync_block, block_hash, seed, competition, phase, started) "
-                      "VALUES (?, ?, ?, ?, 'fetch', ?)", (sync_block, block_hash, seed, competition, time.time()))
+            c.execute("INSERT OR IGNORE INTO rounds (sync_block, block_hash, seed, competition, phase, started, stack) "
+                      "VALUES (?, ?, ?, ?, 'fetch', ?, ?)", (sync_block, block_hash, seed, competition, time.time(),
+                                                           None if stack is None else json.dumps(stack, sort_keys=True)))
             row = c.execute(f"SELECT {self._ROUND_COLS} FROM rounds WHERE sync_block = ?", (sync_block,)).fetchone()
         r = self._round(row)
         if (r.block_hash, r.seed, r.competition) != (block_hash, seed, competition):
             raise RuntimeError(f"round at block {sync_block} was opened with another block hash, seed or "
                                f"competition ({r.competition[:12]} vs {competition[:12]}): refusing to mix them")
         return r
+
+    def round_stack(self, round_id: int) -> dict | None:
+        """The evaluation stack the round was opened on (None for rounds from before it was recorded)."""
+        row = self._conn().execute("SELECT stack FROM rounds WHERE id = ?", (round_id,)).fetchone()
+        return json.loads(row[0]) if row and row[0] else None
 
     def round(self, round_id: int) -> Round | None:
         return self._round(self._conn().execute(

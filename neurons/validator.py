@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 from eval.competition import Competition
+from eval.stack import check_stack
 from neurons.chain import Chain
 from neurons.checks import StudentLimits
 from neurons.commitment import CommitmentRejected, parse_commitment
@@ -101,12 +102,16 @@ class ValidatorSettings:
     read_timeout: float = 60.0
     total_timeout: float = 3600.0
     progress: bool = False
+    allow_stack_mismatch: bool = False   # score on library versions other than the competition's eval_stack
 
 
 class Validator:
     def __init__(self, chain: Chain, keypair, competition: Competition, settings: ValidatorSettings,
                  evaluate=None):
         self.chain, self.keypair, self.competition, self.settings = chain, keypair, competition, settings
+        # before any state exists: a validator on another stack would score differently from the others
+        self.stack = check_stack(competition.eval_stack, allow_mismatch=settings.allow_stack_mismatch)
+        event(log, "stack", level=logging.WARNING if self.stack["mismatch"] else logging.INFO, **self.stack)
         self.work_dir = Path(settings.work_dir)
         self.state = ValidatorState(self.work_dir / "validator.db")
         self.stop_event = threading.Event()
@@ -131,7 +136,7 @@ class Validator:
         if sync <= 0 or (last is not None and sync <= last.sync_block):
             return None
         block_hash = self.chain.block_hash(sync)
-        return self.state.open_round(sync, block_hash, round_seed(block_hash), self.competition.digest)
+        return self.state.open_round(sync, block_hash, round_seed(block_hash), self.competition.digest, self.stack)
 
     def run(self, max_rounds: int | None = None) -> int:
         """Run rounds until stopped (SIGTERM) or `max_rounds` rounds scored something; returns that count.
