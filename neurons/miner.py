@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eval.competition import Competition
+from eval.stack import check_stack
 from neurons.chain import Chain
 from neurons.logs import event
 from neurons.shutdown import stop_on_signals
@@ -185,6 +186,10 @@ class Miner:
             self.stop_event.wait(self.s.poll_seconds)
 
     def run(self) -> None:
+        # validators refuse another stack; a miner may train on any, but its self-evaluation then
+        # predicts their scores less exactly, so it is told
+        stack = check_stack(self.competition.eval_stack, allow_mismatch=True)
+        event(log, "stack", level=logging.WARNING if stack["mismatch"] else logging.INFO, **stack)
         self.start_server()
         try:
             if self.s.copy_from is not None:
