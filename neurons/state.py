@@ -168,6 +168,11 @@ class ValidatorState:
             q, args = q + " WHERE status = ?", (status,)
         return [Submission(*r) for r in self._conn().execute(q + " ORDER BY commit_block, hotkey", args)]
 
+    def round_model_hashes(self, round_id: int) -> list[str]:
+        """The model hashes of the submissions accepted in round `round_id`."""
+        return [h for (h,) in self._conn().execute(
+            "SELECT DISTINCT model_hash FROM submissions WHERE round_id = ? AND status = 'accepted'", (round_id,))]
+
     def first_commit_blocks(self) -> dict[str, int]:
         """model_hash -> the earliest block any hotkey committed it at (the owner's block)."""
         return {h: b for h, b in self._conn().execute(
