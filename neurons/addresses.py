@@ -84,7 +84,7 @@ class PublicResolver(AbstractResolver):
         for info in infos:
             problem = address_problem(info["host"])
             if problem:
-                raise RefusedAddress(f"{host!r} resolves to {problem}")
+                raise RefusedAddress(f"{host!r} resolves to a refused address: {problem}")
         return infos
 
     async def close(self) -> None:

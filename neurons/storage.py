@@ -313,7 +313,7 @@ class _Hops:
             return  # a name: the session's resolver refuses a non-public answer
         problem = address_problem(url.host)
         if problem:
-            raise _reject(f"{what}: a redirect leads to {problem}")
+            raise _reject(f"{what}: refused a redirect: {problem}")
 
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -551,7 +551,7 @@ async def _http_base(commitment: Commitment, localnet: bool, limits: FetchLimits
     for address in addresses:
         problem = address_problem(address)
         if problem:
-            raise _reject(f"http host {host!r} resolves to {problem}")
+            raise _reject(f"http host {host!r} resolves to a refused address: {problem}")
     if not addresses:
         raise _reject(f"http host {host!r} resolves to no address")
     first = sorted(addresses, key=lambda a: ":" in a)[0]  # IPv4 first

@@ -245,7 +245,11 @@ class Validator:
 
     def _score_phase(self, r: Round) -> bool:
         subs = self.eligible(r)
-        results = label_results(self.state.results(r.id), {h: s.commit_block for h, s in subs.items()})
+        # a hotkey re-committing its own weights (a new location) keeps the block it first committed
+        # them at: the re-commit must not turn it into a later copy of itself
+        first = self.state.first_commit_blocks_by_hotkey()
+        results = label_results(self.state.results(r.id),
+                                {h: first.get((h, s.model_hash), s.commit_block) for h, s in subs.items()})
         metagraph = self.chain.metagraph()
         ranking, ema, scores = score_results(self.state, r, results, metagraph.hotkeys, metagraph.uid_of,
                                              self.competition, self.state.ema())
