@@ -105,6 +105,14 @@ class ValidatorSettings:
     disk_budget_bytes: int | None = 500 << 30  # stored checkpoints no round needs are evicted past this
     progress: bool = False
 
+    def __post_init__(self):
+        if self.fetch_concurrency < 1:
+            raise ValueError(f"fetch concurrency must be at least 1, not {self.fetch_concurrency}")
+        if not self.fetch_deadline > 0:
+            raise ValueError(f"the round's fetch deadline must be positive seconds, not {self.fetch_deadline}")
+        if self.disk_budget_bytes is not None and self.disk_budget_bytes < 0:
+            raise ValueError(f"the disk budget must be >= 0 bytes, not {self.disk_budget_bytes}")
+
 
 class Validator:
     def __init__(self, chain: Chain, keypair, competition: Competition, settings: ValidatorSettings,
