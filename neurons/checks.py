@@ -28,6 +28,12 @@ from .manifest import (
 MAX_CONFIG_BYTES = 64 << 10  # a real config.json is ~2-3 KiB; the cap also bounds every list in it
 MAX_INDEX_BYTES = 16 << 20
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own loader refuses headers over 100 MB
+# A header's size follows from the tensors the config implies: each entry is its name plus a
+# dtype, a shape of at most 8 dims and two offsets (under 256 bytes of JSON however large the
+# numbers); __metadata__ and alignment padding get a fixed allowance. A real tiny header is ~10 KB,
+# a 9B model's a few hundred KB; a bloated one is refused from its first 8 bytes, unread.
+HEADER_BYTES_PER_TENSOR = 256
+HEADER_METADATA_BYTES = 64 << 10
 SLICE_BYTES = 64 << 20  # NaN scan reads at most this much of one tensor at a time
 
 # safetensors dtype -> bytes per element, for the dtypes a weight may have.
@@ -252,7 +258,12 @@ def check_config(directory: str | os.PathLike, limits: StudentLimits, manifest: 
 
 
 # ================================================================================== headers
-def read_safetensors_header(path: Path, file_name: str) -> list[TensorInfo]:
+def header_cap(tensor_names) -> int:
+    """The most header bytes a safetensors file holding (some of) these tensors may need."""
+    return HEADER_METADATA_BYTES + sum(len(n.encode()) + HEADER_BYTES_PER_TENSOR for n in tensor_names)
+
+
+def read_safetensors_header(path: Path, file_name: str, max_header_bytes: int = MAX_HEADER_BYTES) -> list[TensorInfo]:
     """The tensors a safetensors file declares, after checking its layout; reads only the header.
 
     Format: 8-byte little-endian header length N, N bytes of JSON, then the data region. Every
@@ -268,8 +279,9 @@ def read_safetensors_header(path: Path, file_name: str) -> list[TensorInfo]:
         raise bad(f"file is {file_size} bytes, too short for a safetensors header")
     with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
-        if header_len > MAX_HEADER_BYTES:
-            raise bad(f"header length {header_len} is over the {MAX_HEADER_BYTES}-byte cap")
+        if header_len > max_header_bytes:
+            raise bad(f"header length {header_len} is over the {max_header_bytes}-byte cap "
+                      "(what this config's tensors need, with slack)")
         if 8 + header_len > file_size:
             raise bad(f"header length {header_len} runs past the end of the {file_size}-byte file (truncated?)")
         raw = f.read(header_len)
@@ -368,9 +380,11 @@ def check_headers(directory: str | os.PathLike, manifest: Manifest, config) -> l
     """Every tensor the files declare is exactly one the meta model expects, and vice versa."""
     directory = Path(directory)
     shards, weight_map = _weight_files(directory, manifest)
+    expected, aliases = expected_tensors(config)  # first: it sizes the header cap
+    cap = min(MAX_HEADER_BYTES, header_cap(expected))
     declared: dict[str, TensorInfo] = {}
     for shard in shards:
-        for t in read_safetensors_header(directory / shard, shard):
+        for t in read_safetensors_header(directory / shard, shard, cap):
             if t.name in declared:
                 raise _reject("header", f"tensor {t.name[:120]!r} is stored twice ({declared[t.name].file} and {shard})")
             if weight_map is not None and weight_map.get(t.name) != shard:
@@ -381,7 +395,6 @@ def check_headers(directory: str | os.PathLike, manifest: Manifest, config) -> l
         absent = sorted(set(weight_map) - set(declared))[:3]
         raise _reject("header", f"{INDEX_NAME} lists tensors the shards do not hold: {absent}")
 
-    expected, aliases = expected_tensors(config)
     for name in sorted(declared):
         if name in aliases:
             raise _reject("header", f"tensor {name!r} is tied to {aliases[name]!r} and must not be stored separately")

@@ -79,7 +79,9 @@ def cmd_validator(args) -> int:
     settings = ValidatorSettings(
         work_dir=Path(args.work_dir), device=args.device, localnet=args.network == "local",
         storage_root=args.storage_root and Path(args.storage_root), poll_seconds=args.poll_seconds,
-        progress=not args.quiet, allow_stack_mismatch=args.allow_stack_mismatch)
+        fetch_concurrency=args.fetch_concurrency, fetch_deadline=args.fetch_deadline,
+        disk_budget_bytes=int(args.disk_budget_gb * (1 << 30)), progress=not args.quiet,
+        allow_stack_mismatch=args.allow_stack_mismatch)
     validator = Validator(chain, keypair, load_competition(args.competition), settings)
     validator.install_signal_handlers()
     status = None
@@ -153,6 +155,10 @@ def main(argv=None) -> int:
     p.add_argument("--status-host", default="127.0.0.1")
     p.add_argument("--status-port", type=int, default=0, help="-1: no status server")
     p.add_argument("--poll-seconds", type=float, default=2.0)
+    p.add_argument("--fetch-concurrency", type=int, default=4, help="fetches running at once")
+    p.add_argument("--fetch-deadline", type=float, default=3600.0, help="seconds for all of a round's fetches")
+    p.add_argument("--disk-budget-gb", type=float, default=500.0,
+                   help="stored checkpoints no round needs are evicted beyond this")
     p.add_argument("--max-rounds", type=int, default=None, help="exit after this many scored rounds")
     p.add_argument("--allow-stack-mismatch", action="store_true",
                    help="score although installed library versions differ from the competition's eval_stack "

@@ -94,7 +94,7 @@ class Miner:
         from neurons.serve import CheckpointServer
 
         self.server = CheckpointServer(self.keypair.ss58_address, self._is_validator, host=self.s.host,
-                                       port=self.s.port).start()
+                                       port=self.s.port, nonce_path=self.work_dir / "nonces.db").start()
         event(log, "serving", host=self.server.host, port=self.server.port)
         if self.state.get("published"):  # after a restart, keep serving what is committed
             self.server.register(self.state["token"], self.state["published"])

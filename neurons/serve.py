@@ -38,6 +38,7 @@ from .commitment import _TOKEN as TOKEN_PATTERN  # the commitment grammar's toke
 from .manifest import (
     MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, parse_manifest, read_small_file, verify_manifest,
 )
+from .nonces import SqliteNonceStore
 
 log = logging.getLogger(__name__)
 
@@ -98,17 +99,23 @@ class CheckpointServer:
     """Serves registered checkpoints to validators. `is_validator(ss58) -> bool` must be cheap.
 
     `host`/`port` are the bind address (port 0: an ephemeral port, read back from `.port`).
+    `nonce_path`: the replay store's SQLite file (a miner's work dir); None keeps it in memory,
+    which a restart forgets.
     """
 
     def __init__(self, hotkey_ss58: str, is_validator: Callable[[str], bool], *, host: str = "127.0.0.1",
                  port: int = 0, requests_per_second: float = 1.0, burst: int = 60, max_streams: int = 4,
-                 max_age: float = http_auth.DEFAULT_MAX_AGE, allowed_skew: float = http_auth.DEFAULT_ALLOWED_SKEW):
+                 max_age: float = http_auth.DEFAULT_MAX_AGE, allowed_skew: float = http_auth.DEFAULT_ALLOWED_SKEW,
+                 nonce_path: str | os.PathLike | None = None):
         self.hotkey_ss58 = hotkey_ss58
         self.is_validator = is_validator
         self.host, self.port = host, port
         self.max_age, self.allowed_skew = max_age, allowed_skew
-        # Retention covers the whole freshness window, or a replay inside the gap would pass.
-        self._nonces = http_auth.InMemoryNonceStore(retention=max(60.0, 2 * (max_age + allowed_skew)))
+        # Retention covers the whole freshness window, or a replay inside the gap would pass; on
+        # disk (`nonce_path`), so a request captured before a restart cannot be replayed after it.
+        retention = max(60.0, 2 * (max_age + allowed_skew))
+        self._nonces = (http_auth.InMemoryNonceStore(retention=retention) if nonce_path is None
+                        else SqliteNonceStore(nonce_path, retention))
         self._limiter = RateLimiter(requests_per_second, burst, max_streams)
         self._published: dict[str, Published] = {}
         self._lock = threading.Lock()

@@ -179,6 +179,25 @@ class ValidatorState:
             q, args = q + " WHERE status = ?", (status,)
         return [Submission(*r) for r in self._conn().execute(q + " ORDER BY commit_block, hotkey", args)]
 
+    def recent_rejections(self, per_hotkey: int, total: int) -> list[Submission]:
+        """The latest `per_hotkey` rejections of each hotkey, at most `total`, newest first."""
+        return [Submission(*r) for r in self._conn().execute(
+            "SELECT hotkey, commitment, model_hash, commit_block, status, stage, reason, path FROM ("
+            "  SELECT *, ROW_NUMBER() OVER (PARTITION BY hotkey ORDER BY commit_block DESC, rowid DESC) AS n"
+            "  FROM submissions WHERE status = 'rejected') WHERE n <= ? "
+            "ORDER BY commit_block DESC, rowid DESC LIMIT ?", (per_hotkey, total))]
+
+    def first_commit_blocks_by_hotkey(self) -> dict[tuple[str, str], int]:
+        """(hotkey, model_hash) -> the earliest block that hotkey committed that hash at."""
+        return {(k, h): b for k, h, b in self._conn().execute(
+            "SELECT hotkey, model_hash, MIN(commit_block) FROM submissions WHERE model_hash IS NOT NULL "
+            "GROUP BY hotkey, model_hash")}
+
+    def round_model_hashes(self, round_id: int) -> list[str]:
+        """The model hashes of the submissions accepted in round `round_id`."""
+        return [h for (h,) in self._conn().execute(
+            "SELECT DISTINCT model_hash FROM submissions WHERE round_id = ? AND status = 'accepted'", (round_id,))]
+
     def first_commit_blocks(self) -> dict[str, int]:
         """model_hash -> the earliest block any hotkey committed it at (the owner's block)."""
         return {h: b for h, b in self._conn().execute(

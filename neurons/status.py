@@ -15,7 +15,22 @@ import time
 
 from aiohttp import web
 
+from neurons.commitment import MAX_COMMITMENT_BYTES
 from neurons.state import ValidatorState
+
+# The page lists the latest rejections only: every hotkey can commit again each block, and a list
+# of all of them would grow with every commitment ever made.
+REJECTIONS_PER_HOTKEY = 3
+MAX_REJECTIONS = 200
+MAX_REASON_CHARS = 300
+
+
+def shown(text: str, limit: int) -> str:
+    """`text` as printable ASCII, at most `limit` characters. Hotkeys, commitments and reasons can
+    carry bytes a miner chose (a commitment that failed its grammar, a tensor name); the page
+    shows no more of them than the commitment grammar itself allows."""
+    clean = "".join(ch if " " <= ch <= "~" else "?" for ch in text[:limit])
+    return clean + ("..." if len(text) > limit else "")
 
 
 def leaderboard(state: ValidatorState) -> dict:
@@ -29,8 +44,9 @@ def leaderboard(state: ValidatorState) -> dict:
         for s in state.scores(last.id):
             rows.append({**s, "ema": ema.get(s["hotkey"], 0.0), "weight": weights.get(s["uid"], 0.0),
                          "leader": s["hotkey"] == last.leader})
-    rejected = [{"hotkey": s.hotkey, "commitment": s.commitment, "stage": s.stage, "reason": s.reason}
-                for s in state.submissions("rejected")]
+    rejected = [{"hotkey": shown(s.hotkey, 64), "commitment": shown(s.commitment, MAX_COMMITMENT_BYTES),
+                 "stage": shown(s.stage or "", 16), "reason": shown(s.reason or "", MAX_REASON_CHARS)}
+                for s in state.recent_rejections(REJECTIONS_PER_HOTKEY, MAX_REJECTIONS)]
     return {
         "round": None if last is None else {"id": last.id, "sync_block": last.sync_block, "seed": last.seed,
                                              "competition": last.competition, "leader": last.leader},

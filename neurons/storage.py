@@ -38,6 +38,7 @@ from pathlib import Path
 import aiohttp
 import yarl
 
+from .addresses import PublicResolver, RefusedAddress, address_problem
 from .checks import CheckedSubmission, StudentLimits, check_submission
 from .commitment import Commitment, CommitmentRejected, encode_commitment, parse_commitment
 from .manifest import (
@@ -68,6 +69,10 @@ class FetchLimits:
     request_timeout: float = 1800.0
     total_timeout: float = 3600.0
     max_redirects: int = 5  # hf only: the Hub redirects file downloads to its CDN
+    # The rate floor: after `rate_grace` seconds a fetch must have averaged `min_rate` bytes/s
+    # (0: no floor). 256 KiB/s is 2 Mbit/s, far below any host fit to serve checkpoints.
+    min_rate: float = 256 << 10
+    rate_grace: float = 15.0
 
     @property
     def total_bytes(self) -> int:
@@ -268,36 +273,123 @@ class _Destination:
                 pass
 
 
+class _Pace:
+    """The transfer-rate floor of one fetch: after `grace` seconds, at least `min_rate` bytes a
+    second on average. A trickle that is never silent for `read_timeout` is cut off at the moment
+    it falls behind, not at the end of the per-request or total limit."""
+
+    def __init__(self, limits: FetchLimits):
+        self.min_rate, self.grace = limits.min_rate, limits.rate_grace
+        self.start = asyncio.get_running_loop().time()
+        self.received = 0
+
+    def deadline(self) -> float | None:
+        if not self.min_rate:
+            return None
+        return self.start + self.grace + self.received / self.min_rate
+
+    def refusal(self, what: str) -> SubmissionRejected:
+        return _reject(f"{what}: transfer rate fell below the minimum of {self.min_rate:g} bytes/s "
+                       f"({self.received} bytes in {asyncio.get_running_loop().time() - self.start:.1f}s)")
+
+
+class _Hops:
+    """Where a request may go. `trusted` is the origin the validator chose (the Hub endpoint in
+    its settings, or the address `_http_base` checked); any other origin a redirect names must be
+    public (names are checked by the session's PublicResolver, literals here). `follow`: whether
+    redirects are followed at all (never for a miner's own server)."""
+
+    def __init__(self, trusted: yarl.URL, localnet: bool, follow: bool):
+        self.trusted, self.localnet, self.follow = trusted.origin(), localnet, follow
+
+    def check(self, url: yarl.URL, what: str) -> None:
+        if url.scheme not in ("http", "https") or not url.host:
+            raise _reject(f"{what}: a redirect leads to a URL that is not http(s)")
+        if url.origin() == self.trusted or self.localnet:
+            return
+        try:
+            ipaddress.ip_address(url.host)
+        except ValueError:
+            return  # a name: the session's resolver refuses a non-public answer
+        problem = address_problem(url.host)
+        if problem:
+            raise _reject(f"{what}: refused a redirect: {problem}")
+
+
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+async def _open(session: aiohttp.ClientSession, url: yarl.URL, headers: dict[str, str], limits: FetchLimits,
+                hops: _Hops, what: str) -> aiohttp.ClientResponse:
+    """The 200 response for `url`, following redirects here (aiohttp's own following would not
+    check where each hop goes). Reasons name the status only: the server's bytes (body, reason
+    phrase, Location) are never repeated, since reasons are stored and shown."""
+    for _ in range(limits.max_redirects + 1):
+        hops.check(url, what)
+        response = await session.get(url, headers=headers, allow_redirects=False)
+        if response.status == 200:
+            return response
+        location = response.headers.get("Location")
+        response.release()
+        if response.status not in _REDIRECTS:
+            raise _reject(f"{what}: the server answered HTTP {response.status}")
+        if not hops.follow:
+            raise _reject(f"{what}: the server answered with a redirect ({response.status}), which is refused")
+        try:
+            following = url.join(yarl.URL(location or ""))
+        except (ValueError, TypeError):
+            raise _reject(f"{what}: the server answered a redirect to an invalid location") from None
+        if not location:
+            raise _reject(f"{what}: the server answered a redirect without a location")
+        if following.origin() != url.origin():  # a credential for the Hub is not for its CDN
+            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+        url = following
+    raise _reject(f"{what}: more than {limits.max_redirects} redirects")
+
+
+@dataclass(frozen=True)
+class _Net:
+    """What every request of one fetch shares: the session, limits, rate floor and hop policy."""
+    session: aiohttp.ClientSession
+    limits: FetchLimits
+    pace: _Pace
+    hops: _Hops
+
+    def get(self, url: str, headers: dict[str, str], sink: _Sink):
+        return _stream(self.session, url, headers, sink, self.limits, self.pace, self.hops)
+
+
 async def _stream(session: aiohttp.ClientSession, url: str, headers: dict[str, str], sink: _Sink,
-                  limits: FetchLimits, *, redirects: bool) -> None:
-    """GET `url` into `sink` within `request_timeout`; every failure names the file and the cause."""
+                  limits: FetchLimits, pace: _Pace, hops: _Hops) -> None:
+    """GET `url` into `sink` within `request_timeout` and the rate floor; every failure names the
+    file and the cause."""
     what = sink.what
+    floor = None
     try:
         async with asyncio.timeout(limits.request_timeout):
-            async with session.get(yarl.URL(url, encoded=True), headers=headers, allow_redirects=redirects,
-                                   max_redirects=limits.max_redirects) as response:
-                if response.status != 200:
-                    if 300 <= response.status < 400:
-                        raise _reject(f"{what}: the server answered with a redirect ({response.status}), "
-                                      "which is refused")
-                    detail = (await response.content.read(200)).decode("utf-8", "replace")
-                    detail = "".join(ch if ch.isprintable() else " " for ch in detail).strip()
-                    raise _reject(f"{what}: the server answered {response.status} {detail!r}")
-                sink.declared(response.content_length)
-                async for block in response.content.iter_chunked(CHUNK):
-                    sink(block)
+            async with asyncio.timeout_at(pace.deadline()) as floor:
+                async with await _open(session, yarl.URL(url, encoded=True), headers, limits, hops, what) as response:
+                    sink.declared(response.content_length)
+                    async for block in response.content.iter_chunked(CHUNK):
+                        pace.received += len(block)
+                        sink(block)
+                        floor.reschedule(pace.deadline())
     except SubmissionRejected:
         raise
     except aiohttp.ServerTimeoutError:  # before plain TimeoutError: it is one too
         raise _reject(f"{what}: timed out connecting or waiting {limits.read_timeout:g}s for data") from None
     except TimeoutError:
+        if floor is not None and floor.expired():
+            raise pace.refusal(what) from None
         raise _reject(f"{what}: not complete after the per-request limit of {limits.request_timeout:g}s") from None
-    except aiohttp.TooManyRedirects:
-        raise _reject(f"{what}: more than {limits.max_redirects} redirects") from None
-    except aiohttp.ClientConnectorError as e:  # nothing answered: maybe down for a minute, not hostile
-        raise SourceUnavailable(f"{what}: cannot connect: {str(e)[:200]}", "fetch") from None
+    except aiohttp.ClientConnectorError as e:
+        if isinstance(e.os_error, RefusedAddress):
+            raise _reject(f"{what}: {e.os_error}") from None
+        # nothing answered: maybe down for a minute, not hostile
+        raise SourceUnavailable(f"{what}: cannot connect ({type(e.os_error).__name__})", "fetch") from None
     except (aiohttp.ClientError, OSError) as e:
-        raise _reject(f"{what}: download failed: {type(e).__name__}: {str(e)[:200]}") from None
+        # the type only: aiohttp's messages can quote the server's status line or headers
+        raise _reject(f"{what}: download failed ({type(e).__name__})") from None
 
 
 # ================================================================================== fetch: sources
@@ -344,11 +436,10 @@ class _LocalSource:
 class _HttpSource:
     """The miner's CheckpointServer; every request signed for the miner's hotkey."""
 
-    def __init__(self, session: aiohttp.ClientSession, commitment: Commitment, keypair, miner_hotkey: str | None,
-                 limits: FetchLimits, base: str):
+    def __init__(self, net: _Net, commitment: Commitment, keypair, miner_hotkey: str | None, base: str):
         if keypair is None or not miner_hotkey:
             raise ValueError("fetching an 'http' commitment needs the validator's keypair and the miner's hotkey")
-        self.session, self.keypair, self.miner_hotkey, self.limits = session, keypair, miner_hotkey, limits
+        self.net, self.keypair, self.miner_hotkey = net, keypair, miner_hotkey
         self.base, self.host = base, commitment.location
         self.prefix = f"/checkpoint/{commitment.revision}/"  # token and names are grammar-checked ASCII
 
@@ -358,8 +449,7 @@ class _HttpSource:
         path = self.prefix + name
         headers = http_auth.sign(self.keypair, method="GET", path=path, receiver_ss58=self.miner_hotkey)
         headers.update({"Host": self.host, "Accept-Encoding": "identity"})
-        # No redirects: a miner could point one at the validator's own network.
-        return _stream(self.session, self.base + path, headers, sink, self.limits, redirects=False)
+        return self.net.get(self.base + path, headers, sink)
 
     async def manifest(self, budget: _Budget) -> bytes:
         sink = _Sink("manifest.json", MAX_MANIFEST_BYTES, budget)
@@ -376,15 +466,14 @@ class _HttpSource:
 class _HfSource:
     """A Hub model repo at a pinned commit: metadata through huggingface_hub, bytes streamed here."""
 
-    def __init__(self, session: aiohttp.ClientSession, commitment: Commitment, endpoint: str | None,
-                 token: str | None, limits: FetchLimits):
+    def __init__(self, net: _Net, commitment: Commitment, endpoint: str | None, token: str | None):
         from huggingface_hub import HfApi
 
-        self.session, self.commitment, self.limits = session, commitment, limits
+        self.net, self.commitment, self.limits = net, commitment, net.limits
         self.api = HfApi(endpoint=_hf_endpoint(endpoint), token=token)
         self.headers = {"Accept-Encoding": "identity"}
         if token:
-            self.headers["Authorization"] = f"Bearer {token}"  # aiohttp drops it on a redirect elsewhere
+            self.headers["Authorization"] = f"Bearer {token}"  # `_open` drops it on a redirect elsewhere
         self.sizes: dict[str, int | None] = {}
         self.lfs_sha: dict[str, str] = {}
 
@@ -397,8 +486,10 @@ class _HfSource:
         except TimeoutError:
             raise _reject(f"hf repo {repo}: metadata not received within {self.limits.request_timeout:g}s") from None
         except Exception as e:  # not found, gated, network: whatever the Hub client raises
-            raise _reject(f"hf repo {repo} at {sha[:12]}: metadata request failed: "
-                          f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
+            # the type and status only: the Hub client's messages quote the server's response
+            status = getattr(getattr(e, "response", None), "status_code", None)
+            raise _reject(f"hf repo {repo} at {sha[:12]}: metadata request failed: {type(e).__name__}"
+                          + (f" (HTTP {status})" if isinstance(status, int) else "")) from None
         if info.sha != sha:
             raise _reject(f"hf repo {repo}: the Hub resolved revision {sha[:12]} to {str(info.sha)[:12]}")
         for sibling in info.siblings or []:
@@ -421,7 +512,7 @@ class _HfSource:
         if MANIFEST_NAME not in self.sizes:
             raise _reject(f"hf repo {self.commitment.location} has no manifest.json at this revision", "manifest")
         sink = _Sink("manifest.json", MAX_MANIFEST_BYTES, budget)
-        await _stream(self.session, self._url(MANIFEST_NAME), self.headers, sink, self.limits, redirects=True)
+        await self.net.get(self._url(MANIFEST_NAME), self.headers, sink)
         return sink.content()
 
     def check_listing(self, manifest: Manifest) -> None:
@@ -442,7 +533,7 @@ class _HfSource:
                               f"hub {str(lfs)[:16]}...", "manifest")
 
     async def download(self, entry: ManifestEntry, sink: _Sink) -> None:
-        await _stream(self.session, self._url(entry.name), self.headers, sink, self.limits, redirects=True)
+        await self.net.get(self._url(entry.name), self.headers, sink)
 
 
 async def _http_base(commitment: Commitment, localnet: bool, limits: FetchLimits) -> str:
@@ -455,19 +546,16 @@ async def _http_base(commitment: Commitment, localnet: bool, limits: FetchLimits
         async with asyncio.timeout(limits.connect_timeout):
             infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, TimeoutError) as e:
-        raise _reject(f"http host {host!r} cannot be resolved: {e}") from None
-    addresses = []
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%")[0])
-        if address.version == 6 and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        if not address.is_global:
-            raise _reject(f"http host {host!r} resolves to {address}, which is not a public address")
-        addresses.append(address)
+        raise _reject(f"http host {host!r} cannot be resolved ({type(e).__name__})") from None
+    addresses = [info[4][0] for info in infos]
+    for address in addresses:
+        problem = address_problem(address)
+        if problem:
+            raise _reject(f"http host {host!r} resolves to a refused address: {problem}")
     if not addresses:
         raise _reject(f"http host {host!r} resolves to no address")
-    first = sorted(addresses, key=lambda a: a.version)[0]  # IPv4 first
-    return f"http://{first}:{port}" if first.version == 4 else f"http://[{first}]:{port}"
+    first = sorted(addresses, key=lambda a: ":" in a)[0]  # IPv4 first
+    return f"http://[{first}]:{port}" if ":" in first else f"http://{first}:{port}"
 
 
 # ================================================================================== fetch
@@ -535,13 +623,20 @@ async def _download(commitment, dest, limits, keypair, miner_hotkey, storage_roo
                 return await _fetch_into(_LocalSource(commitment, storage_root), commitment, dest, limits)
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=limits.connect_timeout,
                                             sock_read=limits.read_timeout)
+            # Off localnet every name is resolved by PublicResolver, so no hop reaches a private address.
+            connector = aiohttp.TCPConnector(resolver=None if localnet else PublicResolver())
             async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False, trust_env=False,
-                                             cookie_jar=aiohttp.DummyCookieJar()) as session:
+                                             connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as session:
+                pace = _Pace(limits)
                 if commitment.kind == "http":
                     base = await _http_base(commitment, localnet, limits)
-                    source = _HttpSource(session, commitment, keypair, miner_hotkey, limits, base)
+                    # No redirects from a miner's server: it has no reason to send one.
+                    net = _Net(session, limits, pace, _Hops(yarl.URL(base), localnet, follow=False))
+                    source = _HttpSource(net, commitment, keypair, miner_hotkey, base)
                 else:
-                    source = _HfSource(session, commitment, hf_endpoint, hf_token, limits)
+                    endpoint = yarl.URL(_hf_endpoint(hf_endpoint) or "https://huggingface.co")
+                    net = _Net(session, limits, pace, _Hops(endpoint, localnet, follow=True))
+                    source = _HfSource(net, commitment, hf_endpoint, hf_token)
                     await source.load_listing()
                 return await _fetch_into(source, commitment, dest, limits)
     except TimeoutError:  # the per-request deadlines already became rejections; this is the total

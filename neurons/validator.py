@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -28,10 +27,9 @@ from eval.competition import Competition
 from eval.stack import check_stack
 from neurons.chain import Chain
 from neurons.checks import StudentLimits
-from neurons.commitment import CommitmentRejected, parse_commitment
 from neurons.logs import event
+from neurons.modelstore import ModelStore
 from neurons.shutdown import stop_on_signals
-from neurons.manifest import SubmissionRejected
 from neurons.state import Round, Submission, ValidatorState
 
 log = logging.getLogger("validator")
@@ -100,9 +98,22 @@ class ValidatorSettings:
     hf_endpoint: str | None = None
     poll_seconds: float = 2.0
     read_timeout: float = 60.0
-    total_timeout: float = 3600.0
+    total_timeout: float = 3600.0        # one fetch
+    fetch_deadline: float = 3600.0       # all of a round's fetches together
+    fetch_concurrency: int = 4
+    min_rate: float = 256 << 10          # bytes/s a fetch must average after `rate_grace` seconds
+    rate_grace: float = 15.0
+    disk_budget_bytes: int | None = 500 << 30  # stored checkpoints no round needs are evicted past this
     progress: bool = False
     allow_stack_mismatch: bool = False   # score on library versions other than the competition's eval_stack
+
+    def __post_init__(self):
+        if self.fetch_concurrency < 1:
+            raise ValueError(f"fetch concurrency must be at least 1, not {self.fetch_concurrency}")
+        if not self.fetch_deadline > 0:
+            raise ValueError(f"the round's fetch deadline must be positive seconds, not {self.fetch_deadline}")
+        if self.disk_budget_bytes is not None and self.disk_budget_bytes < 0:
+            raise ValueError(f"the disk budget must be >= 0 bytes, not {self.disk_budget_bytes}")
 
 
 class Validator:
@@ -114,6 +125,7 @@ class Validator:
         event(log, "stack", level=logging.WARNING if self.stack["mismatch"] else logging.INFO, **self.stack)
         self.work_dir = Path(settings.work_dir)
         self.state = ValidatorState(self.work_dir / "validator.db")
+        self.store = ModelStore(self.work_dir / "submissions")
         self.stop_event = threading.Event()
         self._evaluate = evaluate or self._evaluate_checkpoint
         self._round_inputs = None
@@ -168,51 +180,42 @@ class Validator:
 
     # ------------------------------------------------------------------ phases
     def _fetch_phase(self, r: Round) -> bool:
-        metagraph = self.chain.metagraph()
-        registered = set(metagraph.hotkeys)
-        for hotkey, rec in sorted(self.chain.commitments().items()):
-            if self.stop_event.is_set():
-                return False
-            if hotkey not in registered or hotkey == self.keypair.ss58_address:
-                continue
-            if self.state.submission(hotkey, rec.data) is None:
-                fetched = self._fetch(hotkey, rec.data, rec.block)
-                if fetched is not None:  # None: storage unreachable now, try again next round
-                    self.state.record_submission(r.id, fetched)
+        from neurons.fetching import FetchSettings, Job, fetch_round
+        from neurons.storage import FetchLimits
+
+        registered = set(self.chain.metagraph().hotkeys)
+        jobs = [Job(hotkey, rec.data, rec.block) for hotkey, rec in sorted(self.chain.commitments().items())
+                if hotkey in registered and hotkey != self.keypair.ss58_address
+                and self.state.submission(hotkey, rec.data) is None]
+        st = self.settings
+        limits = FetchLimits(student=student_limits(self.competition), read_timeout=st.read_timeout,
+                             total_timeout=st.total_timeout, min_rate=st.min_rate,
+                             rate_grace=st.rate_grace)
+        settings = FetchSettings(limits, concurrency=st.fetch_concurrency, round_deadline=st.fetch_deadline,
+                                 localnet=st.localnet, storage_root=st.storage_root, hf_endpoint=st.hf_endpoint)
+        accepted = [s.model_hash for s in self.state.submissions("accepted")]
+        if not fetch_round(jobs, self.store, settings, keypair=self.keypair, accepted_hashes=accepted,
+                           record=lambda s: self.state.record_submission(r.id, s), stop=self.stop_event):
+            return False
+        removed = self.store.evict(self._needed_hashes(r), st.disk_budget_bytes)
+        if removed:
+            event(log, "evicted", model_hashes=[h[:16] for h in removed])
         self.state.set_phase(r.id, "evaluate")
         return True
 
-    def _fetch(self, hotkey: str, data: str, block: int) -> Submission | None:
-        from neurons.storage import FetchLimits, SourceUnavailable, fetch
-
-        def rejected(stage, reason, model_hash=None):
-            event(log, "rejected", level=logging.WARNING, hotkey=hotkey, stage=stage, reason=reason)
-            return Submission(hotkey, data, model_hash, block, "rejected", stage, reason, None)
-
-        try:
-            commitment = parse_commitment(data, localnet=self.settings.localnet)
-        except CommitmentRejected as e:
-            return rejected("commitment", e.reason)
-        dest = self.work_dir / "submissions" / f"{hotkey[:16]}-{commitment.model_hash_prefix[:16]}"
-        shutil.rmtree(dest, ignore_errors=True)  # a kill mid-download leaves a partial directory
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        limits = FetchLimits(student=student_limits(self.competition), read_timeout=self.settings.read_timeout,
-                             total_timeout=self.settings.total_timeout)
-        try:
-            fetch(commitment, dest, limits=limits, keypair=self.keypair, miner_hotkey=hotkey,
-                  storage_root=self.settings.storage_root, localnet=self.settings.localnet,
-                  hf_endpoint=self.settings.hf_endpoint)
-        except SourceUnavailable as e:
-            event(log, "unreachable, retried next round", level=logging.WARNING, hotkey=hotkey, reason=e.reason)
-            return None
-        except SubmissionRejected as e:
-            return rejected(e.stage, e.reason)
-        except Exception as e:  # a bug or an environment failure must not stop the round for everyone
-            return rejected("fetch", f"{type(e).__name__}: {e}")
-        from neurons.manifest import read_manifest
-        model_hash = read_manifest(dest).model_hash
-        event(log, "accepted", hotkey=hotkey, model_hash=model_hash[:16], block=block)
-        return Submission(hotkey, data, model_hash, block, "accepted", None, None, str(dest))
+    def _needed_hashes(self, r: Round) -> set[str]:
+        """Checkpoints a round may still read: every registered hotkey's eligible submission and
+        any newer accepted one (eligible in a later round), this round's, and the last leader's."""
+        cutoff = r.sync_block - self.competition.schedule.eval_delay_blocks
+        needed = {s.model_hash for s in self.eligible(r).values()}
+        registered = set(self.chain.metagraph().hotkeys)
+        needed |= {s.model_hash for s in self.state.submissions("accepted")
+                   if s.hotkey in registered and s.commit_block > cutoff}
+        needed |= set(self.state.round_model_hashes(r.id))
+        last = self.state.last_round()
+        if last is not None and last.leader_hash:
+            needed.add(last.leader_hash)
+        return needed
 
     def eligible(self, r: Round) -> dict[str, Submission]:
         """hotkey -> its latest accepted submission old enough for this round, for registered hotkeys."""
@@ -255,7 +258,11 @@ class Validator:
 
     def _score_phase(self, r: Round) -> bool:
         subs = self.eligible(r)
-        results = label_results(self.state.results(r.id), {h: s.commit_block for h, s in subs.items()})
+        # a hotkey re-committing its own weights (a new location) keeps the block it first committed
+        # them at: the re-commit must not turn it into a later copy of itself
+        first = self.state.first_commit_blocks_by_hotkey()
+        results = label_results(self.state.results(r.id),
+                                {h: first.get((h, s.model_hash), s.commit_block) for h, s in subs.items()})
         metagraph = self.chain.metagraph()
         ranking, ema, scores = score_results(self.state, r, results, metagraph.hotkeys, metagraph.uid_of,
                                              self.competition, self.state.ema())
