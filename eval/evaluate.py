@@ -211,8 +211,11 @@ def state_dict_hash(model) -> str:
     return h.hexdigest()
 
 
-def load_student(path: str | os.PathLike, competition: Competition, device="cpu"):
-    """A submission directory -> the model, built by this library from safetensors only (no code)."""
+def load_student(path: str | os.PathLike, competition: Competition, device="cpu", kernel_backend: str = "auto"):
+    """A submission directory -> the model, built by this library from safetensors only (no code).
+
+    kernel_backend: the evaluator's choice ("auto": Triton on CUDA, PyTorch elsewhere), overriding
+    the checkpoint's: a miner must not pick the code path its model is scored with."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import quasar_model  # noqa: F401  registers quasar_long with the Auto classes
@@ -228,7 +231,8 @@ def load_student(path: str | os.PathLike, competition: Competition, device="cpu"
     if cfg.vocab_size != want.vocab_size:
         raise ValueError(f"checkpoint {str(path)!r}: vocab_size {cfg.vocab_size}, the competition's tokenizer "
                          f"has {want.vocab_size}; KL needs the teacher's ids")
-    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype="auto")
+    cfg.kernel_backend = kernel_backend
+    model = AutoModelForCausalLM.from_pretrained(path, config=cfg, use_safetensors=True, dtype="auto")
     return model.to(device).eval()
 
 

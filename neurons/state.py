@@ -45,6 +45,11 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS ema (hotkey TEXT PRIMARY KEY, value REAL NOT NULL, round_id INTEGER NOT NULL)",
     """CREATE TABLE IF NOT EXISTS weights (
         round_id INTEGER PRIMARY KEY, block INTEGER NOT NULL, weights TEXT NOT NULL, accepted INTEGER NOT NULL)""",
+    # evaluations started per (round, model hash): one that never finished was cut short by the
+    # validator dying, so the count says how often a submission's evaluation took the validator down
+    """CREATE TABLE IF NOT EXISTS eval_attempts (
+        round_id INTEGER NOT NULL, model_hash TEXT NOT NULL, attempts INTEGER NOT NULL,
+        PRIMARY KEY (round_id, model_hash))""",
 )
 
 
@@ -171,6 +176,26 @@ class ValidatorState:
             c.execute("INSERT OR IGNORE INTO submissions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                       (s.hotkey, s.commitment, s.model_hash, s.commit_block, s.status, s.stage, s.reason,
                        s.path, round_id))
+
+    def reject_submission(self, hotkey: str, commitment: str, stage: str, reason: str) -> None:
+        """An accepted submission that failed later (its evaluation): rejected for good, like at fetch."""
+        with self._tx() as c:
+            c.execute("UPDATE submissions SET status = 'rejected', stage = ?, reason = ? "
+                      "WHERE hotkey = ? AND commitment = ?", (stage, reason, hotkey, commitment))
+
+    def start_eval_attempt(self, round_id: int, model_hash: str) -> int:
+        """Count one more evaluation of `model_hash` in the round, committed before it starts; the new count."""
+        with self._tx() as c:
+            c.execute("INSERT INTO eval_attempts VALUES (?, ?, 1) ON CONFLICT (round_id, model_hash) "
+                      "DO UPDATE SET attempts = attempts + 1", (round_id, model_hash))
+            return c.execute("SELECT attempts FROM eval_attempts WHERE round_id = ? AND model_hash = ?",
+                             (round_id, model_hash)).fetchone()[0]
+
+    def cancel_eval_attempt(self, round_id: int, model_hash: str) -> None:
+        """Un-count an evaluation the validator itself stopped (SIGTERM): the model did not cause it."""
+        with self._tx() as c:
+            c.execute("UPDATE eval_attempts SET attempts = attempts - 1 WHERE round_id = ? AND model_hash = ?",
+                      (round_id, model_hash))
 
     def submissions(self, status: str | None = None) -> list[Submission]:
         q = "SELECT hotkey, commitment, model_hash, commit_block, status, stage, reason, path FROM submissions"

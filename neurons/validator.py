@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from eval.competition import Competition
 from eval.stack import check_stack
 from neurons.chain import Chain
 from neurons.checks import StudentLimits
+from neurons.isolation import EvalLimits, EvaluationFailed, EvaluationStopped, evaluate_isolated, save_round_inputs
 from neurons.logs import event
 from neurons.modelstore import ModelStore
 from neurons.shutdown import stop_on_signals
@@ -105,6 +107,12 @@ class ValidatorSettings:
     rate_grace: float = 15.0
     disk_budget_bytes: int | None = 500 << 30  # stored checkpoints no round needs are evicted past this
     progress: bool = False
+    eval_timeout: float = 3600.0          # wall-clock seconds one submission's evaluation may take
+    eval_memory_bytes: int | None = None  # CPU evaluation's address-space cap; None: 80% of physical memory
+    kernel_backend: str = "auto"          # the validator's, never the checkpoint's
+    # evaluations of one model in a round that may end with the validator dead (killed, OOM, host
+    # crash) before it is rejected; a stop by SIGTERM does not count
+    max_eval_attempts: int = 2
     allow_stack_mismatch: bool = False   # score on library versions other than the competition's eval_stack
 
     def __post_init__(self):
@@ -114,6 +122,12 @@ class ValidatorSettings:
             raise ValueError(f"the round's fetch deadline must be positive seconds, not {self.fetch_deadline}")
         if self.disk_budget_bytes is not None and self.disk_budget_bytes < 0:
             raise ValueError(f"the disk budget must be >= 0 bytes, not {self.disk_budget_bytes}")
+        if self.max_eval_attempts < 1:
+            raise ValueError(f"max_eval_attempts must be at least 1, not {self.max_eval_attempts}")
+        if not self.eval_timeout > 0:
+            raise ValueError(f"the evaluation timeout must be positive seconds, not {self.eval_timeout}")
+        if self.eval_memory_bytes is not None and self.eval_memory_bytes < 1 << 30:
+            raise ValueError(f"the evaluation memory cap must be at least 1 GiB, not {self.eval_memory_bytes} bytes")
 
 
 class Validator:
@@ -228,33 +242,77 @@ class Validator:
         return out
 
     def _evaluate_phase(self, r: Round) -> bool:
-        done = self.state.results(r.id)
-        by_hash = {m: res for m, res in done.values()}
-        for hotkey, s in sorted(self.eligible(r).items()):
-            if hotkey in done:
-                continue
-            if self.stop_event.is_set():
-                return False
-            result = by_hash.get(s.model_hash)
-            if result is None:  # the same weights score the same on the same seed: evaluate once
-                t0 = time.time()
-                result = self._evaluate(Path(s.path), r.seed, s.model_hash)
-                event(log, "evaluated", hotkey=hotkey, model_hash=s.model_hash[:16], seconds=round(time.time() - t0, 1))
-            self.state.save_result(r.id, hotkey, s.model_hash, result)
-            by_hash[s.model_hash] = result
+        # a failed evaluation rejects that submission, which can make the hotkey's previous accepted
+        # one eligible: go on until every eligible hotkey has a result
+        while True:
+            done = self.state.results(r.id)
+            pending = sorted((h, s) for h, s in self.eligible(r).items() if h not in done)
+            if not pending:
+                break
+            by_hash = {m: res for m, res in done.values()}
+            for hotkey, s in pending:
+                if self.stop_event.is_set():
+                    return False
+                result = by_hash.get(s.model_hash)
+                if result is None:  # the same weights score the same on the same seed: evaluate once
+                    try:
+                        result = self._evaluate_submission(r, s)
+                    except EvaluationStopped:
+                        return False
+                    if result is None:
+                        continue
+                self.state.save_result(r.id, hotkey, s.model_hash, result)
+                by_hash[s.model_hash] = result
         self.state.set_phase(r.id, "score")
         return True
 
-    def _evaluate_checkpoint(self, path: Path, seed: int, model_hash: str) -> dict:
-        """The round's inputs (documents, teacher outputs, recall items) are built once per seed."""
-        from eval.evaluate import load_student, prepare_round, score_model
+    def _evaluate_submission(self, r: Round, s: Submission) -> dict | None:
+        """The result, or None after recording the submission's rejection (stage "evaluate")."""
+        limit = self.settings.max_eval_attempts
+        if self.state.start_eval_attempt(r.id, s.model_hash) > limit:
+            reason = f"the validator process died during its evaluation {limit} times"
+        else:
+            t0 = time.time()
+            try:
+                result = self._evaluate(Path(s.path), r.seed, s.model_hash)
+                event(log, "evaluated", hotkey=s.hotkey, model_hash=s.model_hash[:16],
+                      seconds=round(time.time() - t0, 1))
+                return result
+            except EvaluationStopped:
+                self.state.cancel_eval_attempt(r.id, s.model_hash)
+                raise
+            except EvaluationFailed as e:
+                reason = e.reason
+            except Exception as e:  # an in-process evaluator (tests, tools): still that submission's failure
+                reason = EvaluationFailed(f"{type(e).__name__}: {e}").reason
+        self.state.reject_submission(s.hotkey, s.commitment, "evaluate", reason)
+        event(log, "rejected", level=logging.WARNING, hotkey=s.hotkey, stage="evaluate", reason=reason)
+        return None
 
-        if self._round_inputs is None or self._round_inputs.seed != seed:
-            self._round_inputs = prepare_round(self.competition, seed, cache_root=None,  # shared, content-addressed
-                                               device=self.settings.device, progress=self.settings.progress)
-        model = load_student(path, self.competition, self.settings.device)
-        return score_model(model, self._round_inputs, model_hash=model_hash, device=self.settings.device,
-                           progress=self.settings.progress).to_dict()
+    def _evaluate_checkpoint(self, path: Path, seed: int, model_hash: str) -> dict:
+        """Each submission in a child process (neurons.isolation) on round inputs built once per seed."""
+        return evaluate_isolated(path, self._round_inputs_file(seed), model_hash, device=self.settings.device,
+                                 limits=self._eval_limits(), stop=self.stop_event)
+
+    def _round_inputs_file(self, seed: int) -> Path:
+        from eval.evaluate import prepare_round
+
+        path = self.work_dir / "rounds" / f"inputs-{seed % (1 << 64):016x}.pt"
+        if self._round_inputs != path or not path.exists():
+            inputs = prepare_round(self.competition, seed, cache_root=None,  # shared, content-addressed
+                                   device=self.settings.device, progress=self.settings.progress)
+            for old in path.parent.glob("inputs-*.pt"):  # one round's inputs on disk at a time
+                old.unlink(missing_ok=True)
+            save_round_inputs(inputs, path)
+            self._round_inputs = path
+        return path
+
+    def _eval_limits(self) -> EvalLimits:
+        memory = self.settings.eval_memory_bytes
+        if memory is None:
+            memory = int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        return EvalLimits(timeout=self.settings.eval_timeout, memory_bytes=memory,
+                          kernel_backend=self.settings.kernel_backend)
 
     def _score_phase(self, r: Round) -> bool:
         subs = self.eligible(r)

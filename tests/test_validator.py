@@ -214,11 +214,11 @@ def test_exact_copy_gets_nothing(tmp_path, models):
     assert weights.get(net.chain.metagraph().uid_of(owners["copier"]), 0.0) == 0.0
 
 
-def _validator_cmd(net: Subnet, work: Path) -> list[str]:
+def _validator_cmd(net: Subnet, work: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "neurons.cli", "validator", "--network", "local", "--chain.path",
             str(net.chain.path), "--wallet.path", str(net.keys), "--wallet.name", "validator",
             "--competition", str(net.competition_path), "--work-dir", str(work), "--storage-root",
-            str(net.storage), "--max-rounds", "1", "--status-port", "-1", "--poll-seconds", "0.1", "--quiet"]
+            str(net.storage), "--max-rounds", "1", "--status-port", "-1", "--poll-seconds", "0.1", "--quiet", *extra]
 
 
 def test_sigkill_at_random_points_loses_and_double_counts_nothing(tmp_path, models):
@@ -239,8 +239,11 @@ def test_sigkill_at_random_points_loses_and_double_counts_nothing(tmp_path, mode
     env = dict(os.environ, OMP_NUM_THREADS="1")
     rng = random.Random(0)
     killed_in = []  # the round's phase at each kill
+    # these kills are the operator's, not a submission's: no evaluation they cut short may count
+    # against its submission (tests/test_redteam_isolation.py checks that rule on its own)
+    cmd = _validator_cmd(net, work, "--max-eval-attempts", "1000")
     while len(killed_in) < 10:
-        p = subprocess.Popen(_validator_cmd(net, work), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         while not db.exists() and p.poll() is None:  # interpreter and torch start-up are not the round
             time.sleep(0.05)
         try:
@@ -256,7 +259,7 @@ def test_sigkill_at_random_points_loses_and_double_counts_nothing(tmp_path, mode
         break
     state = ValidatorState(db)
     if state.unfinished_round() is not None or not state.rounds():
-        p = subprocess.run(_validator_cmd(net, work), env=env, capture_output=True, timeout=300)
+        p = subprocess.run(cmd, env=env, capture_output=True, timeout=300)
         assert p.returncode == 0, p.stderr.decode()[-2000:]
 
     assert len(killed_in) >= 10, killed_in  # ten kills landed inside the round
