@@ -196,6 +196,12 @@ def test_config_bomb_rejected_fast(ckpt, field, value):
     assert time.perf_counter() - start < 1.0
 
 
+def test_a_slow_latent_memory_segment_is_rejected_before_evaluation(ckpt):
+    # parameter-free compute: a segment of 1 runs the memory's Python step at every token
+    edit_config(ckpt, latent_memory_layers=[1], latent_memory_segment=1)
+    rejected(ckpt, "config", "latent_memory_segment", "at least 16")
+
+
 def test_over_parameter_cap_rejected(ckpt):
     small = StudentLimits(max_total_params=100_000, vocab_size=384, max_layers=12, max_hidden=256)
     rejected(ckpt, "config", "parameters", "100,000", limits=small)
