@@ -112,6 +112,18 @@ class Competition:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def unpinned(self) -> list[str]:
+        """What a real network cannot leave open: anything that lets two validators (or a validator
+        and the Hub a week later) score the same submission differently. [] = fully pinned."""
+        out = []
+        if not (len(self.teacher.revision) == 40 and all(c in "0123456789abcdef" for c in self.teacher.revision)):
+            out.append(f"teacher.revision is {self.teacher.revision!r}, not a 40-hex commit")
+        if not self.tokenizer.fingerprint:
+            out.append("tokenizer.fingerprint is empty")
+        if not self.eval_stack:
+            out.append("eval_stack is empty")
+        return out
+
     @property
     def digest(self) -> str:
         raw = self.to_dict()

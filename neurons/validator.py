@@ -134,6 +134,10 @@ class Validator:
     def __init__(self, chain: Chain, keypair, competition: Competition, settings: ValidatorSettings,
                  evaluate=None):
         self.chain, self.keypair, self.competition, self.settings = chain, keypair, competition, settings
+        if not settings.localnet and competition.unpinned():
+            raise ValueError(f"competition {competition.name!r} is not pinned for a real network: "
+                             + "; ".join(competition.unpinned())
+                             + " (the subnet owner pins them; localnet alone runs unpinned files)")
         # before any state exists: a validator on another stack would score differently from the others
         self.stack = check_stack(competition.eval_stack, allow_mismatch=settings.allow_stack_mismatch)
         event(log, "stack", level=logging.WARNING if self.stack["mismatch"] else logging.INFO, **self.stack)

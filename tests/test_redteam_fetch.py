@@ -293,8 +293,25 @@ class HostileHub(FakeHub):
         return await super().resolve(request)
 
 
+def pinned_for_a_real_network(raw: dict) -> dict:
+    """The competition as a real network needs it (Competition.unpinned() == []): the tiny
+    tokenizer's real fingerprint, this machine's stack, a commit-shaped revision (the tiny teacher
+    is local and ignores it)."""
+    from distill.tokenizers import tokenizer_fingerprint
+    from eval.evaluate import resolve_tokenizer
+    from eval.stack import installed_versions
+
+    raw = json.loads(json.dumps(raw))
+    raw["teacher"]["revision"] = "0" * 40
+    raw["tokenizer"]["fingerprint"] = tokenizer_fingerprint(resolve_tokenizer(parse_competition(raw)))
+    raw["eval_stack"] = installed_versions()
+    return raw
+
+
 def test_8_redirects_to_private_addresses_and_echoing_servers(tmp_path, models):
     net = Net(tmp_path)
+    # localnet=False below: the checks a real network gets, so the competition must be pinned too
+    net.competition = parse_competition(pinned_for_a_real_network(redteam_competition()))
     hub = HostileHub()
     with running(hub.app) as port:
         endpoint = f"http://127.0.0.1:{port}"

@@ -135,3 +135,15 @@ def test_a_state_file_from_before_the_stack_column_is_migrated(tmp_path):
     new = state.open_round(20, "0xcd", 8, "d", {"installed": {}, "pinned": False, "mismatch": [],
                                                 "mismatch_allowed": False})
     assert state.round_stack(new.id)["pinned"] is False
+
+
+def test_a_real_network_refuses_an_unpinned_competition(tmp_path):
+    """sn24.json ships with teacher revision "main" and no tokenizer fingerprint: the subnet owner
+    pins them; until then no validator on a real network scores with it."""
+    chain, _, kp = _local_validator(tmp_path)
+    sn24 = load_competition("sn24")
+    assert sn24.unpinned() == ["teacher.revision is 'main', not a 40-hex commit", "tokenizer.fingerprint is empty"]
+    with pytest.raises(ValueError, match="not pinned for a real network: teacher.revision is 'main'"):
+        Validator(chain, kp, sn24, ValidatorSettings(work_dir=tmp_path / "v", localnet=False))
+    assert not (tmp_path / "v" / "validator.db").exists()
+    assert load_competition("localnet").unpinned()  # localnet is unpinned, and runs only as localnet
