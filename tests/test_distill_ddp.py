@@ -5,7 +5,7 @@ the gradient of the mean over all ranks' tokens. So the 2-process loss curve mus
 1-process one up to float summation order (see assert_same_run), for DDP and for FSDP2 (fully_shard), and an FSDP2
 checkpoint (full state dicts, keyed by name) must resume in a single process.
 
-Slow: each test launches torchrun (~10-15 s). Skip with `-k "not slow"`.
+Slow: each test launches torchrun (~10-15 s); marked `slow`, so only the full run has them.
 """
 import json
 import os
@@ -71,12 +71,14 @@ def assert_same_run(a, b):
             assert ra["tokens"] == rb["tokens"]
 
 
+@pytest.mark.slow
 def test_slow_ddp_two_processes_match_one(config_file, one_process, tmp_path):
     two = torchrun(config_file, tmp_path / "ddp", "parallel=ddp")
     assert_same_run(two, one_process)
     assert (tmp_path / "ddp" / "final" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_slow_fsdp2_two_processes_match_one_and_resume_in_one(config_file, one_process, tmp_path):
     two = torchrun(config_file, tmp_path / "fsdp", "parallel=fsdp")
     assert_same_run(two, one_process)
@@ -91,6 +93,7 @@ def test_slow_fsdp2_two_processes_match_one_and_resume_in_one(config_file, one_p
     assert rec["loss"] == pytest.approx(last["loss"], rel=1e-6)      # same weights and state as rank 0 had
 
 
+@pytest.mark.slow
 def test_slow_ddp_structural_hidden_mse_two_processes_match_one(config_file, tmp_path):
     """The live teacher runs on every rank over that rank's rows; the hidden-state MSE is a mean over
     target positions like the KD loss, so the 2-rank run is the 1-process run."""

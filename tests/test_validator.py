@@ -212,6 +212,7 @@ def _validator_cmd(net: Subnet, work: Path) -> list[str]:
             str(net.storage), "--max-rounds", "1", "--status-port", "-1", "--poll-seconds", "0.1", "--quiet"]
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_loses_and_double_counts_nothing(tmp_path, models):
     # more submissions than the other tests: a round long enough to be killed in ten times
     net, owners = _subnet_with_copier(tmp_path, models, extra_seeds=range(4, 10))
