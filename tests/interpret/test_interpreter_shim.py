@@ -75,37 +75,40 @@ def test_only_dynamic_range_loops_are_rebound():
 
 
 @triton.jit
-def _bf16_ops(x_ptr, y_ptr, i_ptr, ew_ptr, dot_ptr, sum_ptr, max_ptr, cast_ptr, N: tl.constexpr):
+def _bf16_ops(x_ptr, y_ptr, i_ptr, ew_ptr, dot_ptr, sum_ptr, max_ptr, cast_ptr, const_ptr, N: tl.constexpr):
     r = tl.arange(0, N)
     rc = r[:, None] * N + r[None, :]
     x = tl.load(x_ptr + rc)                            # bf16 [N, N]
     y = tl.load(y_ptr + rc)
-    ew = tl.where(x < y, x * y - x, -x / (tl.maximum(x, y) + 4.0))
+    ew = tl.where(x < y, tl.maximum(x * y, -x), -x / (x * x + y * y))   # no Python floats: their
+    # promotion with bf16 differs across Triton versions
     tl.store(ew_ptr + rc, ew)
     tl.store(dot_ptr + rc, tl.dot(x, y))               # fp32 accumulator
     tl.store(sum_ptr + r, tl.sum(x, axis=1))
     tl.store(max_ptr + r, tl.max(x, axis=1))
     tl.store(cast_ptr + r, tl.load(i_ptr + r).to(tl.bfloat16))
+    tl.store(const_ptr + r, tl.full([N], 0.1, tl.bfloat16))
 
 
-def test_bf16_arithmetic_dot_reductions_and_casts_are_computed_on_values():
+def test_bf16_arithmetic_dot_reductions_casts_and_constants_are_computed_on_values():
     N = 16
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(N, N, generator=gen).bfloat16()
     y = torch.randn(N, N, generator=gen).bfloat16()
     ints = torch.randint(-300, 300, (N,), generator=gen, dtype=torch.int32)
-    ew, s, m, cast = (torch.empty_like(x), torch.empty(N).bfloat16(), torch.empty(N).bfloat16(),
-                      torch.empty(N).bfloat16())
+    ew = torch.empty_like(x)
+    s, m, cast, const = (torch.empty(N).bfloat16() for _ in range(4))
     dot = torch.empty(N, N)
-    _bf16_ops[(1,)](x, y, ints, ew, dot, s, m, cast, N=N)
+    _bf16_ops[(1,)](x, y, ints, ew, dot, s, m, cast, const, N=N)
 
     # torch's bf16 ops also compute in fp32 and round each result to bf16
-    expected_ew = torch.where(x < y, x * y - x, -x / (torch.maximum(x, y) + 4.0))
+    expected_ew = torch.where(x < y, torch.maximum(x * y, -x), -x / (x * x + y * y))
     torch.testing.assert_close(ew, expected_ew, rtol=0, atol=0)
     torch.testing.assert_close(dot, x.float() @ y.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s, x.float().sum(1).bfloat16(), rtol=1e-2, atol=1e-2)  # summation order
     torch.testing.assert_close(m, x.max(1).values, rtol=0, atol=0)
     torch.testing.assert_close(cast, ints.bfloat16(), rtol=0, atol=0)
+    torch.testing.assert_close(const, torch.full((N,), 0.1).bfloat16(), rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ running there, or make them compute nonsense:
 
 1. Autotuning. A kernel with more than one config benchmarks each one through the active driver,
    and with no GPU there is none ("0 active drivers"). Timing means nothing in the interpreter
-   anyway, so the autotuner keeps one config (the first that survives the kernel's own pruning).
+   anyway, so the autotuner is given one config per call (the first that survives the kernel's own
+   pruning for that call's arguments).
 2. Loop variables. The interpreter runs `for i in range(n)` as a Python loop, so `i` is a Python
    int, while compiled Triton makes it a tensor; kernels that call `i.to(tl.int64)` then fail.
    The interpreter already rewrites each kernel's source through an AST transformer; ours also
@@ -16,7 +17,7 @@ running there, or make them compute nonsense:
    then does dot products, arithmetic, comparisons, unary math, reductions and casts on the bit
    patterns (results around 1e10, or NaN). Here each of those ops widens bf16 operands to fp32,
    computes, and rounds a floating result back to bf16 (round to nearest even, as the GPU's
-   conversion does).
+   conversion does). bf16 constants are made the same way (triton 3.7 cannot make them at all).
 
 triton.jit picks the interpreter when a kernel is decorated: for triton.language's own helpers
 when triton is first imported (torch and transformers import it early, so TRITON_INTERPRET=1 has to
@@ -33,7 +34,7 @@ import inspect
 import os
 import sys
 
-TESTED_WITH = "triton 3.9.0 (with flash-linear-attention / fla-core 0.6.0)"
+TESTED_WITH = "triton 3.7.1 and 3.9.0 (with flash-linear-attention / fla-core 0.6.0)"
 
 # (object path, parameters its signature must start with): what the workarounds rely on
 _INTERNALS = {
@@ -53,6 +54,7 @@ _INTERNALS = {
     "interpreter.InterpretedFunction": None,
     "interpreter.interpreter_semantic.to_tensor": ["x", "check_type"],
     "autotuner.Autotuner.prune_configs": ["self", "kwargs"],
+    "autotuner.Autotuner.run": ["self", "args", "kwargs"],
 }
 
 _installed = False
@@ -126,14 +128,23 @@ def install() -> None:
 
 
 def _single_autotune_config(Autotuner) -> None:
-    prune = Autotuner.prune_configs
+    run = Autotuner.run
 
-    @functools.wraps(prune)
-    def prune_to_one(self, kwargs):
-        # one config left: the autotuner runs it without benchmarking (no driver to time it with)
-        return prune(self, kwargs)[:1]
+    @functools.wraps(run)
+    def run_one_config(self, *args, **kwargs):
+        configs = self.configs
+        if len(configs) <= 1:
+            return run(self, *args, **kwargs)
+        # the first config the kernel's own pruning keeps for these arguments; with one config the
+        # autotuner runs it without benchmarking (there is no driver to time it with)
+        self.nargs = dict(zip(self.arg_names, args))
+        self.configs = self.prune_configs(kwargs)[:1]
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            self.configs = configs
 
-    Autotuner.prune_configs = prune_to_one
+    Autotuner.run = run_one_config
 
 
 # ------------------------------------------------------------------------------------------------
@@ -252,6 +263,12 @@ def _bf16_through_fp32(interpreter) -> None:
         return fp_to_fp(self, widen(src), dst_type, rounding_mode)
 
     Builder.create_fp_to_fp = fp_to_fp_rounded
+
+    def get_bf16(self, value):
+        # a bf16 constant (tl.zeros/tl.full in bf16); triton 3.7 has no get_bf16 at all
+        return TensorHandle(to_bf16_bits(np.array([value], dtype=np.float32)), tl.bfloat16)
+
+    Builder.get_bf16 = get_bf16
 
     Reduce = interpreter.ReduceScanOpInterface
     apply = Reduce.apply
