@@ -133,6 +133,7 @@ def test_slow_heldout_kl_halves(caches, tmp_path):
     assert again == pytest.approx(kl[-1], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(caches, tmp_path):
     """Kill after a checkpoint (and after some unsaved steps), resume in a new Trainer: the loss curve
     and the final weights are those of the run that was never interrupted, bit for bit."""

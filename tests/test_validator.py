@@ -265,6 +265,7 @@ def test_sigkill_at_random_points_loses_and_double_counts_nothing(tmp_path, mode
     assert n_writes == 1                                               # weights sent once
 
 
+@pytest.mark.slow
 def test_sigterm_stops_cleanly_and_the_round_resumes(tmp_path, models):
     net, owners = _subnet_with_copier(tmp_path, models)
     work = tmp_path / "v"
