@@ -11,15 +11,19 @@ Two loss paths, each in its own fresh subprocess (so each peak memory is its own
 The teacher cache is synthetic (random top-k of the preset's vocab, written with the real cache
 writer and read back through the real reader and packer), so no teacher is needed. Reports the
 median step time and tokens/s (row slots B*T per step) after --warmup untimed steps, the peak
-memory (CUDA: max_memory_allocated; CPU: growth of the process's peak RSS over the step loop),
-and the sparse/naive ratios. --json writes the results.
+memory over the timed steps (CUDA: max_memory_allocated; CPU: the process's peak RSS, its
+high-water mark reset just before the timed steps, see peak_rss.py; and the part of it over the
+RSS between steps, i.e. what a step itself needs), and the sparse/naive ratios. --json writes the
+results.
+
+Before any timing, both loss paths are run once on the same weights and the same batch, in a
+subprocess of their own, and the benchmark stops unless they give the same loss and gradients.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,6 +39,7 @@ from distill.losses import naive_kd_loss
 from distill.optim import build_optimizer
 from distill.teacher_cache import CapturedSequence, TeacherCacheMeta, TeacherCacheWriter, open_teacher_cache
 from distill.trainer import KDStudent
+from peak_rss import PeakRSS
 from quasar_model import QuasarLongConfig, QuasarLongForCausalLM
 
 
@@ -69,17 +74,48 @@ class NaiveKD(nn.Module):
         return naive_kd_loss(logits, topk_ids, topk_logprobs, mask=mask, tail=tail)   # [B, T, V] materialised
 
 
+def build_student(args):
+    torch.manual_seed(0)
+    cfg = QuasarLongConfig.preset(args.preset)
+    return QuasarLongForCausalLM(cfg).to(torch.device(args.device)).train()
+
+
+def uses_amp(args) -> bool:
+    return args.device.startswith("cuda") and args.dtype == "bf16"
+
+
+def check_same_loss(args) -> dict:
+    """Both loss paths on one batch from the same weights: loss and gradients must agree."""
+    device = torch.device(args.device)
+    student = build_student(args)
+    b = PackedLoader(open_teacher_cache(args.cache), args.seq, args.batch, seed=0).next_batch().to(device)
+    out = {}
+    for mode, model in (("sparse", KDStudent(student)), ("naive", NaiveKD(student))):
+        student.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_amp(args)):
+            loss = model(b.input_ids, b.position_ids, b.topk_ids, b.topk_logprobs, b.tail, b.mask, b.labels)
+        loss.backward()
+        grad = torch.cat([p.grad.float().flatten() for p in student.parameters() if p.grad is not None])
+        out[mode] = (loss.float().item(), grad)
+    (ls, gs), (ln, gn) = out["sparse"], out["naive"]
+    grad_err = ((gs - gn).norm() / gn.norm()).item()
+    tol = 2e-2 if uses_amp(args) else 1e-4      # bf16 logits vs fp32 logits; else summation order
+    if not (abs(ls - ln) <= tol * abs(ln) and grad_err <= tol):
+        raise SystemExit(f"sparse and naive paths disagree: loss {ls:.6f} vs {ln:.6f}, "
+                         f"gradient error ratio {grad_err:.2e} (tolerance {tol:g})")
+    return {"loss_sparse": ls, "loss_naive": ln, "grad_err": grad_err}
+
+
 def worker(args) -> dict:
     """Measure one mode in this process; returns its results."""
-    torch.manual_seed(0)
     device = torch.device(args.device)
-    cfg = QuasarLongConfig.preset(args.preset)
-    student = QuasarLongForCausalLM(cfg).to(device).train()
+    student = build_student(args)
+    cfg = student.config
     model = KDStudent(student) if args.mode == "sparse" else NaiveKD(student)
     opt = build_optimizer(student, lr=1e-4, weight_decay=0.1, engram_lr_multiplier=cfg.engram_lr_multiplier)
     cache = open_teacher_cache(args.cache)
     loader = PackedLoader(cache, args.seq, args.batch, seed=0)
-    use_amp = device.type == "cuda" and args.dtype == "bf16"
+    use_amp = uses_amp(args)
 
     def step():
         b = loader.next_batch().to(device)                     # cache read + packing + copy
@@ -98,7 +134,8 @@ def worker(args) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss = PeakRSS()
+    resident = rss.reset()
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
@@ -108,11 +145,14 @@ def worker(args) -> dict:
         times.append(time.perf_counter() - t0)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
-    else:       # KiB on Linux; the growth of the high-water mark over the (already warm) step loop
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2**20
+        step_mem = None
+    else:
+        step_mem = rss.peak_over_baseline() / 1024
+        peak = resident / 1024 + step_mem
     t = statistics.median(times)
     return {"step_s": t, "tokens_per_s": args.batch * args.seq / t, "peak_mem_gib": peak,
-            "loss": float(loss), "params": sum(p.numel() for p in student.parameters())}
+            "step_mem_gib": step_mem, "loss": float(loss),
+            "params": sum(p.numel() for p in student.parameters())}
 
 
 def main():
@@ -136,8 +176,8 @@ def main():
     args.seq = args.seq or (2048 if on_gpu else 128)
     args.batch = args.batch or (4 if on_gpu else 8)
 
-    if args.mode:           # worker: one mode, results as the last stdout line
-        print(json.dumps(worker(args)))
+    if args.mode:           # worker: one mode (or the check), results as the last stdout line
+        print(json.dumps(check_same_loss(args) if args.mode == "check" else worker(args)))
         return
 
     vocab = QuasarLongConfig.preset(args.preset).vocab_size
@@ -147,28 +187,38 @@ def main():
         t0 = time.perf_counter()
         cache = synthetic_cache(Path(tmp), n_seq, args.seq, vocab, args.k)
         print(f"synthetic teacher cache: {n_seq} sequences, k={args.k}, V={vocab} ({time.perf_counter() - t0:.1f} s)")
-        for mode in args.modes:
+        for mode in ["check"] + args.modes:
             cmd = [sys.executable, __file__, "--mode", mode, "--cache", str(cache)] + [
                 f"--{a}={getattr(args, a)}" for a in ("device", "preset", "seq", "batch", "k", "dtype", "steps", "warmup")]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
                 tail = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "?"
+                if mode == "check":
+                    raise SystemExit(f"not timing: {tail}")
                 results[mode] = {"error": tail}
                 print(f"  {mode:<6} failed: {tail}")
                 continue
-            results[mode] = json.loads(res.stdout.strip().splitlines()[-1])
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            if mode == "check":
+                print(f"same batch, same weights: loss sparse {r['loss_sparse']:.6f}, naive {r['loss_naive']:.6f}, "
+                      f"gradient error ratio {r['grad_err']:.1e}")
+                continue
+            results[mode] = r
 
     amp = "bf16 autocast" if on_gpu and args.dtype == "bf16" else "fp32"
     print(f"{args.preset} distill step (cache read + pack + fwd/bwd + KD + AdamW + MoE bias), "
           f"{args.batch}x{args.seq} tokens, k={args.k}, {amp}, {args.device}")
     for mode, r in results.items():
         if "error" not in r:
+            step = "" if r["step_mem_gib"] is None else f" (a step's own: {r['step_mem_gib']:.3f} GiB)"
             print(f"  {mode:<6} {r['tokens_per_s']:>12,.0f} tok/s  step {r['step_s'] * 1e3:8.1f} ms  "
-                  f"peak {r['peak_mem_gib']:.2f} GiB  loss {r['loss']:.4f}")
+                  f"peak {r['peak_mem_gib']:.3f} GiB{step}  loss {r['loss']:.4f}")
     s, n = results.get("sparse", {}), results.get("naive", {})
     if "tokens_per_s" in s and "tokens_per_s" in n:
+        step = "" if s["step_mem_gib"] is None else \
+            f", a step's own memory {s['step_mem_gib'] / max(n['step_mem_gib'], 1e-9):.2f}x"
         print(f"  sparse/naive: throughput {s['tokens_per_s'] / n['tokens_per_s']:.2f}x, "
-              f"peak memory {s['peak_mem_gib'] / max(n['peak_mem_gib'], 1e-9):.2f}x")
+              f"peak memory {s['peak_mem_gib'] / max(n['peak_mem_gib'], 1e-9):.2f}x{step}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)

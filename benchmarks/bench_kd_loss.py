@@ -8,20 +8,21 @@ loss (naive: logits = hidden @ W.T in full, then naive_kd_loss), and take its gr
 Reports the median forward+backward time of --repeats runs after --warmup untimed ones, the peak
 memory of each, both loss values, and the ratios.
 
-Memory: each path runs in its own fresh subprocess. There, ru_maxrss (the peak resident set size
-of the process, from getrusage) is read once after the inputs are built and the kernels warmed up
-on a 16-token problem (the baseline), and again after all runs; the difference is the extra peak
-resident memory the loss needed, gradients included (dW is [V, D]). ru_maxrss is a high-water mark,
-so nothing built before the baseline can hide in it, and the teacher is generated without ever
-making a [T, V] tensor. Caveat: it counts resident pages, i.e. memory actually touched (the
-allocator hands large blocks back to the OS on free, so freed blocks do not linger in it).
+Memory: each path runs in its own fresh subprocess. There, after the inputs are built and the
+kernels warmed up on a 16-token problem, the process's peak resident size (VmHWM) is reset to the
+current resident size (the baseline; see peak_rss.py), and read again after all runs: the
+difference is the extra peak resident memory the loss needed, gradients included (dW is [V, D]).
+The reset matters: building the inputs holds temporaries (`torch.randn(V, D) * s` is two [V, D]
+tensors at once), and a high-water mark that still held them would hide the part of each path's
+peak below them. The teacher is generated without ever making a [T, V] tensor. Caveat: it counts
+resident pages, i.e. memory actually touched (the allocator hands large blocks back to the OS on
+free, so freed blocks do not linger in it).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,7 @@ import time
 import torch
 
 from distill.losses import chunked_kd_loss, naive_kd_loss
+from peak_rss import PeakRSS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -63,10 +65,6 @@ def loss_fn(mode, args):
     return run
 
 
-def maxrss_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
-
-
 def child(mode, args):
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
@@ -82,7 +80,8 @@ def child(mode, args):
         return loss.item(), grads
 
     step(16)                       # load kernels / thread pools at a negligible size
-    base = maxrss_mib()
+    rss = PeakRSS()
+    base = rss.reset()
     times, value = [], None
     for i in range(args.warmup + args.repeats):
         t0 = time.perf_counter()
@@ -91,9 +90,8 @@ def child(mode, args):
         del grads
         if i >= args.warmup:
             times.append(dt)
-    peak = maxrss_mib()
     print(json.dumps(dict(mode=mode, time_s=statistics.median(times), times=times, base_mib=base,
-                          peak_mib=peak - base, loss=value)))
+                          peak_mib=rss.peak_over_baseline(), loss=value)))
 
 
 def main():
@@ -124,8 +122,8 @@ def main():
     print(f"one [T, V] fp32 tensor = {T * V * 4 / 2**20:.0f} MiB; one [chunk, V] = "
           f"{min(args.chunk_size, T) * V * 4 / 2**20:.0f} MiB; [V, D] fp32 = {V * D * 4 / 2**20:.0f} MiB")
     print(f"forward+backward (grads w.r.t. hidden and lm_head weight): median of {args.repeats} after "
-          f"{args.warmup} warmup; peak = ru_maxrss after the runs - ru_maxrss before the first "
-          "full-size call, each path in a fresh subprocess\n")
+          f"{args.warmup} warmup; peak = peak RSS over the runs (VmHWM, reset after building the inputs) "
+          "- RSS before the first full-size call, each path in a fresh subprocess\n")
     res = {}
     for mode in ([args.only] if args.only else ["naive", "chunked"]):
         cmd = [sys.executable, os.path.abspath(__file__), "--child", mode] + sys.argv[1:]
@@ -140,7 +138,7 @@ def main():
               f"   loss {r['loss']:.7f}")
     if len(res) == 2:
         n, c = res["naive"], res["chunked"]
-        print(f"\nmemory naive/chunked : {n['peak_mib'] / c['peak_mib']:6.1f}x   (goal >= 10x)")
+        print(f"\nmemory naive/chunked : {n['peak_mib'] / c['peak_mib']:6.2f}x   (goal >= 10x)")
         print(f"time chunked/naive   : {c['time_s'] / n['time_s']:6.2f}    (goal <= 1.0)")
         print(f"loss |naive-chunked| : {abs(n['loss'] - c['loss']):.2e}  (relative "
               f"{abs(n['loss'] - c['loss']) / abs(n['loss']):.1e})")

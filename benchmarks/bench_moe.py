@@ -3,7 +3,9 @@
 Times the whole MoE layer (router + experts + combine, no shared expert) with
 each dispatch strategy on the same weights and inputs; forward alone and
 forward+backward. Reports the median (and min) over `--iters` after `--warmup`
-runs; variants are interleaved so background load skews them equally.
+runs; variants are interleaved so background load skews them equally. Before any timing, every
+variant's output and gradients (input and weights) are checked against the first one's: a
+variant that computes something else stops the benchmark.
 
     python benchmarks/bench_moe.py                      # CPU defaults
     python benchmarks/bench_moe.py --device cuda --dtype bfloat16 --tokens 65536 --hidden 2048
@@ -41,6 +43,33 @@ def bench(fns, device, warmup, iters, clock=time.perf_counter):
             sync(device)
             times[name].append(clock() - t0)
     return {name: (statistics.median(t), min(t)) for name, t in times.items()}
+
+
+def rel_err(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def check_same(moe, x, modes, tol):
+    """Each dispatch mode's output and gradients against the first mode's; exits if any differs."""
+    results = {}
+    for mode in modes:
+        moe.dispatch = mode
+        moe.zero_grad(set_to_none=True)
+        xg = x.detach().clone().requires_grad_()
+        y = moe(xg)
+        y.float().square().mean().backward()
+        results[mode] = [("output", y.detach())] + [("d_input", xg.grad)] + [
+            (f"d_{n}", p.grad) for n, p in moe.named_parameters() if p.grad is not None]
+    ref_mode, ref = modes[0], results[modes[0]]
+    for mode in modes[1:]:
+        errs = {name: rel_err(got, want) for (name, got), (_, want) in zip(results[mode], ref, strict=True)}
+        worst = max(errs, key=errs.get)
+        print(f"{mode} vs {ref_mode}: worst relative error {errs[worst]:.1e} ({worst})")
+        if not errs[worst] < tol:
+            raise SystemExit(f"{mode} and {ref_mode} compute different things: {worst} differs by "
+                             f"{errs[worst]:.2e} (tolerance {tol:g}); not timing")
+    moe.zero_grad(set_to_none=True)
 
 
 def main():
@@ -82,6 +111,8 @@ def main():
     modes = [m for m in args.modes.split(",") if m]
     if "grouped_mm" in modes and not _grouped_mm_ok(device, dtype, args.hidden, args.inter):
         modes.remove("grouped_mm")
+    # summation order only in fp32; bf16 rounds the expert outputs at different points
+    check_same(moe, x, modes, tol=1e-5 if dtype == torch.float32 else 2e-2)
 
     def fwd(mode):
         def run():

@@ -27,4 +27,5 @@ locked, latest = read_lock("requirements.lock"), read_lock(sys.argv[1])
 moved = [f"  {n}: {locked.get(n, '(new)')} -> {v}" for n, v in sorted(latest.items()) if locked.get(n) != v]
 print("\n".join(moved) if moved else "  nothing: the lock is the newest stack")
 PY
-python -m pytest -q "$@"
+python -m pytest -q -m "slow or not slow" "$@"
+TRITON_INTERPRET=1 python -m pytest -q tests/interpret

@@ -14,7 +14,7 @@ whose size depends on the machine's summation order, against 2e-8 relative in fl
 leaves too little noise to amplify, so a tight tolerance tests the parallel math (which rows
 each rank reads, loss scaling, gradient and MoE-bias all-reduce) and not float luck.
 
-Slow: each test launches torchrun (~10-20 s).
+Slow: each test launches torchrun (~10-20 s); marked `slow`, so only the full run has them.
 """
 import json
 import os
@@ -102,12 +102,14 @@ def assert_same_run(a, b):
             assert ra["tokens"] == rb["tokens"]
 
 
+@pytest.mark.slow
 def test_slow_ddp_two_processes_match_one(config_file, one_process, tmp_path):
     two = torchrun(config_file, tmp_path / "ddp", "parallel=ddp")
     assert_same_run(two, one_process)
     assert (tmp_path / "ddp" / "final" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_slow_the_comparison_catches_an_unsynchronised_moe_bias(config_file, one_process, tmp_path):
     """Negative control: the same 2-rank run with one deliberate bug, each rank moving its MoE
     routing bias from its own loads only, must fail the comparison above by far more than REL."""
@@ -124,6 +126,7 @@ def test_slow_the_comparison_catches_an_unsynchronised_moe_bias(config_file, one
     assert gap > 100 * REL, gap
 
 
+@pytest.mark.slow
 def test_slow_fsdp2_two_processes_match_one_and_resume_in_one(config_file, one_process, tmp_path):
     two = torchrun(config_file, tmp_path / "fsdp", "parallel=fsdp")
     assert_same_run(two, one_process)
@@ -139,6 +142,7 @@ def test_slow_fsdp2_two_processes_match_one_and_resume_in_one(config_file, one_p
     assert rec["loss"] == pytest.approx(last["loss"], rel=1e-6)      # same weights and state as rank 0 had
 
 
+@pytest.mark.slow
 def test_slow_ddp_structural_hidden_mse_two_processes_match_one(config_file, tmp_path):
     """The live teacher runs on every rank over that rank's rows; the hidden-state MSE is a mean over
     target positions like the KD loss, so the 2-rank run is the 1-process run."""

@@ -4,7 +4,7 @@ The end-to-end tests distill the project's tiny teacher (trained on the local co
 ~70 s, then cached) into a `tiny` student through teacher caches of the corpus's train and held-out
 splits (captured once, ~15 s, then reused from $QUASAR_CACHE/test-teacher-caches).
 
-Slow: `test_slow_heldout_kl_halves` (~35-45 s of training). Skip with `-k "not slow"`.
+Slow: `test_slow_heldout_kl_halves` (~35-45 s of training); marked `slow`, so only the full run has it.
 """
 import json
 import time
@@ -108,6 +108,7 @@ def test_config_file_overrides_and_errors(tmp_path):
 # -----------------------------------------------------------------------------
 # end to end
 
+@pytest.mark.slow
 def test_slow_heldout_kl_halves(caches, tmp_path):
     """Tiny teacher -> tiny student on the corpus train split: held-out KL at least halves in ~a CPU-minute."""
     cfg = tiny_config(caches, tmp_path / "run")
@@ -132,6 +133,7 @@ def test_slow_heldout_kl_halves(caches, tmp_path):
     assert again == pytest.approx(kl[-1], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(caches, tmp_path):
     """Kill after a checkpoint (and after some unsaved steps), resume in a new Trainer: the loss curve
     and the final weights are those of the run that was never interrupted, bit for bit."""

@@ -211,6 +211,7 @@ def test_round_items_are_a_function_of_the_seed(round_inputs, comp):
     assert items_digest(recall_items(comp, SEED + 1, tok)) != items_digest(round_inputs.items)
 
 
+@pytest.mark.slow
 def test_composite_orders_random_trained_teacher_and_cli_is_reproducible(
         round_inputs, comp, comp_file, cache_root, teacher, trained_student, random_result, tmp_path):
     from eval.cli import main

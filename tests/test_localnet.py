@@ -3,7 +3,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_localnet_best_honest_miner_wins_and_the_copier_gets_nothing(tmp_path):
     out = tmp_path / "run"
     p = subprocess.run([sys.executable, "-m", "neurons.cli", "localnet", "--dir", str(out), "--timeout", "600"],

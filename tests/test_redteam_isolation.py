@@ -54,6 +54,7 @@ def isolation_children() -> list[str]:
     return [line for line in out.splitlines() if "neurons.isolation" in line and "ps -eo" not in line]
 
 
+@pytest.mark.slow
 def test_1b_huge_finite_weights_are_rejected_at_evaluate_and_the_round_goes_on(tmp_path, models):
     net = Net(tmp_path)
     honest = net.commit("honest", plant(net.storage, models["honest"], "honest/ckpt"))
@@ -113,6 +114,7 @@ def test_non_finite_values_are_found_anywhere_in_a_result():
     assert first_non_finite({"fingerprint": [0.0, float("-inf")]}) == "result.fingerprint.1"
 
 
+@pytest.mark.slow
 def test_a_submission_whose_evaluation_kills_the_validator_twice_is_rejected(tmp_path, models):
     net = Net(tmp_path)
     honest = net.commit("honest", plant(net.storage, models["honest"], "honest/ckpt"))

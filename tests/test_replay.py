@@ -45,6 +45,7 @@ def _copy_state(work, dest):
     return dst
 
 
+@pytest.mark.slow
 def test_replay_reproduces_the_round_and_a_tampered_result_is_caught(scored, tmp_path, capsys):
     net, owners, work = scored
     assert _replay(net, work, tmp_path / "out") == 0

@@ -44,6 +44,7 @@ def test_generations_are_teacher_text_in_the_student_vocabulary(setup):
     assert VocabMap(teacher_tok, student_tok).coverage < 0.6          # the case this fallback exists for
 
 
+@pytest.mark.slow
 def test_ce_on_teacher_generations_trains_the_student(setup, tmp_path):
     d, gen, cache_dir, student_tok, teacher_tok = setup
     cfg = load_config(None, [f"data.train_cache={cache_dir}", f"data.tokenizer={d / 'student-tok'}",

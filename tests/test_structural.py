@@ -191,6 +191,7 @@ def test_live_teacher_targets_on_packed_rows_are_per_document():
 # -----------------------------------------------------------------------------
 # end to end: init-student, then distill with hidden-state MSE against the live teacher
 
+@pytest.mark.slow
 def test_structural_distillation_end_to_end(tmp_path, capsys):
     from distill.cli import main as cli_main
     from distill.cli import teacher_cache_main

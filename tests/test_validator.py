@@ -221,6 +221,7 @@ def _validator_cmd(net: Subnet, work: Path, *extra: str) -> list[str]:
             str(net.storage), "--max-rounds", "1", "--status-port", "-1", "--poll-seconds", "0.1", "--quiet", *extra]
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_loses_and_double_counts_nothing(tmp_path, models):
     # more submissions than the other tests: a round long enough to be killed in ten times
     net, owners = _subnet_with_copier(tmp_path, models, extra_seeds=range(4, 10))
@@ -276,6 +277,7 @@ def test_sigkill_at_random_points_loses_and_double_counts_nothing(tmp_path, mode
     assert n_writes == 1                                               # weights sent once
 
 
+@pytest.mark.slow
 def test_sigterm_stops_cleanly_and_the_round_resumes(tmp_path, models):
     net, owners = _subnet_with_copier(tmp_path, models)
     work = tmp_path / "v"
