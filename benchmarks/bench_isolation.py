@@ -19,7 +19,7 @@ import torch
 
 from eval.competition import load_competition
 from eval.evaluate import load_student, prepare_round, score_model
-from neurons.isolation import evaluate_isolated, save_round_inputs
+from neurons.isolation import EvaluationFailed, evaluate_isolated, save_round_inputs
 
 
 def main() -> None:
@@ -53,7 +53,18 @@ def main() -> None:
     def child():
         return evaluate_isolated(ckpt, path, "x", device=args.device)
 
+    def startup():  # the child's fixed cost: interpreter, imports, round inputs; it stops at the missing checkpoint
+        try:
+            evaluate_isolated(tmp / "missing", path, "x", device=args.device)
+        except EvaluationFailed:
+            pass
+
     in_process()  # warm-up: first-call costs belong to neither side
+    starts = []
+    for _ in range(args.iters):
+        t0 = time.perf_counter()
+        startup()
+        starts.append(time.perf_counter() - t0)
     times = {"in-process": [], "child": []}
     same = True
     for _ in range(args.iters):
@@ -67,6 +78,7 @@ def main() -> None:
     print(f"competition {comp.name}, device {args.device}, {args.iters} runs each (median):")
     print(f"  in-process  {a:7.2f} s")
     print(f"  child       {b:7.2f} s   overhead {b - a:+.2f} s per submission ({b / a:.2f}x)")
+    print(f"  child start-up alone (interpreter, imports, round inputs): {statistics.median(starts):.2f} s")
     print(f"  round inputs written once per round: {save_s:.2f} s, {path.stat().st_size / 1e6:.1f} MB")
     print(f"  identical results: {same}")
 
