@@ -152,7 +152,7 @@ def _teacher_fingerprint(comp: Competition, seed: int, probes: torch.Tensor, ide
         saved = torch.load(path, weights_only=True)
         return saved["ids"], saved["teacher"]
     teacher = load_teacher()
-    ids = fingerprint_ids(teacher, probes, seed)
+    ids = fingerprint_ids(teacher, probes, seed, comp.student.vocab_size)
     fp = logit_fingerprint(teacher, probes, ids)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -151,16 +151,19 @@ def _probe_logprobs(model, probes: torch.Tensor):
         model.train(was_training)
 
 
-def fingerprint_ids(teacher, probes: torch.Tensor, seed: int, top: int = FP_TOP, spread: int = FP_SPREAD) -> torch.Tensor:
+def fingerprint_ids(teacher, probes: torch.Tensor, seed: int, vocab_size: int, top: int = FP_TOP,
+                    spread: int = FP_SPREAD) -> torch.Tensor:
     """The vocabulary ids read at each probe position, [count, FP_POSITIONS, top + spread]: the
     teacher's `top` most likely ids there, then `spread` ids drawn from the round seed over the whole
-    vocabulary (repeats allowed: a draw is cheaper than a permutation of 250k ids)."""
+    vocabulary (repeats allowed: a draw is cheaper than a permutation of 250k ids). Only ids below
+    `vocab_size` (the student's) are read: a teacher's LM head may carry padding rows past it."""
     out = []
     g = torch.Generator().manual_seed(derived_seed(seed, "fingerprint-ids"))
     for _, lp in _probe_logprobs(teacher, probes):
-        vocab = lp.shape[-1]
-        best = lp.topk(min(top, vocab), dim=-1).indices.cpu()
-        drawn = torch.randint(0, vocab, (*best.shape[:2], spread), generator=g)
+        if lp.shape[-1] < vocab_size:
+            raise ValueError(f"the teacher reads {lp.shape[-1]} ids, fewer than the student's vocab_size {vocab_size}")
+        best = lp[..., :vocab_size].topk(min(top, vocab_size), dim=-1).indices.cpu()
+        drawn = torch.randint(0, vocab_size, (*best.shape[:2], spread), generator=g)
         out.append(torch.cat([best, drawn], dim=-1))
     return torch.cat(out)
 

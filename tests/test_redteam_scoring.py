@@ -184,7 +184,7 @@ def test_threshold_separates_copies_from_independent_students(students, teacher)
     rows = []
     for seed in (1, 2, 3):
         probes = fingerprint_probes(16, 32, 1024, seed)
-        ids = fingerprint_ids(teacher[0], probes, seed)
+        ids = fingerprint_ids(teacher[0], probes, seed, 1024)
         ref = logit_fingerprint(teacher[0], probes, ids)
         fp = {k: without_teacher(logit_fingerprint(m, probes, ids), ref)
               for k, m in models.items() if not k.startswith("teacher")}

@@ -140,9 +140,22 @@ def _perturbed(model, relative, seed=5):
     return out
 
 
+class PaddedHead(torch.nn.Module):
+    """A model whose LM head carries `pad` extra rows (as Qwen's does), each scoring above every real id."""
+
+    def __init__(self, model, pad):
+        super().__init__()
+        self.model, self.pad = model, pad
+
+    def forward(self, **kw):
+        logits = self.model(**kw).logits
+        extra = logits.amax(-1, keepdim=True).expand(*logits.shape[:-1], self.pad) + 10.0
+        return type("Out", (), {"logits": torch.cat([logits, extra], dim=-1)})()
+
+
 def _round_probes(seed, teacher):
     probes = fingerprint_probes(SCORE.fingerprint_probes, 24, QuasarLongConfig.preset("tiny").vocab_size, seed)
-    return probes, fingerprint_ids(teacher, probes, seed)
+    return probes, fingerprint_ids(teacher, probes, seed, QuasarLongConfig.preset("tiny").vocab_size)
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +180,13 @@ def test_probes_and_ids_come_from_the_round_seed_and_span_the_vocabulary():
     with torch.no_grad():
         top = teacher(input_ids=p1, use_cache=False).logits[:, -8:].argmax(-1)
     assert torch.equal(i1[..., 0], top)
+    # a teacher whose LM head has padding rows past the student's vocabulary: never read there
+    padded = PaddedHead(teacher, 64)
+    with torch.no_grad():
+        assert int(padded(input_ids=p1).logits.argmax(-1).min()) >= vocab  # padding would be every top id
+    assert int(fingerprint_ids(padded, p1, 1, vocab).max()) < vocab
+    with pytest.raises(ValueError, match="fewer than the student's vocab_size"):
+        fingerprint_ids(teacher, p1, 1, vocab + 1)
 
 
 def test_functional_copy_threshold_on_real_logits(fingerprints):
