@@ -32,6 +32,8 @@ class CompetitionError(ValueError):
 class TeacherSpec:
     id: str                    # Hugging Face repo id or local path; "tiny-teacher" = distill.tiny_teacher
     revision: str              # pinned commit on the Hub ("local" for the tiny teacher)
+    # parameter count, pinned here so the student bound is checked offline before any download
+    params: int
     dtype: str = "bfloat16"
 
 
@@ -48,7 +50,15 @@ class StudentSpec:
     max_total_params: int
     max_layers: int
     max_hidden: int
+    # Active parameters (per token: routed experts counted k of E) at most this times teacher.params.
+    # A student that computes the teacher's function holds every teacher weight active on every
+    # token, so a ratio below 1 refuses the teacher (and any student built around it) on the meta
+    # device; counting active rather than total parameters leaves room for large sparse MoE students.
+    max_active_params_vs_teacher: float
     max_loops: int = 4
+
+    def max_active_params(self, teacher_params: int) -> int:
+        return int(self.max_active_params_vs_teacher * teacher_params)
 
 
 @dataclass(frozen=True)
@@ -81,7 +91,11 @@ class ScoreSpec:
     bootstrap_resamples: int = 1000
     confidence: float = 0.95   # one-sided: the lower bound of the improvement's interval
     ema_alpha: float = 0.3     # weight of this round in the per-hotkey score EMA
-    functional_copy_threshold: float = 0.999  # fingerprint similarity above which a later model is a copy
+    functional_copy_threshold: float = 0.9    # fingerprint similarity above which a later model is a copy
+    # similarity to the teacher's readings above which a submission is the teacher: stricter than the
+    # copy gate, because an honest student improves by approaching the teacher (the size bound is
+    # what keeps teacher-sized models out)
+    teacher_threshold: float = 0.999
     fingerprint_probes: int = 32              # probe sequences in the logit fingerprint
     degenerate_max_repeat: float = 0.5        # share of greedy output a single repeated n-gram may fill
 
@@ -148,6 +162,9 @@ class Competition:
                         ("score.fingerprint_probes", self.score.fingerprint_probes),
                         ("schedule.cadence_blocks", self.schedule.cadence_blocks), ("schedule.weights_top_k", self.schedule.weights_top_k)]:
             need(v >= 1, path, f"must be >= 1, got {v}")
+        need(self.teacher.params >= 1, "teacher.params", f"must be >= 1 (the teacher's parameter count), got {self.teacher.params}")
+        need(0 < self.student.max_active_params_vs_teacher <= 1, "student.max_active_params_vs_teacher",
+             f"must be in (0, 1]: above 1 a student can hold the whole teacher, got {self.student.max_active_params_vs_teacher}")
         need(self.heldout.topk <= self.student.vocab_size, "heldout.topk", "larger than the vocabulary")
         need(self.heldout.temperature > 0, "heldout.temperature", "must be > 0")
         need(self.schedule.eval_delay_blocks >= 0, "schedule.eval_delay_blocks", "must be >= 0")
@@ -164,6 +181,7 @@ class Competition:
         need(0.5 <= self.score.confidence < 1, "score.confidence", "must be in [0.5, 1)")
         need(0 < self.score.ema_alpha <= 1, "score.ema_alpha", "must be in (0, 1]")
         need(0 < self.score.functional_copy_threshold <= 1, "score.functional_copy_threshold", "must be in (0, 1]")
+        need(0 < self.score.teacher_threshold <= 1, "score.teacher_threshold", "must be in (0, 1]")
         need(0 < self.score.degenerate_max_repeat <= 1, "score.degenerate_max_repeat", "must be in (0, 1]")
         for package, version in self.eval_stack.items():
             need(bool(package.strip()) and bool(version.strip()) and "+" not in version, f"eval_stack.{package}",

@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 
 from eval.competition import Competition, load_competition
-from eval.gates import fingerprint_probes, logit_fingerprint
+from eval.gates import fingerprint_ids, fingerprint_probes, fingerprint_similarity, logit_fingerprint, without_teacher
 from eval.heldout import HeldoutSet, load_pool, prepare_heldout, sample_documents, score_heldout
 from eval.recall import greedy_decode, run_recall
 from eval.recall_tasks import TaskItem, generate_items
@@ -112,6 +112,21 @@ def default_cache_root() -> Path:
     return cache_root() / "eval"
 
 
+# Model names round their sizes ("9B"): a pin within this of the loaded teacher's count describes
+# it; further off, the competition file names another teacher and the student bound is wrong.
+TEACHER_PARAMS_TOLERANCE = 0.10
+
+
+def check_teacher_params(competition: Competition, teacher) -> None:
+    """Refuse to score with a teacher whose parameter count is not the competition's `teacher.params`."""
+    pinned = competition.teacher.params
+    got = sum(p.numel() for p in teacher.parameters())
+    if abs(got - pinned) > TEACHER_PARAMS_TOLERANCE * pinned:
+        raise ValueError(f"teacher {competition.teacher.id!r} has {got:,} parameters, the competition pins "
+                         f"teacher.params={pinned:,}: the student bound (student.max_active_params_vs_teacher) "
+                         "would be computed for another model; fix teacher.params")
+
+
 # -----------------------------------------------------------------------------
 # one round's inputs
 
@@ -122,7 +137,28 @@ class RoundInputs:
     tokenizer: HFTextTokenizer
     heldout: HeldoutSet
     items: list[TaskItem]
-    probes: torch.Tensor    # [fingerprint_probes, PROBE_LEN]
+    probes: torch.Tensor    # [fingerprint_probes, PROBE_LEN], from the seed
+    fp_ids: torch.Tensor    # [fingerprint_probes, FP_POSITIONS, ids]: vocabulary ids read (eval.gates.fingerprint_ids)
+    teacher_fingerprint: torch.Tensor  # the teacher's own fingerprint on the same probes and ids
+
+
+def _teacher_fingerprint(comp: Competition, seed: int, probes: torch.Tensor, identity: dict, cache_root: Path,
+                         load_teacher) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, the teacher's fingerprint) on this round's probes, cached by content like the held-out
+    outputs so a restart or a replay does not load the teacher again."""
+    blob = json.dumps(dict(teacher=identity, seed=seed, probes=probes.tolist()), sort_keys=True)
+    path = cache_root / "fingerprint" / f"{hashlib.sha256(blob.encode()).hexdigest()}.pt"
+    if path.exists():
+        saved = torch.load(path, weights_only=True)
+        return saved["ids"], saved["teacher"]
+    teacher = load_teacher()
+    ids = fingerprint_ids(teacher, probes, seed, comp.student.vocab_size)
+    fp = logit_fingerprint(teacher, probes, ids)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({"ids": ids, "teacher": fp}, tmp)
+    os.replace(tmp, path)  # concurrent validators never read half a file
+    return ids, fp
 
 
 def prepare_round(competition, seed: int, *, cache_root=None, device="cpu", progress: bool = False) -> RoundInputs:
@@ -134,20 +170,27 @@ def prepare_round(competition, seed: int, *, cache_root=None, device="cpu", prog
     h = comp.heldout
     docs = sample_documents(load_pool(h.dataset, h.split, h.text_field, h.pool), seed, h.documents, tok, h.seq_len)
     location, revision = teacher_location(comp)
+    loaded = []
 
-    def load():
-        from distill.teacher import load_teacher
+    def load():  # at most once per round, and only on a cache miss
+        if not loaded:
+            from distill.teacher import load_teacher
 
-        return load_teacher(location, revision=revision, dtype=comp.teacher.dtype, device=device)
+            loaded.append(load_teacher(location, revision=revision, dtype=comp.teacher.dtype, device=device))
+            check_teacher_params(comp, loaded[0][0])
+        return loaded[0]
 
-    heldout = prepare_heldout(docs, seed, teacher=_teacher_identity(comp, location), k=h.topk,
-                              temperature=h.temperature, cache_root=cache_root or default_cache_root(),
+    identity = _teacher_identity(comp, location)
+    root = Path(cache_root or default_cache_root())
+    heldout = prepare_heldout(docs, seed, teacher=identity, k=h.topk,
+                              temperature=h.temperature, cache_root=root,
                               load_teacher=load,
                               tokenizer_fingerprint=comp.tokenizer.fingerprint or None, device=device,
                               progress=progress)
     items = recall_items(comp, seed, tok)
-    probes = fingerprint_probes(comp.score.fingerprint_probes, PROBE_LEN, comp.student.vocab_size)
-    return RoundInputs(comp, seed, tok, heldout, items, probes)
+    probes = fingerprint_probes(comp.score.fingerprint_probes, PROBE_LEN, comp.student.vocab_size, seed)
+    ids, teacher_fp = _teacher_fingerprint(comp, seed, probes, identity, root, lambda: load()[0])
+    return RoundInputs(comp, seed, tok, heldout, items, probes, ids, teacher_fp)
 
 
 # -----------------------------------------------------------------------------
@@ -176,9 +219,15 @@ def score_model(model, inputs: RoundInputs, *, hotkey: str = "local", model_hash
     for o in run_recall(model, inputs.items, prefill_chunk=r.prefill_chunk, max_answer_tokens=r.max_answer_tokens,
                         device=device, progress=progress):
         items.append(ItemResult("recall", f"recall/{o.item_id}", 1.0 if o.correct else 0.0))
-    fp = logit_fingerprint(model, inputs.probes)
+    raw = logit_fingerprint(model, inputs.probes, inputs.fp_ids)
     conts = continuations(model, inputs.heldout, prefill_chunk=r.prefill_chunk, device=device)
-    return SubmissionResult(hotkey, model_hash or state_dict_hash(model), commit_block, items, fp, conts)
+    if torch.isfinite(raw).all():
+        teacher_sim = fingerprint_similarity(raw, inputs.teacher_fingerprint)
+        fp = without_teacher(raw, inputs.teacher_fingerprint)  # what the copy gate compares (eval.gates)
+    else:  # an overflowing model has no similarity; the scoring rule decides what it is worth
+        teacher_sim, fp = None, raw
+    return SubmissionResult(hotkey, model_hash or state_dict_hash(model), commit_block, items, fp, conts,
+                            teacher_similarity=teacher_sim)
 
 
 # -----------------------------------------------------------------------------
@@ -252,5 +301,5 @@ def evaluate_checkpoint(model_or_path, competition, seed: int, *, cache_root=Non
 
 
 __all__ = ["HFTextTokenizer", "RoundInputs", "teacher_location", "resolve_tokenizer", "recall_items",
-           "default_cache_root", "prepare_round", "continuations", "score_model", "checkpoint_hash",
+           "default_cache_root", "check_teacher_params", "prepare_round", "continuations", "score_model", "checkpoint_hash",
            "state_dict_hash", "load_student", "evaluate_checkpoint"]

@@ -9,26 +9,43 @@ degenerate       Greedy output on the probes is dominated by a loop. For each co
 exact_copy       The earliest commitment of a weight hash owns it; a later commitment of the same
                  hash is a copy.
 functional_copy  A copy with its weights perturbed has a new hash but the same function. The logit
-                 fingerprint is the log-softmax at fixed positions and vocabulary ids of fixed probe
-                 sequences; similarity is the cosine of the two fingerprints after removing each
-                 one's mean (Pearson correlation). Log-probs rather than probs: most of the
-                 fingerprint then comes from tail tokens, which distillation on the teacher's top-k
-                 leaves unconstrained, so independently trained students disagree there while a
-                 perturbed copy does not. The correlation ignores a shift or a temperature
-                 change of the logits: those are copies too.
+                 reading is the log-softmax at the last positions of probe sequences, at a set of
+                 vocabulary ids per position. Every honest student approaches the teacher, so the
+                 part of a reading the teacher's own reading explains says nothing about copying:
+                 the fingerprint is the reading, centred, with its component along the teacher's
+                 centred reading projected out (`without_teacher`). Similarity is the cosine of two
+                 fingerprints after removing each one's mean (Pearson correlation; on these, the
+                 partial correlation given the teacher). It ignores a shift or a temperature
+                 change of the logits: those are copies too. Log-probs rather than probs: most of
+                 the reading then comes from tail tokens, which distillation on the teacher's
+                 top-k leaves unconstrained, so independently trained students disagree there
+                 while a perturbed copy does not.
+teacher          The teacher itself (or a student built to compute its function): the same
+                 similarity between the raw log-softmax readings of the submission and the teacher
+                 on the same probes and ids.
 
-The probes are fixed (`fingerprint_probes`), not drawn from the round seed, so a fingerprint stored
-in one round is comparable with one taken in any later round.
+Probes and ids come from the round seed (`fingerprint_probes`, `fingerprint_ids`): uniform random
+token sequences, and per probe position the teacher's top tokens there plus ids drawn uniformly
+over the whole vocabulary. With fixed public probes and ids a copier could perturb just the
+`lm_head` rows read, or fine-tune just enough to move those log-probs; drawn fresh each round
+from a seed revealed after the commitments, nothing short of changing the whole function moves
+the fingerprint. The cost: a fingerprint is only comparable with one taken on the same round's
+probes, so every comparison is between models scored in the same round (the validator scores
+the leader and every eligible submission each round).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Mapping, Sequence
 
 import torch
 
 MAX_PERIOD = 8
-PROBE_SEED = 24  # fixed for the life of a competition: stored fingerprints stay comparable
+FP_POSITIONS = 8   # last positions of each probe read
+FP_TOP = 16        # the teacher's most likely ids per position: where KL is scored, a copy must keep them
+FP_SPREAD = 48     # seeded ids over the whole vocabulary per position: the tail where students differ
+PROBE_CHUNK = 8    # probes per forward: a 250k vocabulary makes [probes, positions, V] the memory peak
 
 
 def loop_tokens(tokens: Sequence[int], max_period: int = MAX_PERIOD) -> int:
@@ -101,35 +118,83 @@ def functional_copy(fp, earlier_fps: Mapping[str, object], threshold: float) -> 
     return best_key if best > threshold else None
 
 
-def fingerprint_probes(count: int, length: int, vocab_size: int, seed: int = PROBE_SEED) -> torch.Tensor:
-    """`count` fixed token sequences of `length` uniform random ids: off-distribution input, where
-    models differ most in their own idiosyncratic ways."""
-    if count < 1 or length < 1 or vocab_size < 2:
-        raise ValueError(f"probes need count, length >= 1 and vocab_size >= 2, got {count}, {length}, {vocab_size}")
-    g = torch.Generator().manual_seed(seed)
+def derived_seed(seed: int, purpose: str) -> int:
+    """A 63-bit seed for one use of the round seed, independent of every other use of it."""
+    return int.from_bytes(hashlib.sha256(f"{purpose}:{seed}".encode()).digest()[:8], "big") >> 1
+
+
+def fingerprint_probes(count: int, length: int, vocab_size: int, seed: int) -> torch.Tensor:
+    """`count` token sequences of `length` uniform random ids drawn from the round seed: off-distribution
+    input, where models differ most in their own idiosyncratic ways."""
+    if count < 1 or length < FP_POSITIONS or vocab_size < 2:
+        raise ValueError(f"probes need count >= 1, length >= {FP_POSITIONS} and vocab_size >= 2, "
+                         f"got {count}, {length}, {vocab_size}")
+    g = torch.Generator().manual_seed(derived_seed(seed, "fingerprint-probes"))
     return torch.randint(0, vocab_size, (count, length), generator=g)
 
 
 @torch.no_grad()
-def logit_fingerprint(model, probes: torch.Tensor, positions: int = 8, ids: int = 64) -> torch.Tensor:
-    """log-softmax over the full vocabulary at the last `positions` positions of each probe, kept at
-    `ids` vocabulary ids spread evenly over the vocabulary; flat float32 [count * positions * ids]."""
+def _probe_logprobs(model, probes: torch.Tensor):
+    """Yields (first probe, log-softmax [c, FP_POSITIONS, V] float32) over chunks of the probes."""
     probes = torch.as_tensor(probes, dtype=torch.long)
-    if probes.dim() != 2 or probes.shape[1] < positions:
-        raise ValueError(f"probes must be [count, length >= positions={positions}], got shape {tuple(probes.shape)}")
+    if probes.dim() != 2 or probes.shape[1] < FP_POSITIONS:
+        raise ValueError(f"probes must be [count, length >= {FP_POSITIONS}], got shape {tuple(probes.shape)}")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        # only the kept positions reach the LM head: a 150k vocabulary makes full logits the memory peak
-        out = model(input_ids=probes.to(device), use_cache=False, logits_to_keep=positions)
-        logits = out.logits[:, -positions:].float()
+        for a in range(0, probes.shape[0], PROBE_CHUNK):
+            # only the kept positions reach the LM head
+            out = model(input_ids=probes[a:a + PROBE_CHUNK].to(device), use_cache=False, logits_to_keep=FP_POSITIONS)
+            yield a, torch.log_softmax(out.logits[:, -FP_POSITIONS:].float(), dim=-1)
     finally:
         model.train(was_training)
-    vocab = logits.shape[-1]
-    keep = torch.arange(min(ids, vocab), device=logits.device) * (vocab // min(ids, vocab))
-    return torch.log_softmax(logits, dim=-1)[..., keep].flatten().cpu()
 
 
-__all__ = ["MAX_PERIOD", "PROBE_SEED", "loop_tokens", "degenerate", "exact_copy", "fingerprint_similarity",
-           "functional_copy", "fingerprint_probes", "logit_fingerprint"]
+def fingerprint_ids(teacher, probes: torch.Tensor, seed: int, vocab_size: int, top: int = FP_TOP,
+                    spread: int = FP_SPREAD) -> torch.Tensor:
+    """The vocabulary ids read at each probe position, [count, FP_POSITIONS, top + spread]: the
+    teacher's `top` most likely ids there, then `spread` ids drawn from the round seed over the whole
+    vocabulary (repeats allowed: a draw is cheaper than a permutation of 250k ids). Only ids below
+    `vocab_size` (the student's) are read: a teacher's LM head may carry padding rows past it."""
+    out = []
+    g = torch.Generator().manual_seed(derived_seed(seed, "fingerprint-ids"))
+    for _, lp in _probe_logprobs(teacher, probes):
+        if lp.shape[-1] < vocab_size:
+            raise ValueError(f"the teacher reads {lp.shape[-1]} ids, fewer than the student's vocab_size {vocab_size}")
+        best = lp[..., :vocab_size].topk(min(top, vocab_size), dim=-1).indices.cpu()
+        drawn = torch.randint(0, vocab_size, (*best.shape[:2], spread), generator=g)
+        out.append(torch.cat([best, drawn], dim=-1))
+    return torch.cat(out)
+
+
+def logit_fingerprint(model, probes: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log-softmax over the full vocabulary at the last FP_POSITIONS positions of each probe, read at
+    `ids` ([count, FP_POSITIONS, n], fingerprint_ids); flat float32 [count * FP_POSITIONS * n]."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    if ids.dim() != 3 or ids.shape[:2] != (len(probes), FP_POSITIONS):
+        raise ValueError(f"ids must be [{len(probes)}, {FP_POSITIONS}, n] for these probes, got {tuple(ids.shape)}")
+    out = []
+    for a, lp in _probe_logprobs(model, probes):
+        chunk = ids[a:a + lp.shape[0]].to(lp.device)
+        if int(chunk.max()) >= lp.shape[-1]:
+            raise ValueError(f"fingerprint id {int(chunk.max())} is outside the model's {lp.shape[-1]}-id vocabulary")
+        out.append(lp.gather(-1, chunk).flatten().cpu())
+    return torch.cat(out)
+
+
+def without_teacher(reading, teacher_reading) -> torch.Tensor:
+    """The fingerprint of a model: its centred reading minus its projection on the teacher's centred reading."""
+    x, t = _as_vector(reading, "reading"), _as_vector(teacher_reading, "teacher reading")
+    if x.numel() != t.numel():
+        raise ValueError(f"readings differ in length ({x.numel()} vs {t.numel()}): taken on different probes")
+    x, t = x - x.mean(), t - t.mean()
+    if t.norm() == 0:  # a teacher indifferent to its input explains nothing
+        return x
+    t = t / t.norm()
+    return x - (x @ t) * t
+
+
+__all__ = ["MAX_PERIOD", "FP_POSITIONS", "FP_TOP", "FP_SPREAD", "loop_tokens", "degenerate", "exact_copy",
+           "fingerprint_similarity", "functional_copy", "derived_seed", "fingerprint_probes", "fingerprint_ids",
+           "logit_fingerprint", "without_teacher"]

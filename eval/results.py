@@ -11,8 +11,10 @@ submission; the kl and ce items of one document share its id, so they are resamp
 A non-finite value is kept as it is (a broken model can overflow); scoring counts it as worst.
 
 `SubmissionResult` adds who submitted what (hotkey, model hash, commit block), the logit
-fingerprint (eval.gates.logit_fingerprint) and the greedy continuations the degenerate gate
-reads. Both round-trip through plain JSON for SQLite storage and offline replay.
+fingerprint (eval.gates: its log-softmax reading on the round's probes, the teacher's component
+projected out; comparable only within the round), the similarity of its reading to the teacher's
+(None when not taken)
+and the greedy continuations the degenerate gate reads. Both round-trip through plain JSON for SQLite storage and offline replay.
 """
 from __future__ import annotations
 
@@ -83,6 +85,7 @@ class SubmissionResult:
     items: list[ItemResult] = field(default_factory=list)
     fingerprint: list[float] = field(default_factory=list)   # a tensor is accepted and flattened
     continuations: list[list[int]] = field(default_factory=list)
+    teacher_similarity: float | None = None
 
     def __post_init__(self):
         who = f"submission {self.hotkey!r}"
@@ -96,18 +99,23 @@ class SubmissionResult:
             fp = fp.detach().float().flatten().cpu().tolist()
         self.fingerprint = [_real(v, f"{who} fingerprint") for v in fp]
         self.continuations = [[int(t) for t in seq] for seq in self.continuations]
+        if self.teacher_similarity is not None:
+            self.teacher_similarity = _real(self.teacher_similarity, f"{who} teacher_similarity")
 
     def to_dict(self) -> dict:
-        return {"hotkey": self.hotkey, "model_hash": self.model_hash, "commit_block": self.commit_block,
-                "items": [it.to_dict() for it in self.items], "fingerprint": list(self.fingerprint),
-                "continuations": [list(s) for s in self.continuations]}
+        d = {"hotkey": self.hotkey, "model_hash": self.model_hash, "commit_block": self.commit_block,
+             "items": [it.to_dict() for it in self.items], "fingerprint": list(self.fingerprint),
+             "continuations": [list(s) for s in self.continuations]}
+        if self.teacher_similarity is not None:
+            d["teacher_similarity"] = self.teacher_similarity
+        return d
 
     @classmethod
     def from_dict(cls, raw: dict) -> "SubmissionResult":
-        known = {"hotkey", "model_hash", "commit_block", "items", "fingerprint", "continuations"}
+        known = {"hotkey", "model_hash", "commit_block", "items", "fingerprint", "continuations", "teacher_similarity"}
         _check_keys(raw, known, {"hotkey", "model_hash", "commit_block"}, "submission result")
         return cls(raw["hotkey"], raw["model_hash"], raw["commit_block"], [ItemResult.from_dict(i) for i in raw.get("items", [])],
-                   raw.get("fingerprint", []), raw.get("continuations", []))
+                   raw.get("fingerprint", []), raw.get("continuations", []), raw.get("teacher_similarity"))
 
     def to_json(self) -> str:
         # NaN/Infinity are written as JSON's common extension: a broken model's value survives replay

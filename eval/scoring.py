@@ -15,11 +15,13 @@ Composite of a submission:
     w = the competition's score.weights (they sum to 1). An axis with no items this round drops
     out and the others are renormalised, so a round without, say, CE items still ranks on [0, 1].
 
-Gates (eval.gates): degenerate output, exact copy (same weight hash, later commitment), functional
-copy (logit fingerprint correlation > functional_copy_threshold with an earlier-committed model).
-A gated submission gets composite 0, is never leader and gets no weight. Order of commitment is
-(commit block, hotkey): within one block the lower hotkey counts as first, so one owner cannot
-multiply a model over hotkeys by committing it several times in the same block.
+Gates (eval.gates): degenerate output, exact copy (same weight hash, later commitment), teacher
+(correlation of the logit readings with the teacher's own on the same probes > teacher_threshold),
+functional copy (correlation > functional_copy_threshold with an earlier-committed model
+scored in the same round: fingerprints are taken on the round's probes, so only those of one
+round are comparable). A gated submission gets composite 0, is never leader and gets no weight.
+Order of commitment is (commit block, hotkey): within one block the lower hotkey counts as first,
+so one owner cannot multiply a model over hotkeys by committing it several times in the same block.
 
 Leader. The previous leader (its model hash) is re-scored on the same items every round. A
 challenger takes the crown only when
@@ -30,10 +32,14 @@ keeps each axis's item count, so the axis weights stay as defined) and pairs the
 on the same (axis, item id), so the per-item difficulty the two share cancels out. Axes scored on
 the same ids (kl and ce of one document) are resampled together, keeping their correlation. Because the composite is
 linear in the per-axis means, composite(ch) - composite(leader) = composite of the per-item
-differences, which is what is resampled. Every challenger is judged on the same resamples (one
-seed per round). Among the challengers that clear the bar, the highest composite takes the crown.
-With no previous leader in the round (first round, deregistered, re-committed or gated), the best
-composite leads. Ties: earlier commitment first.
+differences, which is what is resampled. Every comparison uses the same resamples (one seed per
+round). Among challengers statistically indistinguishable from each other, the earliest commitment
+wins: the challengers are taken in commitment order, and each replaces the one holding the crown so
+far (the previous leader to begin with) only when it clears the bar against that one. So a copy
+fine-tuned to escape the fingerprint gate, committed after its source, cannot take the crown by
+noise: it must beat the source by the margin. With no previous leader in the round (first round,
+deregistered, re-committed or gated), the earliest-committed ungated submission starts as the
+holder.
 Why: a challenger better by less than the margin, or equal to the leader and lucky on the items,
 must not take the crown (equal models dethrone in at most 1 - confidence of rounds even at margin
 0); a clearly better one wins in the round it is first scored. Items are fresh every round (the
@@ -169,9 +175,9 @@ class Entry:
     model_hash: str
     commit_block: int
     composite: float               # 0 when gated
-    gate: str | None = None        # "exact_copy" | "functional_copy" | "degenerate"
+    gate: str | None = None        # "exact_copy" | "teacher" | "functional_copy" | "degenerate"
     reason: str = ""               # why the gate fired, for the round's record
-    lower_bound: float | None = None  # bootstrap LB of the improvement over the previous leader
+    lower_bound: float | None = None  # bootstrap LB of the improvement over the crown's holder it was compared with
 
 
 @dataclass(frozen=True)
@@ -186,8 +192,8 @@ class Ranking:
                 "previous_leader_hash": self.previous_leader_hash, "changed": self.changed}
 
 
-def _gates(results: Sequence[SubmissionResult], score: ScoreSpec, first_blocks: Mapping[str, int],
-           earlier_fingerprints: Mapping[str, tuple[int, Sequence[float]]]) -> dict[str, tuple[str, str]]:
+def _gates(results: Sequence[SubmissionResult], score: ScoreSpec,
+           first_blocks: Mapping[str, int]) -> dict[str, tuple[str, str]]:
     """hotkey -> (gate, reason) for every gated submission."""
     gated: dict[str, tuple[str, str]] = {}
     owners: dict[str, SubmissionResult] = {}   # hash -> first commitment of it in this round
@@ -200,11 +206,13 @@ def _gates(results: Sequence[SubmissionResult], score: ScoreSpec, first_blocks: 
         else:
             owners[r.model_hash] = r
     for r in sorted(owners.values(), key=lambda r: (r.commit_block, r.hotkey)):
-        earlier = {h: fp for h, (blk, fp) in earlier_fingerprints.items() if blk < r.commit_block and h != r.model_hash}
-        earlier.update({o.model_hash: o.fingerprint for o in owners.values()
-                        if (o.commit_block, o.hotkey) < (r.commit_block, r.hotkey)})
+        earlier = {o.model_hash: o.fingerprint for o in owners.values()
+                   if (o.commit_block, o.hotkey) < (r.commit_block, r.hotkey)}
         copied = functional_copy(r.fingerprint, earlier, score.functional_copy_threshold)
-        if copied is not None:
+        if r.teacher_similarity is not None and r.teacher_similarity > score.teacher_threshold:
+            gated[r.hotkey] = ("teacher", f"logit fingerprint matches the teacher's "
+                                          f"(similarity {r.teacher_similarity:.5f} > {score.teacher_threshold})")
+        elif copied is not None:
             gated[r.hotkey] = ("functional_copy", f"logit fingerprint matches earlier model {copied}")
         elif degenerate(r.continuations, score.degenerate_max_repeat):
             gated[r.hotkey] = ("degenerate", f"loops fill more than {score.degenerate_max_repeat:.0%} of greedy output")
@@ -215,19 +223,22 @@ def _rank_key(e: Entry):
     return (-e.composite, e.commit_block, e.hotkey)  # best first; ties: the earlier commitment
 
 
+def _commit_key(e: Entry):
+    return (e.commit_block, e.hotkey)
+
+
 def round_ranking(results: Sequence[SubmissionResult], score: ScoreSpec, seed: int | str | bytes,
-                  leader_hash: str | None = None, first_blocks: Mapping[str, int] | None = None,
-                  earlier_fingerprints: Mapping[str, tuple[int, Sequence[float]]] | None = None) -> Ranking:
+                  leader_hash: str | None = None, first_blocks: Mapping[str, int] | None = None) -> Ranking:
     """Gate, score and order one round's submissions and decide the leader.
 
     leader_hash: the model hash holding the crown before this round (None on the first round).
     first_blocks: hash -> earliest commit block known from earlier rounds (copies of models no longer
-    committed stay copies). earlier_fingerprints: hash -> (commit block, fingerprint) likewise.
+    committed stay copies). `results` must all come from one round: their fingerprints are compared.
     """
     hotkeys = [r.hotkey for r in results]
     if len(set(hotkeys)) != len(hotkeys):
         raise ValueError(f"a hotkey appears twice in the round: {sorted({h for h in hotkeys if hotkeys.count(h) > 1})}")
-    gated = _gates(results, score, first_blocks or {}, earlier_fingerprints or {})
+    gated = _gates(results, score, first_blocks or {})
     by_key = {r.hotkey: r for r in results}
 
     entries = {}
@@ -240,20 +251,17 @@ def round_ranking(results: Sequence[SubmissionResult], score: ScoreSpec, seed: i
     live = sorted((e for e in entries.values() if e.gate is None), key=_rank_key)
 
     incumbent = next((e for e in live if e.model_hash == leader_hash), None)
-    leader = live[0] if live else None
-    if incumbent is not None:
-        leader = incumbent
-        inc_items = by_key[incumbent.hotkey].items
-        for e in live:
-            if e is incumbent:
-                continue
-            lb = paired_bootstrap(by_key[e.hotkey].items, inc_items, score.weights,
-                                  score.bootstrap_resamples, score.confidence, seed)
-            entries[e.hotkey] = e = Entry(e.hotkey, e.model_hash, e.commit_block, e.composite, lower_bound=lb)
-            if dethrones(lb, score.margin) and (leader is incumbent or _rank_key(e) < _rank_key(leader)):
-                leader = e
-        live = sorted((entries[e.hotkey] for e in live), key=_rank_key)
-        leader = entries[leader.hotkey]
+    holder = incumbent if incumbent is not None else min(live, key=_commit_key, default=None)
+    for e in sorted(live, key=_commit_key):
+        if e is holder or holder is None:
+            continue
+        lb = paired_bootstrap(by_key[e.hotkey].items, by_key[holder.hotkey].items, score.weights,
+                              score.bootstrap_resamples, score.confidence, seed)
+        entries[e.hotkey] = e = Entry(e.hotkey, e.model_hash, e.commit_block, e.composite, lower_bound=lb)
+        if dethrones(lb, score.margin):
+            holder = e
+    leader = None if holder is None else entries[holder.hotkey]
+    live = sorted((entries[e.hotkey] for e in live), key=_rank_key)
 
     order = ([leader] if leader else []) + [e for e in live if leader is None or e.hotkey != leader.hotkey]
     order += sorted((e for e in entries.values() if e.gate is not None), key=lambda e: (e.commit_block, e.hotkey))

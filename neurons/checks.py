@@ -63,6 +63,7 @@ class StudentLimits:
     max_hidden: int
     allowed_model_type: str = "quasar_long"
     max_loops: int = 4
+    max_active_params: int | None = None  # competition: student.max_active_params_vs_teacher * teacher.params
     max_engram_tables: int = 64
     max_ngram_order: int = 8
     max_engram_conv_kernel: int = 16
@@ -234,6 +235,10 @@ def count_parameters(config, limits: StudentLimits) -> dict[str, int]:
     if counts["total"] > limits.max_total_params:
         raise _reject("config", f"model has {counts['total']:,} parameters, "
                                 f"over the competition cap of {limits.max_total_params:,}")
+    if limits.max_active_params is not None and counts["active"] > limits.max_active_params:
+        raise _reject("config", f"model has {counts['active']:,} active parameters, over the competition cap of "
+                                f"{limits.max_active_params:,} (student.max_active_params_vs_teacher x teacher.params: "
+                                "a student must be smaller than its teacher)")
     return counts
 
 

@@ -2,7 +2,7 @@
 
 Everything a round's scores depend on is in the validator's directory: the round's seed and
 competition digest, each submission's fetched checkpoint, the stored per-item results, and the
-state the ranking reads (first commit blocks, earlier fingerprints, the previous leader). Replaying
+state the ranking reads (first commit blocks, the previous leader). Replaying
 re-evaluates every submission on the round's seed, compares each fresh result with the stored one
 (on the machine and device the round ran on they must be bit-identical) and re-ranks the round
 with `neurons.validator.score_results`, the score phase's own code.

@@ -239,14 +239,6 @@ class ValidatorState:
         return {h: (m, json.loads(r)) for h, m, r in self._conn().execute(
             "SELECT hotkey, model_hash, result FROM results WHERE round_id = ?", (round_id,))}
 
-    def fingerprints(self, before_round: int) -> dict[str, list[float]]:
-        """model_hash -> logit fingerprint, from every result stored before `before_round`."""
-        out: dict[str, list[float]] = {}
-        for m, r in self._conn().execute("SELECT model_hash, result FROM results WHERE round_id < ? ORDER BY round_id",
-                                         (before_round,)):
-            out.setdefault(m, json.loads(r).get("fingerprint", []))
-        return out
-
     # ------------------------------------------------------- scores, EMA, weights
     def ema(self) -> dict[str, float]:
         return dict(self._conn().execute("SELECT hotkey, value FROM ema"))

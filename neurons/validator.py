@@ -50,7 +50,8 @@ def round_seed(block_hash: str) -> int:
 def student_limits(c: Competition) -> StudentLimits:
     s = c.student
     return StudentLimits(max_total_params=s.max_total_params, vocab_size=s.vocab_size, max_layers=s.max_layers,
-                         max_hidden=s.max_hidden, allowed_model_type=s.model_type, max_loops=s.max_loops)
+                         max_hidden=s.max_hidden, allowed_model_type=s.model_type, max_loops=s.max_loops,
+                         max_active_params=s.max_active_params(c.teacher.params))
 
 
 def label_results(stored: dict[str, tuple[str, dict]], commit_blocks: Mapping[str, int]) -> list:
@@ -69,19 +70,19 @@ def score_results(state: ValidatorState, r: Round, results: list, registered: It
                   uid_of: Callable[[str], int | None], competition: Competition, prior_ema: Mapping[str, float]):
     """(ranking, new EMA, score rows) of round `r` from its labelled results: the score phase's rule.
 
-    The ranking's other inputs come from the state: the leader of the last finished round before `r`,
-    every model hash's first commit block, and fingerprints stored by earlier rounds. Shared with the
-    offline replay (neurons.replay) so a replayed round is ranked by exactly this code."""
+    The ranking's other inputs come from the state: the leader of the last finished round before `r`
+    and every model hash's first commit block. Fingerprints are compared only within `r` (each round
+    draws its own probes). Shared with the offline replay (neurons.replay) so a replayed round is
+    ranked by exactly this code."""
     from eval.scoring import axis_means, round_ranking, weights_from_scores
 
     # while `r` is being scored it is the newest round, so this is state.last_round(); a replay of an
     # older round must not see the leaders of rounds that came after it
     previous = next((x for x in reversed(state.rounds()) if x.id < r.id and x.phase == "done"), None)
     first_blocks = state.first_commit_blocks()
-    earlier = {h: (first_blocks.get(h, 0), fp) for h, fp in state.fingerprints(before_round=r.id).items()}
     spec, schedule = competition.score, competition.schedule
     ranking = round_ranking(results, spec, r.seed, leader_hash=None if previous is None else previous.leader_hash,
-                            first_blocks=first_blocks, earlier_fingerprints=earlier)
+                            first_blocks=first_blocks)
     _, ema = weights_from_scores(ranking, schedule.weights_top_k, spec.ema_alpha, prior_ema, registered=registered)
     by_hotkey = {x.hotkey: x for x in results}
     scores = [dict(hotkey=e.hotkey, uid=uid_of(e.hotkey), model_hash=e.model_hash, composite=e.composite,

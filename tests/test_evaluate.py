@@ -13,7 +13,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from eval.competition import load_competition
 from eval.evaluate import HFTextTokenizer, prepare_round, resolve_tokenizer, score_model, teacher_location
@@ -68,29 +67,10 @@ def random_student(seed=0, **overrides):
 @pytest.fixture(scope="session")
 def trained_student(teacher, round_inputs, tmp_path_factory):
     """A tiny student distilled (full-vocabulary forward KL) from the tiny teacher on the train split."""
-    from distill.corpus import local_split
+    from distilled import distill, train_stream
 
-    tok = round_inputs.tokenizer
-    eos = tok.hf.eos_token_id
-    stream = torch.tensor([t for d in local_split("train") for t in tok.encode(d) + [eos]])
-    model = random_student(0, num_loops=1, use_looped_injection=False).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
-    g = torch.Generator().manual_seed(0)
-    steps, B, T = 100, 8, 64
-    for step in range(steps):
-        for group in opt.param_groups:   # warmup, then cosine to a tenth
-            group["lr"] = 1e-2 * min(1.0, (step + 1) / 10) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
-        starts = torch.randint(0, len(stream) - T, (B,), generator=g).tolist()
-        batch = torch.stack([stream[s:s + T] for s in starts])                      # [B, T]
-        with torch.no_grad():
-            lt = F.log_softmax(teacher(batch).logits, -1).flatten(0, 1)           # [B*T, V]
-        ls = F.log_softmax(model(batch, use_cache=False).logits, -1).flatten(0, 1)
-        loss = F.kl_div(ls, lt, log_target=True, reduction="batchmean")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-    model.eval()
+    stream = train_stream(round_inputs.tokenizer.hf)
+    model = distill(random_student(0, num_loops=1, use_looped_injection=False), teacher, stream, 100, 1e-2, 0)
     path = tmp_path_factory.mktemp("student") / "ckpt"
     model.save_pretrained(path)
     return model, path
@@ -259,3 +239,35 @@ def test_report_without_recall_or_kl_items(comp, tmp_path):
     assert set(paths) == {"json"}
     s = summarize(r, comp, 1)
     assert s["composite"] == pytest.approx(math.exp(-0.5)) and s["recall"]["grid"] == {}
+
+
+# -----------------------------------------------------------------------------
+# the teacher's fingerprint and its size
+
+def test_teacher_fingerprint_is_the_teachers_own_and_cached(round_inputs, comp, cache_root, teacher,
+                                                            trained_student, random_result):
+    from eval.evaluate import _teacher_fingerprint
+    from eval.gates import fingerprint_similarity, logit_fingerprint
+
+    again = logit_fingerprint(teacher, round_inputs.probes, round_inputs.fp_ids)
+    assert fingerprint_similarity(again, round_inputs.teacher_fingerprint) == pytest.approx(1.0)
+    trained = score_model(trained_student[0], round_inputs)
+    t = comp.score.teacher_threshold
+    print(f"\nteacher similarity: distilled student {trained.teacher_similarity:.4f}, "
+          f"random student {random_result.teacher_similarity:.4f} (threshold {t})")
+    assert trained.teacher_similarity < t and random_result.teacher_similarity < t
+
+    def no_teacher():
+        raise AssertionError("the teacher was loaded although its fingerprint is cached")
+
+    ids, fp = _teacher_fingerprint(comp, SEED, round_inputs.probes, _teacher_identity(comp), cache_root, no_teacher)
+    assert torch.equal(ids, round_inputs.fp_ids) and torch.equal(fp, round_inputs.teacher_fingerprint)
+
+
+def test_teacher_params_pin_is_checked_against_the_loaded_teacher(comp, teacher):
+    from eval.evaluate import check_teacher_params
+
+    check_teacher_params(comp, teacher)  # localnet pins the tiny teacher's exact count
+    wrong = dataclasses.replace(comp, teacher=dataclasses.replace(comp.teacher, params=comp.teacher.params * 2))
+    with pytest.raises(ValueError, match="teacher.params"):
+        check_teacher_params(wrong, teacher)

@@ -207,6 +207,13 @@ def test_over_parameter_cap_rejected(ckpt):
     rejected(ckpt, "config", "parameters", "100,000", limits=small)
 
 
+def test_over_the_teacher_ratio_rejected_on_meta(ckpt):
+    # the tiny preset (342,120 active parameters at this vocabulary) against a 600k teacher at ratio 0.5
+    capped = StudentLimits(max_total_params=10_000_000, vocab_size=384, max_layers=12, max_hidden=256,
+                           max_active_params=300_000)
+    rejected(ckpt, "config", "active parameters", "300,000", "smaller than its teacher", limits=capped)
+
+
 def test_wrong_architecture_rejected(ckpt):
     edit_config(ckpt, model_type="llama")
     rejected(ckpt, "config", "model_type", "llama")
