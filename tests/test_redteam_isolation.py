@@ -49,9 +49,21 @@ def with_config(src: Path, dst: Path, **fields) -> Path:
     return dst
 
 
-def isolation_children() -> list[str]:
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if "neurons.isolation" in line and "ps -eo" not in line]
+def isolation_children(parent: int | None = None) -> set[int]:
+    """Pids of evaluation children (of `parent` only, when given): other processes on the machine
+    may run evaluations of their own."""
+    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
+    found = set()
+    for line in out.splitlines()[1:]:
+        pid, ppid, args = line.split(None, 2)
+        if "-m neurons.isolation" in args and (parent is None or int(ppid) == parent):
+            found.add(int(pid))
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    return {pid for pid in pids if os.path.exists(f"/proc/{pid}")
+            and "neurons.isolation" in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")}
 
 
 @pytest.mark.slow
@@ -90,7 +102,7 @@ def test_an_evaluation_past_its_time_limit_is_killed_with_its_process_group(roun
     with pytest.raises(EvaluationFailed, match="timed out: evaluation took longer than 1 s"):
         evaluate_isolated(models["honest"], round_inputs, "h" * 64, limits=EvalLimits(timeout=1.0))
     assert time.monotonic() - t0 < 10
-    assert isolation_children() == []
+    assert isolation_children(parent=os.getpid()) == set()  # killed and reaped, not left running
 
 
 def test_an_evaluation_over_its_memory_cap_is_a_failure_not_a_crash(round_inputs, models):
@@ -123,29 +135,30 @@ def test_a_submission_whose_evaluation_kills_the_validator_twice_is_rejected(tmp
     work = tmp_path / "v"
     db = work / "validator.db"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    model_hash = None
     for kill in range(2):
         p = subprocess.Popen(_validator_cmd(net, work), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 240
+        children: set[int] = set()
         while time.monotonic() < deadline and p.poll() is None:  # kill it while the attacker is evaluated
             if db.exists():
                 state = ValidatorState(db)
                 sub = next((s for s in state.submissions("accepted") if s.hotkey == attacker), None)
                 if sub is not None:
-                    model_hash = sub.model_hash
                     row = state._conn().execute("SELECT attempts FROM eval_attempts WHERE model_hash = ?",
-                                                (model_hash,)).fetchone()
-                    if row and row[0] == kill + 1 and isolation_children():
+                                                (sub.model_hash,)).fetchone()
+                    children = isolation_children(parent=p.pid)
+                    if row and row[0] == kill + 1 and children:
                         break
             time.sleep(0.05)
         assert p.poll() is None, "the validator finished before the attacker's evaluation could be cut short"
+        assert children, "no evaluation child of the validator was seen running"
         p.send_signal(signal.SIGKILL)
         p.wait()
         for _ in range(100):  # the child dies with its parent (parent-death signal), no orphan
-            if not isolation_children():
+            if not alive(children):
                 break
             time.sleep(0.05)
-        assert isolation_children() == []
+        assert alive(children) == set()
     p = subprocess.run(_validator_cmd(net, work), env=env, capture_output=True, timeout=600)
     assert p.returncode == 0, p.stderr.decode()[-2000:]
     state = ValidatorState(db)
