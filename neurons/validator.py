@@ -254,6 +254,9 @@ class Validator:
             pending = sorted((h, s) for h, s in self.eligible(r).items() if h not in done)
             if not pending:
                 break
+            if self._evaluate == self._evaluate_checkpoint:
+                # the validator's own inputs (teacher, data) first: their failure is not a submission's
+                self._round_inputs_file(r.seed)
             by_hash = {m: res for m, res in done.values()}
             for hotkey, s in pending:
                 if self.stop_event.is_set():

@@ -166,3 +166,27 @@ def test_a_submission_whose_evaluation_kills_the_validator_twice_is_rejected(tmp
     assert r.stage == "evaluate" and "died during its evaluation 2 times" in r.reason
     assert [s["hotkey"] for s in state.scores(state.last_round().id)] == [honest]
     assert net.weight(honest) == 1.0 and net.weight(attacker) == 0.0
+
+
+def test_a_failure_preparing_the_round_is_the_validators_not_the_submissions(tmp_path, models, monkeypatch):
+    """The teacher or the data failing to load stops the phase; it rejects nobody (the round is
+    retried on the next start), unlike a submission whose own evaluation fails."""
+    import eval.evaluate
+
+    net = Net(tmp_path)
+    honest = net.commit("honest", plant(net.storage, models["honest"], "honest/ckpt"))
+    net.chain.advance(25)
+
+    def teacher_down(*args, **kwargs):
+        raise OSError("the teacher could not be loaded")
+
+    monkeypatch.setattr(eval.evaluate, "prepare_round", teacher_down)
+    v = net.validator_for(tmp_path / "v")
+    with pytest.raises(OSError, match="teacher could not be loaded"):
+        v.run(max_rounds=1)
+    state = ValidatorState(tmp_path / "v" / "validator.db")
+    assert state.submissions("rejected") == [] and [s.hotkey for s in state.submissions("accepted")] == [honest]
+    assert state.unfinished_round().phase == "evaluate"
+    monkeypatch.undo()
+    assert net.validator_for(tmp_path / "v").run(max_rounds=1) == 1   # the next start finishes the round
+    assert net.weight(honest) == 1.0
