@@ -54,12 +54,14 @@ def measure(root: Path) -> None:
     torch.set_num_threads(1)
     info = json.loads((root / "bomb.json").read_text())
     limits = StudentLimits(max_total_params=50_000_000, vocab_size=info["vocab_size"], max_layers=8, max_hidden=512)
-    commitment = Commitment.for_model("local", "bomb", "t1", info["model_hash"])
+    hotkey = "5Bomb"  # any committing hotkey: the binding only has to match the one fetching names
+    commitment = Commitment.for_model("local", "bomb", "t1", info["model_hash"], hotkey)
     print(f"code: {Path(neurons.__file__).parent}")
     before = rss_mb()
     t0 = time.perf_counter()
     try:
-        fetch(commitment, root / "dest", limits=FetchLimits(limits), storage_root=root / "storage", localnet=True)
+        fetch(commitment, root / "dest", limits=FetchLimits(limits), miner_hotkey=hotkey, storage_root=root / "storage",
+              localnet=True)
         outcome = "ACCEPTED"
     except SubmissionRejected as e:
         outcome = f"rejected [{e.stage}] {e.reason[:160]}"

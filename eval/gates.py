@@ -72,9 +72,9 @@ def degenerate(token_lists: Sequence[Sequence[int]], max_repeat: float, max_peri
 def exact_copy(model_hash: str, commit_block: int, earlier: Mapping[str, int]) -> bool:
     """True when `earlier` (hash -> block of its earliest commitment) shows this hash committed before.
 
-    A commitment in the same block is not a copy: the hash was not public before that block.
-    (Two hotkeys committing one hash in one block are one owner's duplicate; the round ranking
-    credits the first of them by hotkey order.)
+    A commitment in the same block is not a later copy: the hash was not public before that block.
+    (Two hotkeys committing one hash in one block share its first commitment; the round ranking
+    gates all of them, eval.scoring.)
     """
     first = earlier.get(model_hash)
     return first is not None and first < commit_block

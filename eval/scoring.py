@@ -38,8 +38,8 @@ wins: the challengers are taken in commitment order, and each replaces the one h
 far (the previous leader to begin with) only when it clears the bar against that one. So a copy
 fine-tuned to escape the fingerprint gate, committed after its source, cannot take the crown by
 noise: it must beat the source by the margin. With no previous leader in the round (first round,
-deregistered, re-committed or gated), the earliest-committed ungated submission starts as the
-holder.
+deregistered, re-committed or gated), the earliest-committed ungated submission (the best of its
+block) starts as the holder.
 Why: a challenger better by less than the margin, or equal to the leader and lucky on the items,
 must not take the crown (equal models dethrone in at most 1 - confidence of rounds even at margin
 0); a clearly better one wins in the round it is first scored. Items are fresh every round (the
@@ -196,35 +196,45 @@ def _gates(results: Sequence[SubmissionResult], score: ScoreSpec,
            first_blocks: Mapping[str, int]) -> dict[str, tuple[str, str]]:
     """hotkey -> (gate, reason) for every gated submission."""
     gated: dict[str, tuple[str, str]] = {}
-    owners: dict[str, SubmissionResult] = {}   # hash -> first commitment of it in this round
-    for r in sorted(results, key=lambda r: (r.commit_block, r.hotkey)):
-        if exact_copy(r.model_hash, r.commit_block, first_blocks):
-            gated[r.hotkey] = ("exact_copy", f"hash first committed at block {first_blocks[r.model_hash]}")
-        elif r.model_hash in owners:
-            o = owners[r.model_hash]
-            gated[r.hotkey] = ("exact_copy", f"same hash as {o.hotkey!r} (block {o.commit_block})")
-        else:
-            owners[r.model_hash] = r
+    owners: dict[str, SubmissionResult] = {}   # hash -> its one first commitment in this round
+    by_hash: dict[str, list[SubmissionResult]] = {}
+    for r in results:
+        by_hash.setdefault(r.model_hash, []).append(r)
+    for model_hash, same in sorted(by_hash.items()):
+        first = min(r.commit_block for r in same)
+        firsts = sorted(r.hotkey for r in same if r.commit_block == first)
+        for r in same:
+            if exact_copy(model_hash, r.commit_block, first_blocks):
+                gated[r.hotkey] = ("exact_copy", f"hash first committed at block {first_blocks[model_hash]}")
+            elif r.commit_block > first:
+                gated[r.hotkey] = ("exact_copy", f"same hash as {firsts[0]!r} (block {first})")
+            elif len(firsts) > 1:  # no order inside a block: a first commitment shared is no one's
+                gated[r.hotkey] = ("exact_copy", f"hash first committed by {len(firsts)} hotkeys in one block ({first})")
+            else:
+                owners[model_hash] = r
     for r in sorted(owners.values(), key=lambda r: (r.commit_block, r.hotkey)):
+        # the same block counts as earlier both ways: twins in one block gate each other
         earlier = {o.model_hash: o.fingerprint for o in owners.values()
-                   if (o.commit_block, o.hotkey) < (r.commit_block, r.hotkey)}
+                   if o.commit_block <= r.commit_block and o.hotkey != r.hotkey}
         copied = functional_copy(r.fingerprint, earlier, score.functional_copy_threshold)
         if r.teacher_similarity is not None and r.teacher_similarity > score.teacher_threshold:
             gated[r.hotkey] = ("teacher", f"logit fingerprint matches the teacher's "
                                           f"(similarity {r.teacher_similarity:.5f} > {score.teacher_threshold})")
         elif copied is not None:
-            gated[r.hotkey] = ("functional_copy", f"logit fingerprint matches earlier model {copied}")
+            gated[r.hotkey] = ("functional_copy", f"logit fingerprint matches model {copied} "
+                                                  "committed in an earlier or the same block")
         elif degenerate(r.continuations, score.degenerate_max_repeat):
             gated[r.hotkey] = ("degenerate", f"loops fill more than {score.degenerate_max_repeat:.0%} of greedy output")
     return gated
 
 
 def _rank_key(e: Entry):
-    return (-e.composite, e.commit_block, e.hotkey)  # best first; ties: the earlier commitment
+    return (-e.composite, e.commit_block, e.model_hash)  # best first; ties: the earlier commitment
 
 
 def _commit_key(e: Entry):
-    return (e.commit_block, e.hotkey)
+    # never the hotkey: whoever can register a low-sorting one would be "first" in its block
+    return (e.commit_block, -e.composite, e.model_hash)
 
 
 def round_ranking(results: Sequence[SubmissionResult], score: ScoreSpec, seed: int | str | bytes,

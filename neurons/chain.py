@@ -7,7 +7,9 @@ code only ever sees `Chain`, so a round behaves the same on both.
 Contract shared by every implementation:
 - blocks are ints that never decrease; `block_hash(n)` is a 0x-prefixed hex string, only defined
   for blocks that exist (n <= block());
-- `commitments()` maps each hotkey to its *latest* commitment and the block it landed in;
+- `commitments()` maps each hotkey to its *latest* commitment and the block it landed in; a
+  sealed commitment (`commit_sealed`, optional: both implementations have it) is left out until
+  it opens, then counts from the block it landed in;
 - `set_weights` returns False when the rate limit refuses the write (an expected, retry-later
   condition) and raises a `ChainError` for everything else (bad input, unregistered or
   unpermitted hotkey, bad signature), because those are bugs or attacks, not timing.
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, NamedTuple, Protocol, Sequence, runtime_checkable
 
 if TYPE_CHECKING:  # the real type is bittensor.sp_core.Keypair; importing bittensor costs ~0.4 s
     from bittensor.sp_core import Keypair
@@ -73,6 +75,14 @@ class CommitmentRecord:
     uid: int | None  # None when the hotkey has since left the subnet
     data: str
     block: int
+
+
+class SealedCommit(NamedTuple):
+    """Where a sealed (timelocked) commitment landed, and when it opens: a drand round on a
+    bittensor network, a block on LocalChain. Until then nobody can read it, its committer included."""
+
+    block: int
+    reveal_round: int
 
 
 @runtime_checkable

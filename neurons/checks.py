@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .commitment import Commitment
+from .commitment import Commitment, unbound_reason
 from .manifest import (
     INDEX_NAME, Manifest, SubmissionRejected, read_manifest, read_small_file, strict_json_loads, verify_manifest,
 )
@@ -464,18 +464,21 @@ def check_finite(directory: str | os.PathLike, tensors: list[TensorInfo]) -> Non
 
 # ================================================================================== all
 def check_submission(directory: str | os.PathLike, limits: StudentLimits, *, manifest: Manifest | None = None,
-                     commitment: Commitment | None = None) -> CheckedSubmission:
+                     commitment: Commitment | None = None, hotkey: str | None = None) -> CheckedSubmission:
     """Run every check in order; the parsed config and a summary, or SubmissionRejected.
 
-    `manifest` defaults to the directory's manifest.json. With `commitment`, the manifest's model
-    hash must be the committed one, so a fetched checkpoint cannot be swapped for another.
+    `manifest` defaults to the directory's manifest.json. With `commitment` (and the `hotkey` that
+    made it), the manifest's model hash must be the one it binds, so a fetched checkpoint cannot be
+    swapped for another.
     """
     directory = Path(directory)
     if manifest is None:
         manifest = read_manifest(directory)
-    if commitment is not None and not commitment.matches(manifest.model_hash):
-        raise _reject("manifest", f"manifest model_hash {manifest.model_hash[:32]} is not the committed "
-                                  f"{commitment.model_hash_prefix}")
+    if commitment is not None:
+        if hotkey is None:
+            raise ValueError("checking against a commitment needs the hotkey that made it")
+        if not commitment.matches(manifest.model_hash, hotkey):
+            raise _reject("manifest", unbound_reason(manifest.model_hash, commitment, hotkey))
     verify_manifest(directory, manifest)
     config, counts = check_config(directory, limits, manifest)
     tensors = check_headers(directory, manifest, config)

@@ -56,7 +56,7 @@ def cmd_miner(args) -> int:
     settings = MinerSettings(
         work_dir=Path(args.work_dir), distill_config=args.config, overrides=args.override,
         steps_per_cycle=args.steps_per_cycle, eval_seed=args.eval_seed, min_improvement=args.min_improvement,
-        min_commit_interval_blocks=args.min_commit_interval, storage=args.storage, host=args.host, port=args.port,
+        min_commit_interval_blocks=args.min_commit_interval, seal_blocks=args.seal_blocks, storage=args.storage, host=args.host, port=args.port,
         public_host=args.public_host, storage_root=args.storage_root and Path(args.storage_root),
         repo_id=args.hf_repo, hf_token=os.environ.get("HF_TOKEN"), device=args.device,
         copy_from=args.copy_from and Path(args.copy_from), serve_after_training=not args.exit_after_training,
@@ -136,6 +136,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-seed", type=int, default=1)
     p.add_argument("--min-improvement", type=float, default=0.0, help="composite gain needed to publish again")
     p.add_argument("--min-commit-interval", type=int, default=0, help="blocks between two commitments")
+    p.add_argument("--seal-blocks", type=int, default=None,
+                   help="keep each commitment timelocked (unreadable) this many blocks; 0: plain commitments "
+                        "(default: half the competition's eval_delay_blocks)")
     p.add_argument("--storage", choices=["http", "local", "hf"], default="http")
     p.add_argument("--host", default="127.0.0.1", help="bind address of the checkpoint server")
     p.add_argument("--port", type=int, default=0)

@@ -1,11 +1,11 @@
 """The on-chain commitment: a compact, versioned string naming where a checkpoint lives.
 
-Grammar (version 1), ASCII only, at most 128 bytes, fields separated by ':'::
+Grammar (version 2), ASCII only, at most 128 bytes, fields separated by ':'::
 
-    commitment := "q1" ":" body
-    body       := "hf"    ":" repo_id     ":" git_sha ":" hash
-                | "http"  ":" host ":" port ":" token   ":" hash
-                | "local" ":" path        ":" token   ":" hash
+    commitment := "q2" ":" body
+    body       := "hf"    ":" repo_id     ":" git_sha ":" binding
+                | "http"  ":" host ":" port ":" token   ":" binding
+                | "local" ":" path        ":" token   ":" binding
 
     repo_id  := part "/" part          Hugging Face rules per part: [A-Za-z0-9._-], 1-96 chars,
                                        no leading/trailing '-' or '.', no "--" or "..", no ".git"
@@ -16,14 +16,24 @@ Grammar (version 1), ASCII only, at most 128 bytes, fields separated by ':'::
     path     := seg ("/" seg)*, seg := [A-Za-z0-9][A-Za-z0-9._-]*, no "..", at most 60 chars;
                 relative to the validator's localnet storage root, never absolute
     token    := [A-Za-z0-9][A-Za-z0-9._-]{0,23}
-    hash     := 32 lowercase hex       the first 128 bits of the manifest's model_hash
+    binding  := 32 lowercase hex       the first 128 bits of sha256(model_hash || hotkey): the
+                                       manifest's 64-hex model_hash, then the committing hotkey's
+                                       ss58 address, as ASCII
 
-Why 32 hex characters of the model hash: the worst case (`hf` with a 48-char repo id and a
-40-char sha) must fit 128 bytes, and 6 + 48 + 1 + 40 + 1 + 32 = 128 exactly. 128 bits keeps a
-second preimage (making a different checkpoint match someone's committed prefix) at 2^128 work.
-A colliding pair of one's own checkpoints costs 2^64; that only lets a miner serve different
-bytes to different validators over `http`, which the validator-side checks treat like any
-other submission. The full 64-char hash is checked against the fetched manifest.
+Why a binding and not the model hash itself (version 1 committed a bare hash prefix): the
+commitment names the model without revealing it, and only for the hotkey that committed it. A
+copier reading a pending or landed commitment learns nothing it could commit under its own
+hotkey: the same string from another hotkey fails the check, and the weights stay unknown until
+the miner publishes them, which it does only after its commitment has landed (neurons.miner).
+So the earliest block a copy can land in is the one after its source's, which is what makes
+"the earliest commitment of a hash owns it" safe.
+
+Why 32 hex characters: the worst case (`hf` with a 48-char repo id and a 40-char sha) must fit
+128 bytes, and 6 + 48 + 1 + 40 + 1 + 32 = 128 exactly. 128 bits keeps a second preimage (another
+checkpoint or hotkey matching someone's binding) at 2^128 work. A colliding pair of one's own
+checkpoints costs 2^64; that only lets a miner serve different bytes to different validators over
+`http`, which the validator-side checks treat like any other submission. The fetched manifest's
+full hash is bound again and compared.
 
 Every string has one accepted spelling (lowercase hex and hosts, no leading zeros), so
 `encode_commitment(parse_commitment(s)) == s` and "earliest commitment of a hash" cannot be
@@ -36,14 +46,16 @@ A hostname can still resolve to a private address: the HTTP fetcher must check t
 """
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from dataclasses import dataclass
 
 MAX_COMMITMENT_BYTES = 128
-VERSION = "q1"
+VERSION = "q2"
+RETIRED_VERSIONS = {"q1": "version 1 committed a bare model hash, which a copier could commit as its own"}
 KINDS = ("hf", "http", "local")
-HASH_PREFIX_HEX = 32
+BINDING_HEX = 32
 SEPARATOR = ":"
 
 MAX_HF_REPO_ID = 48
@@ -52,7 +64,7 @@ MAX_LOCAL_PATH = 60
 MAX_TOKEN = 24
 
 _HEX40 = re.compile(r"[0-9a-f]{40}")
-_HASH_PREFIX = re.compile(rf"[0-9a-f]{{{HASH_PREFIX_HEX}}}")
+_BINDING = re.compile(rf"[0-9a-f]{{{BINDING_HEX}}}")
 _TOKEN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_TOKEN - 1}}}")
 _HF_PART = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
 _HOST_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
@@ -62,12 +74,22 @@ _LOCAL_HOSTNAME_SUFFIXES = (".localhost", ".local", ".internal", ".localdomain",
 
 # The grammar's length caps must fit the byte budget in the worst case of every kind.
 _WORST_CASE = {
-    "hf": len("q1:hf:") + MAX_HF_REPO_ID + 1 + 40 + 1 + HASH_PREFIX_HEX,
-    "http": len("q1:http:") + MAX_HOST_PORT + 1 + MAX_TOKEN + 1 + HASH_PREFIX_HEX,
-    "local": len("q1:local:") + MAX_LOCAL_PATH + 1 + MAX_TOKEN + 1 + HASH_PREFIX_HEX,
+    "hf": len(f"{VERSION}:hf:") + MAX_HF_REPO_ID + 1 + 40 + 1 + BINDING_HEX,
+    "http": len(f"{VERSION}:http:") + MAX_HOST_PORT + 1 + MAX_TOKEN + 1 + BINDING_HEX,
+    "local": len(f"{VERSION}:local:") + MAX_LOCAL_PATH + 1 + MAX_TOKEN + 1 + BINDING_HEX,
 }
 assert max(_WORST_CASE.values()) <= MAX_COMMITMENT_BYTES, _WORST_CASE
-assert HASH_PREFIX_HEX * 4 >= 128
+assert BINDING_HEX * 4 >= 128
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def binding(model_hash: str, hotkey: str) -> str:
+    """The commitment's model field: sha256(model_hash || hotkey), first BINDING_HEX hex digits."""
+    if not isinstance(model_hash, str) or not _HEX64.fullmatch(model_hash):
+        raise ValueError(f"model_hash must be 64 lowercase hex characters, got {str(model_hash)[:70]!r}")
+    if not isinstance(hotkey, str) or not hotkey or not hotkey.isascii():
+        raise ValueError(f"hotkey must be a non-empty ASCII ss58 address, got {str(hotkey)[:70]!r}")
+    return hashlib.sha256((model_hash + hotkey).encode("ascii")).hexdigest()[:BINDING_HEX]
 
 
 class CommitmentRejected(Exception):
@@ -83,16 +105,19 @@ class Commitment:
     kind: str  # "hf" | "http" | "local"
     location: str  # "owner/name" | "host:port" | relative path
     revision: str  # 40-hex git sha for hf, a short token otherwise
-    model_hash_prefix: str  # first HASH_PREFIX_HEX hex chars of the manifest's model_hash
+    binding: str  # binding(model_hash, hotkey): the model, for the committing hotkey only
 
     @classmethod
-    def for_model(cls, kind: str, location: str, revision: str, model_hash: str) -> "Commitment":
-        """Build from the full 64-hex model hash of a manifest."""
-        return cls(kind, location, revision, model_hash[:HASH_PREFIX_HEX])
+    def for_model(cls, kind: str, location: str, revision: str, model_hash: str, hotkey: str) -> "Commitment":
+        """Build from the full 64-hex model hash of a manifest and the hotkey that will commit it."""
+        return cls(kind, location, revision, binding(model_hash, hotkey))
 
-    def matches(self, model_hash: str) -> bool:
-        """Whether a manifest's full model hash is the one committed to."""
-        return len(model_hash) == 64 and model_hash.startswith(self.model_hash_prefix)
+    def matches(self, model_hash: str, hotkey: str) -> bool:
+        """Whether `hotkey` committing this names the manifest whose full model hash is `model_hash`."""
+        try:
+            return binding(model_hash, hotkey) == self.binding
+        except ValueError:
+            return False
 
     @property
     def host(self) -> str:
@@ -101,6 +126,13 @@ class Commitment:
     @property
     def port(self) -> int:
         return int(self.location.rsplit(SEPARATOR, 1)[1]) if self.kind == "http" else 0
+
+
+def unbound_reason(model_hash: str, commitment: Commitment, hotkey: str) -> str:
+    """Why a manifest is not the one `hotkey`'s commitment names (no byte of the miner's text)."""
+    return (f"manifest model_hash {model_hash[:16]}... bound to hotkey {hotkey[:16]} is "
+            f"{binding(model_hash, hotkey)}, not the committed {commitment.binding} "
+            "(another checkpoint, or a commitment copied from another hotkey)")
 
 
 def _show(value: str) -> str:
@@ -169,9 +201,9 @@ def _check_revision(kind: str, revision: str) -> None:
             f"{kind} revision {_show(revision)} is not a token of 1-{MAX_TOKEN} [A-Za-z0-9._-] starting alphanumeric")
 
 
-def _check_hash_prefix(value: str) -> None:
-    if not _HASH_PREFIX.fullmatch(value):
-        raise CommitmentRejected(f"model hash {_show(value)} is not {HASH_PREFIX_HEX} lowercase hex characters")
+def _check_binding(value: str) -> None:
+    if not _BINDING.fullmatch(value):
+        raise CommitmentRejected(f"model binding {_show(value)} is not {BINDING_HEX} lowercase hex characters")
 
 
 # ---------------------------------------------------------------------------------- parse
@@ -210,6 +242,9 @@ def parse_commitment(raw: str | bytes, *, localnet: bool = False) -> Commitment:
     if not text:
         raise CommitmentRejected("commitment is empty")
     fields = text.split(SEPARATOR)
+    if fields[0] in RETIRED_VERSIONS:
+        raise CommitmentRejected(f"commitment version {fields[0]!r} is retired ({RETIRED_VERSIONS[fields[0]]}); "
+                                 f"re-commit as {VERSION!r} with this toolkit")
     if fields[0] != VERSION:
         raise CommitmentRejected(f"unknown commitment version {_show(fields[0])} (supported: {VERSION!r})")
     if len(fields) < 2 or fields[1] not in KINDS:
@@ -221,10 +256,10 @@ def parse_commitment(raw: str | bytes, *, localnet: bool = False) -> Commitment:
         what = "extra fields" if len(fields) > expected else "missing fields"
         raise CommitmentRejected(f"{kind} commitment has {what}: {len(fields)} ':'-separated fields, expected {expected}")
     if kind == "http":
-        location, revision, prefix = f"{fields[2]}{SEPARATOR}{fields[3]}", fields[4], fields[5]
+        location, revision, bound = f"{fields[2]}{SEPARATOR}{fields[3]}", fields[4], fields[5]
         _check_host_port(location, localnet)
     else:
-        location, revision, prefix = fields[2], fields[3], fields[4]
+        location, revision, bound = fields[2], fields[3], fields[4]
         if kind == "hf":
             _check_hf_repo_id(location)
         else:
@@ -232,8 +267,8 @@ def parse_commitment(raw: str | bytes, *, localnet: bool = False) -> Commitment:
                 raise CommitmentRejected("storage kind 'local' is allowed on localnet only")
             _check_local_path(location)
     _check_revision(kind, revision)
-    _check_hash_prefix(prefix)
-    return Commitment(kind, location, revision, prefix)
+    _check_binding(bound)
+    return Commitment(kind, location, revision, bound)
 
 
 def encode_commitment(commitment: Commitment) -> str:
@@ -242,7 +277,7 @@ def encode_commitment(commitment: Commitment) -> str:
     Encoding re-parses its own output (grammar only, localnet allowed), so anything this returns
     parses back to the same Commitment.
     """
-    parts = (commitment.kind, commitment.location, commitment.revision, commitment.model_hash_prefix)
+    parts = (commitment.kind, commitment.location, commitment.revision, commitment.binding)
     if not all(isinstance(p, str) for p in parts):
         raise CommitmentRejected("commitment fields must be strings")
     if commitment.kind not in KINDS:

@@ -75,11 +75,12 @@ class _Round:
             commitment = parse_commitment(job.data, localnet=self.s.localnet)
         except CommitmentRejected as e:
             return self._rejected(job, "commitment", e.reason)
-        known = [h for h in self.accepted if commitment.matches(h)]
+        known = [h for h in self.accepted if commitment.matches(h, job.hotkey)]
         for model_hash in known:
             path = await asyncio.to_thread(self.store.present, model_hash)
             if path is not None:  # the same bytes, hashed again just now: checked in place
-                await asyncio.to_thread(check_submission, path, self.s.limits.student, commitment=commitment)
+                await asyncio.to_thread(check_submission, path, self.s.limits.student, commitment=commitment,
+                                        hotkey=job.hotkey)
                 return self._accepted(job, model_hash, "already stored")
         staging = self.store.staging()
         try:

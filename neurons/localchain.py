@@ -44,13 +44,14 @@ from neurons.chain import (
     InvalidWrite,
     Metagraph,
     NotPermitted,
+    SealedCommit,
     check_commitment,
     normalize_weights,
 )
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: sealed commitments (commitments.reveal_block)
 # A signed write must land within this many blocks of the block it names (like a mortal
 # extrinsic's era): long enough for a write queued behind other processes' writes while the clock
 # moves, short enough that old signatures expire.
@@ -66,9 +67,10 @@ _SCHEMA = (
         stake REAL NOT NULL, block INTEGER NOT NULL)""",
     # Every commitment is kept (the earliest commitment of a model hash owns it); the latest row
     # per hotkey is its current commitment. The UNIQUE signature is the replay guard.
+    # reveal_block: a sealed commitment is unreadable before it (NULL: readable at once).
     """CREATE TABLE IF NOT EXISTS commitments (
         id INTEGER PRIMARY KEY AUTOINCREMENT, hotkey TEXT NOT NULL, data TEXT NOT NULL,
-        block INTEGER NOT NULL, signature BLOB NOT NULL UNIQUE)""",
+        block INTEGER NOT NULL, signature BLOB NOT NULL UNIQUE, reveal_block INTEGER)""",
     "CREATE INDEX IF NOT EXISTS commitments_by_hotkey ON commitments (hotkey, id)",
     """CREATE TABLE IF NOT EXISTS weights (
         id INTEGER PRIMARY KEY AUTOINCREMENT, hotkey TEXT NOT NULL, block INTEGER NOT NULL,
@@ -283,22 +285,26 @@ class LocalChain:
         )
 
     def commitments(self) -> dict[str, CommitmentRecord]:
+        """Each hotkey's latest commitment; none for a hotkey whose latest is still sealed (as on
+        chain, a new commitment replaces the old one, so the old one is not shown instead)."""
         with self._tx() as conn:
+            block = self._block_in(conn)
             rows = conn.execute(
                 """SELECT c.hotkey, r.uid, c.data, c.block FROM commitments c
                    JOIN (SELECT MAX(id) AS id FROM commitments GROUP BY hotkey) latest ON c.id = latest.id
-                   LEFT JOIN registrations r ON r.hotkey = c.hotkey"""
+                   LEFT JOIN registrations r ON r.hotkey = c.hotkey
+                   WHERE c.reveal_block IS NULL OR c.reveal_block <= ?""", (block,)
             ).fetchall()
         return {row[0]: CommitmentRecord(*row) for row in rows}
 
     def commitment_history(self, hotkey: str) -> list[CommitmentRecord]:
-        """Every commitment the hotkey made, oldest first."""
+        """Every readable commitment the hotkey made, oldest first."""
         with self._tx() as conn:
             rows = conn.execute(
                 """SELECT c.hotkey, r.uid, c.data, c.block FROM commitments c
                    LEFT JOIN registrations r ON r.hotkey = c.hotkey
-                   WHERE c.hotkey = ? ORDER BY c.id""",
-                (hotkey,),
+                   WHERE c.hotkey = ? AND (c.reveal_block IS NULL OR c.reveal_block <= ?) ORDER BY c.id""",
+                (hotkey, self._block_in(conn)),
             ).fetchall()
         return [CommitmentRecord(*row) for row in rows]
 
@@ -345,6 +351,17 @@ class LocalChain:
         check_commitment(data)  # refuse early, before signing; submit checks again
         return self.submit(self.sign(keypair, "commit", data))
 
+    def commit_sealed(self, keypair: Keypair, data: str, *, reveal_in_blocks: int) -> SealedCommit:
+        """Commit `data` unreadable (to `commitments()`, by anyone) until `reveal_in_blocks` after
+        the block it lands in: the local stand-in for a timelocked commitment. Nothing is encrypted;
+        the file is local, and what is tested is who can read what, when."""
+        if isinstance(reveal_in_blocks, bool) or not isinstance(reveal_in_blocks, int) or reveal_in_blocks <= 0:
+            raise ValueError(f"reveal_in_blocks must be a positive int, got {reveal_in_blocks!r}")
+        check_commitment(data)
+        payload = json.dumps({"data": data, "reveal_in_blocks": reveal_in_blocks}, sort_keys=True)
+        block = self.submit(self.sign(keypair, "commit_sealed", payload))
+        return SealedCommit(block, block + reveal_in_blocks)
+
     def set_weights(self, keypair: Keypair, uids: list[int], weights: list[float]) -> bool:
         """True when accepted; False when fewer than `weights_rate_limit()` blocks passed since
         this hotkey's last accepted write. Other refusals raise (see neurons.chain)."""
@@ -354,7 +371,8 @@ class LocalChain:
 
     def submit(self, write: SignedWrite) -> int | bool:
         """Verify and apply one signed write: register -> uid, commit -> block, weights -> bool."""
-        appliers = {"register": self._apply_register, "commit": self._apply_commit, "weights": self._apply_weights}
+        appliers = {"register": self._apply_register, "commit": self._apply_commit,
+                    "commit_sealed": self._apply_commit_sealed, "weights": self._apply_weights}
         if write.kind not in appliers:
             raise InvalidWrite(f"unknown write kind {write.kind!r}")
         message = write_message(self.genesis_hash, self._netuid, write.kind, write.hotkey, write.payload, write.block)
@@ -406,6 +424,23 @@ class LocalChain:
         conn.execute(
             "INSERT INTO commitments (hotkey, data, block, signature) VALUES (?, ?, ?, ?)",
             (write.hotkey, write.payload, block, write.signature),
+        )
+        return block
+
+    def _apply_commit_sealed(self, conn: sqlite3.Connection, write: SignedWrite, block: int) -> int:
+        try:
+            body = json.loads(write.payload)
+            data, delay = body["data"], body["reveal_in_blocks"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidWrite(f"bad sealed commitment: {exc}") from None
+        if isinstance(delay, bool) or not isinstance(delay, int) or delay <= 0:
+            raise InvalidWrite(f"reveal_in_blocks must be a positive int, got {delay!r}")
+        check_commitment(data)
+        if self._registration(conn, write.hotkey) is None:
+            raise NotPermitted(f"hotkey {write.hotkey} is not registered on netuid {self._netuid}")
+        conn.execute(
+            "INSERT INTO commitments (hotkey, data, block, signature, reveal_block) VALUES (?, ?, ?, ?, ?)",
+            (write.hotkey, data, block, write.signature, block + delay),
         )
         return block
 

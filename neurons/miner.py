@@ -52,6 +52,7 @@ class MinerSettings:
     repo_id: str | None = None                 # hf storage
     hf_token: str | None = None
     device: str = "cpu"
+    seal_blocks: int | None = None             # timelock commitments this long (None: half the eval delay; 0: off)
     copy_from: Path | None = None              # adversary: republish another miner's checkpoint
     serve_after_training: bool = True
     poll_seconds: float = 1.0
@@ -104,9 +105,37 @@ class Miner:
             self.server.stop()
 
     # ------------------------------------------------------------------ publishing
+    def _where(self, name: str) -> tuple[dict, dict]:
+        """(where to stage the checkpoint `name`, what releasing it needs) for this miner's storage."""
+        if self.s.storage == "http":
+            return (dict(server=self.server, host=self.s.public_host or self.server.host, port=self.server.port),
+                    dict(server=self.server))
+        if self.s.storage == "local":
+            return (dict(storage_root=self.s.storage_root, location=f"{self.keypair.ss58_address[:12]}/{name}"),
+                    dict(storage_root=self.s.storage_root))
+        return dict(repo_id=self.s.repo_id, hf_token=self.s.hf_token), dict(hf_token=self.s.hf_token)
+
+    def _commit(self, data: str) -> int:
+        """Commit `data`; the block it landed in. Sealed (timelocked) where the chain can: the
+        commitment is unreadable until `seal_blocks` later, by copiers too."""
+        seal = self.s.seal_blocks
+        if seal is None:  # half the evaluation delay: no round could evaluate it sooner anyway
+            seal = max(1, self.competition.schedule.eval_delay_blocks // 2)
+        commit_sealed = getattr(self.chain, "commit_sealed", None)
+        if seal > 0 and commit_sealed is not None:
+            return commit_sealed(self.keypair, data, reveal_in_blocks=seal).block
+        return self.chain.commit(self.keypair, data)
+
     def publish(self, export: Path, score: float | None) -> bool:
-        """Copy `export` to the published slot, put it in storage and commit it. False when rate-limited."""
-        from neurons.storage import publish
+        """Stage `export` in storage, commit it, and make it readable only once the block the commitment
+        landed in is closed. False when rate-limited or stopped first.
+
+        The order is the defence against copiers: until the commitment has landed, nobody can read
+        the weights (storage keeps them unreadable, the commitment binds a hash of them to this
+        hotkey), so a copy can land at the earliest one block later, and a later commitment of the
+        same model is a copy (eval.gates)."""
+        from neurons.commitment import encode_commitment
+        from neurons.storage import stage
 
         last = self.state.get("commit_block")
         if last is not None and self.chain.block() - last < self.s.min_commit_interval_blocks:
@@ -115,22 +144,30 @@ class Miner:
         target = self.work_dir / "published" / export.name
         if not target.exists():
             shutil.copytree(export, target)
-        kw = {}
-        if self.s.storage == "http":
-            kw = dict(server=self.server, host=self.s.public_host or self.server.host, port=self.server.port)
-        elif self.s.storage == "local":
-            kw = dict(storage_root=self.s.storage_root, location=f"{self.keypair.ss58_address[:12]}/{export.name}")
-        elif self.s.storage == "hf":
-            kw = dict(repo_id=self.s.repo_id, hf_token=self.s.hf_token)
-        commitment = publish(target, self.s.storage, **kw)
-        from neurons.commitment import encode_commitment
+        where, _ = self._where(export.name)
+        commitment = stage(target, self.s.storage, hotkey=self.keypair.ss58_address, **where)
+        # recorded before committing: a restart finds it and commits and releases again (a second
+        # commitment of the same model by this hotkey keeps the block of the first, neurons.validator)
+        self.state["pending"] = dict(commitment=encode_commitment(commitment), published=str(target), score=score)
+        self._save_state()
+        return self._finish_pending()
 
-        data = encode_commitment(commitment)
-        block = self.chain.commit(self.keypair, data)
+    def _finish_pending(self) -> bool:
+        from neurons.commitment import parse_commitment
+        from neurons.storage import release
+
+        pending = self.state["pending"]
+        data, target, score = pending["commitment"], Path(pending["published"]), pending["score"]
+        commitment = parse_commitment(data, localnet=True)
+        block = self._commit(data)
+        while self.chain.block() <= block:  # until its block is closed: nothing else can land in it
+            if self.stop_event.wait(min(self.s.poll_seconds, 0.25)):
+                return False  # still pending: the next start commits and releases
+        release(commitment, target, **self._where(target.name)[1])
         previous = self.state.get("published")
-        self.state.update(best=score, published=str(target), commitment=data, commit_block=block,
+        self.state.update(best=score, published=str(target), commitment=data, commit_block=block, pending=None,
                           token=commitment.revision if self.s.storage != "hf" else None)
-        self.state["history"].append({"block": block, "score": score, "checkpoint": export.name})
+        self.state["history"].append({"block": block, "score": score, "checkpoint": target.name})
         self._save_state()
         event(log, "committed", block=block, score=score, commitment=data)
         if previous and previous != str(target):
@@ -175,8 +212,8 @@ class Miner:
             if victim.exists():
                 state = json.loads(victim.read_text())
                 published, block = state.get("published"), state.get("commit_block")
-                # a copier learns of a model from its commitment on chain, so its own lands in a later
-                # block (in the same block, (block, hotkey) order would decide who owns the hash)
+                # a copier can read a model only once its owner released it, after the commitment
+                # landed, so its own lands in a later block
                 if published and Path(published).exists() and block is not None and self.chain.block() > block:
                     stolen = self.work_dir / "stolen" / Path(published).name
                     if not stolen.exists():
@@ -192,6 +229,8 @@ class Miner:
         event(log, "stack", level=logging.WARNING if stack["mismatch"] else logging.INFO, **stack)
         self.start_server()
         try:
+            if self.state.get("pending"):  # stopped between staging and releasing a checkpoint
+                self._finish_pending()
             if self.s.copy_from is not None:
                 if not self.state.get("published"):
                     self.copy_loop()

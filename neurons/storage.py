@@ -1,7 +1,8 @@
 """Storage kinds: a miner publishes a checkpoint, a validator fetches it back.
 
-    publish(directory, kind, ...) -> Commitment     writes manifest.json, then puts the files
-                                                    in storage and says where (see below)
+    stage(directory, kind, hotkey=...) -> Commitment  writes manifest.json, puts the files in
+                                                    storage unreadable, says where (see below)
+    release(commitment, directory, ...)             makes them readable, once the commitment landed
     fetch(commitment, dest_dir, limits=...) -> Path every byte streamed, capped, timed, hashed,
                                                     then `check_submission`; or SubmissionRejected
 
@@ -40,7 +41,7 @@ import yarl
 
 from .addresses import PublicResolver, RefusedAddress, address_problem
 from .checks import CheckedSubmission, StudentLimits, check_submission
-from .commitment import Commitment, CommitmentRejected, encode_commitment, parse_commitment
+from .commitment import Commitment, CommitmentRejected, binding, encode_commitment, parse_commitment, unbound_reason
 from .manifest import (
     MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ManifestEntry, SubmissionRejected, _list_checkpoint,
     name_problem, parse_manifest, read_manifest, read_small_file, verify_manifest, write_manifest,
@@ -97,17 +98,24 @@ def _reject(reason: str, stage: str = "fetch") -> SubmissionRejected:
 
 
 # ================================================================================== publish
-def publish(directory: str | os.PathLike, kind: str, *, token: str | None = None,
-            storage_root: str | os.PathLike | None = None, location: str | None = None,
-            server=None, host: str | None = None, port: int | None = None,
-            repo_id: str | None = None, hf_token: str | None = None, hf_endpoint: str | None = None,
-            private: bool = False) -> Commitment:
-    """Write the manifest of `directory`, put the checkpoint in storage, return its commitment.
+# A checkpoint reaches validators in two steps, so its commitment can land in between:
+#   stage    manifest written, files put in storage where no validator can read them yet
+#            (local: a hidden staging name; http: not registered; hf: a private repo)
+#   release  made readable (renamed into place; registered; the repo made public)
+# A miner commits after `stage` and releases once the commitment has landed, so nobody can read
+# the weights before the block that owns them (see neurons.commitment: why that matters).
+def stage(directory: str | os.PathLike, kind: str, *, hotkey: str, token: str | None = None,
+          storage_root: str | os.PathLike | None = None, location: str | None = None,
+          server=None, host: str | None = None, port: int | None = None,
+          repo_id: str | None = None, hf_token: str | None = None, hf_endpoint: str | None = None) -> Commitment:
+    """Write the manifest of `directory`, put the checkpoint in storage unreadable, return the
+    commitment `hotkey` will make for it.
 
     local: `storage_root` and `location` (relative path); http: `server` (a started
     CheckpointServer) and the public `host`/`port` validators reach it at (default: its bind
-    address); hf: `repo_id`, `hf_token`. `token` (local/http) defaults to the model hash's first 16
-    hex characters, so publishing the same checkpoint twice names the same place.
+    address); hf: `repo_id`, `hf_token`. `token` (local/http) defaults to the first 16 hex digits of
+    the commitment's binding: the same checkpoint and hotkey name the same place, and the token
+    reveals nothing the commitment does not.
     Raises SubmissionRejected for a checkpoint a validator would refuse, CommitmentRejected for
     a location the commitment grammar cannot carry, ValueError for missing arguments.
     """
@@ -115,45 +123,77 @@ def publish(directory: str | os.PathLike, kind: str, *, token: str | None = None
         raise ValueError(f"unknown storage kind {kind!r} (known: local, http, hf)")
     directory = Path(directory)
     manifest = write_manifest(directory)
-    token = token or manifest.model_hash[:16]
+    token = token or binding(manifest.model_hash, hotkey)[:16]
     if kind == "local":
         if storage_root is None or location is None:
             raise ValueError("publishing 'local' needs storage_root and location")
-        commitment = Commitment.for_model("local", location, token, manifest.model_hash)
+        commitment = Commitment.for_model("local", location, token, manifest.model_hash, hotkey)
         encode_commitment(commitment)  # refuse a bad path or token before copying anything
-        _publish_local(directory, manifest, Path(storage_root), location, token)
+        _stage_local(directory, manifest, Path(storage_root), location, token)
     elif kind == "http":
         if server is None:
             raise ValueError("publishing 'http' needs the miner's CheckpointServer")
         host, port = host or server.host, port or server.port
         if host in ("0.0.0.0", "") or not port:
             raise ValueError(f"give the public host and port validators reach the server at (not {host!r}:{port})")
-        commitment = Commitment.for_model("http", f"{host}:{port}", token, manifest.model_hash)
-        encode_commitment(commitment)
-        server.register(token, directory)
+        commitment = Commitment.for_model("http", f"{host}:{port}", token, manifest.model_hash, hotkey)
     else:
         if repo_id is None:
             raise ValueError("publishing 'hf' needs repo_id")
-        encode_commitment(Commitment.for_model("hf", repo_id, "0" * 40, manifest.model_hash))  # repo id fits
-        sha = _publish_hf(directory, manifest, repo_id, hf_token, hf_endpoint, private)
-        commitment = Commitment.for_model("hf", repo_id, sha, manifest.model_hash)
+        encode_commitment(Commitment.for_model("hf", repo_id, "0" * 40, manifest.model_hash, hotkey))  # id fits
+        sha = _stage_hf(directory, manifest, repo_id, hf_token, hf_endpoint)
+        commitment = Commitment.for_model("hf", repo_id, sha, manifest.model_hash, hotkey)
     encode_commitment(commitment)
     return commitment
 
 
-def _publish_local(directory: Path, manifest: Manifest, root: Path, location: str, token: str) -> None:
-    """Copy into `<root>/<location>/<token>` via a staging directory renamed into place."""
+def release(commitment: Commitment, directory: str | os.PathLike, *, storage_root: str | os.PathLike | None = None,
+            server=None, hf_token: str | None = None, hf_endpoint: str | None = None) -> None:
+    """Make a staged checkpoint readable by validators. Idempotent: a miner restarted between
+    committing and releasing calls it again."""
+    if commitment.kind == "local":
+        if storage_root is None:
+            raise ValueError("releasing 'local' needs storage_root")
+        _release_local(Path(directory), Path(storage_root), commitment.location, commitment.revision)
+    elif commitment.kind == "http":
+        if server is None:
+            raise ValueError("releasing 'http' needs the miner's CheckpointServer")
+        server.register(commitment.revision, directory)
+    else:
+        from huggingface_hub import HfApi
+
+        HfApi(endpoint=_hf_endpoint(hf_endpoint), token=hf_token).update_repo_settings(
+            commitment.location, private=False)
+
+
+def publish(directory: str | os.PathLike, kind: str, *, hotkey: str, **where) -> Commitment:
+    """`stage` then `release` at once: for tools and tests, where nothing lands in between.
+    A miner commits between the two (neurons.miner)."""
+    commitment = stage(directory, kind, hotkey=hotkey, **where)
+    release(commitment, directory, **{k: v for k, v in where.items()
+                                      if k in ("storage_root", "server", "hf_token", "hf_endpoint")})
+    return commitment
+
+
+def _local_parent(root: Path, location: str) -> Path:
     root = root.resolve()
     parent = (root / location).resolve()
     if not parent.is_relative_to(root):  # checked before mkdir, which would follow a planted symlink
         raise ValueError(f"{root / location} leaves the storage root {root} (symlink?)")
+    return parent
+
+
+def _stage_local(directory: Path, manifest: Manifest, root: Path, location: str, token: str) -> None:
+    """Copy to `<root>/<location>/.unreleased-<token>` (no token starts with '.', so no commitment
+    names it), via a staging directory renamed into place."""
+    parent = _local_parent(root, location)
     parent.mkdir(parents=True, exist_ok=True)
-    target = parent / token
-    if target.exists():
-        if read_manifest(target).model_hash != manifest.model_hash:
-            raise FileExistsError(f"{target} already holds a different checkpoint; publish under another token")
-        verify_manifest(target, manifest)  # same model already published: nothing to do if intact
-        return
+    for target in (parent / token, parent / f".unreleased-{token}"):
+        if target.exists():
+            if read_manifest(target).model_hash != manifest.model_hash:
+                raise FileExistsError(f"{target} already holds a different checkpoint; publish under another token")
+            verify_manifest(target, manifest)  # same model already staged or published: nothing to do if intact
+            return
     staging = parent / f".staging-{uuid.uuid4().hex}"
     staging.mkdir()
     try:
@@ -166,18 +206,31 @@ def _publish_local(directory: Path, manifest: Manifest, root: Path, location: st
         raise
 
 
+def _release_local(directory: Path, root: Path, location: str, token: str) -> None:
+    parent = _local_parent(root, location)
+    target, staged = parent / token, parent / f".unreleased-{token}"
+    if staged.exists() and not target.exists():
+        os.rename(staged, target)
+    if not target.exists():
+        raise FileNotFoundError(f"nothing staged or released at {target}; stage the checkpoint first")
+    if read_manifest(target).model_hash != read_manifest(directory).model_hash:
+        raise FileExistsError(f"{target} holds a different checkpoint than {directory}")
+
+
 def _hf_endpoint(endpoint: str | None) -> str | None:
     # huggingface_hub reads HF_ENDPOINT once, at import; reading it per call lets it change later.
     return endpoint or os.environ.get("HF_ENDPOINT") or None
 
 
-def _publish_hf(directory: Path, manifest: Manifest, repo_id: str, token: str | None,
-                endpoint: str | None, private: bool) -> str:
-    """Upload exactly the manifest's files in one commit; the commit's sha pins the revision."""
+def _stage_hf(directory: Path, manifest: Manifest, repo_id: str, token: str | None, endpoint: str | None) -> str:
+    """Upload exactly the manifest's files in one commit to the repo, made private first; the
+    commit's sha pins the revision. While private, a validator that has not fetched the repo's
+    previous checkpoint cannot; the commitment landing next replaces that one anyway."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     api = HfApi(endpoint=_hf_endpoint(endpoint), token=token)
-    api.create_repo(repo_id, exist_ok=True, private=private)
+    api.create_repo(repo_id, exist_ok=True, private=True)  # a new repo is private from the start
+    api.update_repo_settings(repo_id, private=True)        # an existing one may not be
     keep = {*manifest.names, MANIFEST_NAME}
     current = api.model_info(repo_id, revision="main").siblings or []
     # Files left from an earlier checkpoint would be in the new revision too, and a validator
@@ -185,7 +238,7 @@ def _publish_hf(directory: Path, manifest: Manifest, repo_id: str, token: str | 
     stale = [s.rfilename for s in current if s.rfilename not in keep and s.rfilename not in HUB_BOILERPLATE]
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(directory / name)) for name in sorted(keep)]
     operations += [CommitOperationDelete(path_in_repo=name) for name in stale]
-    info = api.create_commit(repo_id, operations, commit_message=f"checkpoint {manifest.model_hash[:16]}")
+    info = api.create_commit(repo_id, operations, commit_message="checkpoint")
     return info.oid
 
 
@@ -559,13 +612,13 @@ async def _http_base(commitment: Commitment, localnet: bool, limits: FetchLimits
 
 
 # ================================================================================== fetch
-async def _fetch_into(source, commitment: Commitment, dest: _Destination, limits: FetchLimits) -> Manifest:
+async def _fetch_into(source, commitment: Commitment, hotkey: str, dest: _Destination,
+                      limits: FetchLimits) -> Manifest:
     budget = _Budget(limits.total_bytes)
     raw = await source.manifest(budget)
     manifest = parse_manifest(raw)
-    if not commitment.matches(manifest.model_hash):  # before a byte of weights is downloaded
-        raise _reject(f"manifest model_hash {manifest.model_hash[:32]} is not the committed "
-                      f"{commitment.model_hash_prefix}", "manifest")
+    if not commitment.matches(manifest.model_hash, hotkey):  # before a byte of weights is downloaded
+        raise _reject(unbound_reason(manifest.model_hash, commitment, hotkey), "manifest")
     declared = len(raw) + sum(e.size for e in manifest.files)
     if declared > limits.total_bytes:
         raise _reject(f"manifest declares {declared} bytes, over the total cap of {limits.total_bytes}")
@@ -597,17 +650,19 @@ def _checked_commitment(commitment: Commitment | str | bytes, localnet: bool) ->
 
 
 async def fetch_submission_async(commitment: Commitment | str, dest_dir: str | os.PathLike, *, limits: FetchLimits,
-                                 keypair=None, miner_hotkey: str | None = None,
+                                 miner_hotkey: str, keypair=None,
                                  storage_root: str | os.PathLike | None = None, localnet: bool = False,
                                  hf_endpoint: str | None = None, hf_token: str | None = None) -> Fetched:
     """Fetch and check a submission into `dest_dir` (absent or empty). See `fetch` for arguments."""
+    if not isinstance(miner_hotkey, str) or not miner_hotkey:
+        raise ValueError("fetching needs the committing hotkey: the commitment binds the model to it")
     commitment = _checked_commitment(commitment, localnet)
     dest = _Destination(dest_dir)
     try:
         manifest = await _download(commitment, dest, limits, keypair, miner_hotkey, storage_root, localnet,
                                    hf_endpoint, hf_token)
         submission = await asyncio.to_thread(check_submission, dest.path, limits.student, manifest=manifest,
-                                             commitment=commitment)
+                                             commitment=commitment, hotkey=miner_hotkey)
     except BaseException as e:
         dest.discard()
         if isinstance(e, SubmissionRejected):
@@ -620,7 +675,7 @@ async def _download(commitment, dest, limits, keypair, miner_hotkey, storage_roo
     try:
         async with asyncio.timeout(limits.total_timeout):
             if commitment.kind == "local":
-                return await _fetch_into(_LocalSource(commitment, storage_root), commitment, dest, limits)
+                return await _fetch_into(_LocalSource(commitment, storage_root), commitment, miner_hotkey, dest, limits)
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=limits.connect_timeout,
                                             sock_read=limits.read_timeout)
             # Off localnet every name is resolved by PublicResolver, so no hop reaches a private address.
@@ -638,7 +693,7 @@ async def _download(commitment, dest, limits, keypair, miner_hotkey, storage_roo
                     net = _Net(session, limits, pace, _Hops(endpoint, localnet, follow=True))
                     source = _HfSource(net, commitment, hf_endpoint, hf_token)
                     await source.load_listing()
-                return await _fetch_into(source, commitment, dest, limits)
+                return await _fetch_into(source, commitment, miner_hotkey, dest, limits)
     except TimeoutError:  # the per-request deadlines already became rejections; this is the total
         raise _reject(f"fetch not complete after the total limit of {limits.total_timeout:g}s") from None
 
@@ -649,15 +704,15 @@ def fetch_submission(commitment: Commitment | str, dest_dir: str | os.PathLike, 
     return asyncio.run(fetch_submission_async(commitment, dest_dir, limits=limits, **kwargs))
 
 
-def fetch(commitment: Commitment | str, dest_dir: str | os.PathLike, *, limits: FetchLimits, keypair=None,
-          miner_hotkey: str | None = None, storage_root: str | os.PathLike | None = None, localnet: bool = False,
+def fetch(commitment: Commitment | str, dest_dir: str | os.PathLike, *, limits: FetchLimits, miner_hotkey: str,
+          keypair=None, storage_root: str | os.PathLike | None = None, localnet: bool = False,
           hf_endpoint: str | None = None, hf_token: str | None = None) -> Path:
     """Download a committed checkpoint into `dest_dir` and run every check; the directory on success.
 
     `commitment` is a Commitment or the raw string read from chain (its grammar is checked here
-    either way). `dest_dir` must be empty, or absent with an existing parent. http needs `keypair`
-    (the validator's hotkey, signs the requests) and `miner_hotkey` (the committing hotkey, the
-    signatures' receiver); local needs `storage_root`; hf takes `hf_endpoint` (default: HF_ENDPOINT
+    either way). `dest_dir` must be empty, or absent with an existing parent. `miner_hotkey` is
+    the committing hotkey: the commitment binds the model to it, and http requests are signed for
+    it as their receiver. http needs `keypair` (the validator's hotkey, signs the requests); local needs `storage_root`; hf takes `hf_endpoint` (default: HF_ENDPOINT
     or the public Hub) and `hf_token`. `localnet` allows local commitments and private http hosts.
     Raises SubmissionRejected(reason, stage), and leaves `dest_dir` as it found it. Not callable
     from a running event loop: use `fetch_submission_async` there.

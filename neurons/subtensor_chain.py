@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 from contextlib import contextmanager
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator
 
 import bittensor as bt
 from bittensor.sp_core import CRYPTO_SR25519, Keypair
@@ -35,6 +35,7 @@ from neurons.chain import (
     InvalidWrite,
     Metagraph,
     NotPermitted,
+    SealedCommit,
     check_commitment,
     normalize_weights,
 )
@@ -54,13 +55,6 @@ _NOT_PERMITTED_CODES = {bt.ErrorCode.NOT_REGISTERED, bt.ErrorCode.NOT_AUTHORIZED
 class ChainRpcError(ChainError):
     """The RPC endpoint failed or answered with an error instead of the chain judging the request
     (for a write, whether it landed is then unknown)."""
-
-
-class SealedCommit(NamedTuple):
-    """Where a timelocked commitment landed and the drand round that opens it."""
-
-    block: int
-    reveal_round: int
 
 
 class SubtensorChain:

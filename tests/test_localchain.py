@@ -74,6 +74,33 @@ def test_commit_history_latest_and_size_limit(chain):
     assert len(chain.commitment_history(BOB.ss58_address)) == 3
 
 
+def test_sealed_commitments_are_unreadable_until_they_open_then_count_from_their_block(chain):
+    chain.advance(3)
+    chain.commit(BOB, "old")
+    sealed = chain.commit_sealed(BOB, "new", reveal_in_blocks=4)
+    assert sealed == (3, 7)
+    # as on chain, the sealed one replaced the old one: the hotkey shows nothing until it opens
+    assert BOB.ss58_address not in chain.commitments()
+    assert [r.data for r in chain.commitment_history(BOB.ss58_address)] == ["old"]
+    chain.advance(3)
+    assert BOB.ss58_address not in chain.commitments()
+    chain.advance(1)
+    rec = chain.commitments()[BOB.ss58_address]
+    assert (rec.data, rec.block) == ("new", 3)  # its landing block, not its opening
+    for bad in (0, -1, True, 2.5):
+        with pytest.raises(ValueError, match="reveal_in_blocks"):
+            chain.commit_sealed(BOB, "x", reveal_in_blocks=bad)
+    with pytest.raises(InvalidWrite):
+        chain.commit_sealed(BOB, "x" * (MAX_COMMITMENT_BYTES + 1), reveal_in_blocks=1)
+    with pytest.raises(NotPermitted):
+        chain.commit_sealed(DAVE, "unregistered", reveal_in_blocks=1)
+    # the delay is signed: a relayer cannot shorten it
+    write = chain.sign(CHARLIE, "commit_sealed", '{"data": "c", "reveal_in_blocks": 50}')
+    forged = dataclasses.replace(write, payload='{"data": "c", "reveal_in_blocks": 1}')
+    with pytest.raises(InvalidSignature):
+        chain.submit(forged)
+
+
 def test_weights_rate_limit_permit_and_validation(chain):
     assert chain.weights_rate_limit() == 5 and chain.last_weights_block(ALICE.ss58_address) is None
     assert chain.set_weights(ALICE, [1, 2], [3.0, 1.0]) is True

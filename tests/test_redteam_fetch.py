@@ -87,7 +87,8 @@ def unused_port() -> int:
 # ================================================================================ 1a
 def test_1a_recommit_of_an_accepted_hash_under_an_unfetchable_location(tmp_path, models):
     net = Net(tmp_path)
-    published = publish(models["a"], "local", storage_root=net.storage, location="honest/ckpt")
+    published = publish(models["a"], "local", hotkey=net.hotkey("honest"), storage_root=net.storage,
+                        location="honest/ckpt")
     honest = net.commit("honest", encode_commitment(published))
     net.chain.advance(25)
     work = tmp_path / "v"
@@ -101,9 +102,9 @@ def test_1a_recommit_of_an_accepted_hash_under_an_unfetchable_location(tmp_path,
     # The honest miner re-commits its hash under a server that is down; a copier commits the same
     # hash under a server that never answers. Before: the accepted files were cleared for the fetch.
     dead = f"127.0.0.1:{unused_port()}"
-    down = encode_commitment(Commitment.for_model("http", dead, "t1", accepted.model_hash))
+    down = encode_commitment(Commitment.for_model("http", dead, "t1", accepted.model_hash, honest))
     net.chain.commit(net.registered("honest"), down)
-    copied = encode_commitment(Commitment.for_model("http", dead, "t2", accepted.model_hash))
+    copied = encode_commitment(Commitment.for_model("http", dead, "t2", accepted.model_hash, net.hotkey("copier")))
     copier = net.commit("copier", copied)
     net.chain.advance(10)
     for round_no in (2, 3):  # the second with a restarted validator on the same state
@@ -137,12 +138,12 @@ def served(files, delay_name=None, rate=None):
 
 def test_7_trickling_server_is_cut_off_fast_and_the_round_completes(tmp_path, models):
     net = Net(tmp_path)
-    honest = net.commit("honest", encode_commitment(publish(models["a"], "local", storage_root=net.storage,
-                                                            location="honest/ckpt")))
+    honest = net.commit("honest", encode_commitment(publish(models["a"], "local", hotkey=net.hotkey("honest"),
+                                                            storage_root=net.storage, location="honest/ckpt")))
     files = real_files(models["b"])
     with running(served(files, WEIGHTS, rate=8 << 10)) as port:  # 8 KiB/s, never silent
         trickler = net.commit("trickler", encode_commitment(Commitment.for_model(
-            "http", f"127.0.0.1:{port}", "t", read_manifest(models["b"]).model_hash)))
+            "http", f"127.0.0.1:{port}", "t", read_manifest(models["b"]).model_hash, net.hotkey("trickler"))))
         net.chain.advance(25)
         v = net.validator_for(tmp_path / "v", min_rate=64 << 10, rate_grace=1.0, read_timeout=60,
                               total_timeout=3600, fetch_deadline=3600)
@@ -182,7 +183,7 @@ def test_7_fetches_run_concurrently_under_one_round_deadline(tmp_path, models):
             for i, d in enumerate(checkpoints):  # each ~1.5 s
                 port = servers.enter_context(running(served(real_files(d), WEIGHTS, rate=size / 1.5)))
                 jobs.append(Job(f"hk{i}", encode_commitment(Commitment.for_model(
-                    "http", f"127.0.0.1:{port}", "t", read_manifest(d).model_hash)), 1))
+                    "http", f"127.0.0.1:{port}", "t", read_manifest(d).model_hash, f"hk{i}")), 1))
             outcomes = []
             settings = FetchSettings(limits, concurrency=concurrency, localnet=True)
             t0 = time.perf_counter()
@@ -194,7 +195,7 @@ def test_7_fetches_run_concurrently_under_one_round_deadline(tmp_path, models):
     assert timings[4] < timings[1] / 2, timings
     with running(served(real_files(models["b"]), WEIGHTS, rate=size / 30)) as port:  # would take 30 s
         job = Job("slow", encode_commitment(Commitment.for_model("http", f"127.0.0.1:{port}", "t",
-                                                                 read_manifest(models["b"]).model_hash)), 1)
+                                                                 read_manifest(models["b"]).model_hash, "slow")), 1)
         outcomes = []
         settings = FetchSettings(limits, round_deadline=2.0, localnet=True)
         t0 = time.perf_counter()
@@ -221,12 +222,12 @@ def bloat_header(path, target_bytes):
 
 def test_7_huge_safetensors_header_is_refused_unread(tmp_path, models):
     net = Net(tmp_path)
-    honest = net.commit("honest", encode_commitment(publish(models["a"], "local", storage_root=net.storage,
-                                                            location="honest/ckpt")))
+    honest = net.commit("honest", encode_commitment(publish(models["a"], "local", hotkey=net.hotkey("honest"),
+                                                            storage_root=net.storage, location="honest/ckpt")))
     bomb = tmp_path / "src" / "bomb"
     shutil.copytree(models["b"], bomb)
     bloat_header(bomb / WEIGHTS, 24 << 20)
-    attacker = net.commit("bomb", plant(net.storage, bomb, "bomb/ckpt"))
+    attacker = net.commit("bomb", plant(net.hotkey("bomb"), net.storage, bomb, "bomb/ckpt"))
     net.chain.advance(25)
     v = net.validator_for(tmp_path / "v")
     assert v.run(max_rounds=1) == 1
@@ -239,9 +240,9 @@ def test_7_huge_safetensors_header_is_refused_unread(tmp_path, models):
 
 def test_7_disk_budget_evicts_what_no_round_needs(tmp_path, models):
     net = Net(tmp_path)
-    first = publish(models["a"], "local", storage_root=net.storage, location="honest/one")
+    first = publish(models["a"], "local", hotkey=net.hotkey("honest"), storage_root=net.storage, location="honest/one")
     honest = net.commit("honest", encode_commitment(first))
-    attacker = net.commit("flooder", f"q1:local:nothing/here:t1:{'0' * 32}")  # rejected, stores nothing
+    attacker = net.commit("flooder", f"q2:local:nothing/here:t1:{'0' * 32}")  # rejected, stores nothing
     net.chain.advance(25)
     work = tmp_path / "v"
     store = ModelStore(work / "submissions")
@@ -252,7 +253,7 @@ def test_7_disk_budget_evicts_what_no_round_needs(tmp_path, models):
     # the honest miner publishes a new checkpoint; the old one is needed until the new one leads
     second_dir = tmp_path / "src" / "second"
     shutil.copytree(models["b"], second_dir)
-    second = publish(second_dir, "local", storage_root=net.storage, location="honest/two")
+    second = publish(second_dir, "local", hotkey=net.hotkey("honest"), storage_root=net.storage, location="honest/two")
     net.chain.commit(net.registered("honest"), encode_commitment(second))
     kept = []
     for _ in range(3):
@@ -315,11 +316,13 @@ def test_8_redirects_to_private_addresses_and_echoing_servers(tmp_path, models):
     hub = HostileHub()
     with running(hub.app) as port:
         endpoint = f"http://127.0.0.1:{port}"
-        honest = net.commit("honest", encode_commitment(publish(models["a"], "hf", repo_id="honest/student",
-                                                                hf_endpoint=endpoint)))
+        honest = net.commit("honest", encode_commitment(publish(
+            models["a"], "hf", hotkey=net.hotkey("honest"), repo_id="honest/student", hf_token="owner",
+            hf_endpoint=endpoint)))
         attackers = {}
         for case in (*HostileHub.TRICKS, "echo"):
-            c = publish(models["b"], "hf", repo_id=f"evil/{case}", hf_endpoint=endpoint)
+            c = publish(models["b"], "hf", hotkey=net.hotkey(f"evil-{case}"), repo_id=f"evil/{case}",
+                        hf_token="owner", hf_endpoint=endpoint)
             attackers[case] = net.commit(f"evil-{case}", encode_commitment(c))
         net.chain.advance(25)
         settings = ValidatorSettings(work_dir=tmp_path / "v", localnet=False, hf_endpoint=endpoint, poll_seconds=0.05)
@@ -381,12 +384,12 @@ def test_8_nonce_replayed_after_a_server_restart_is_refused(tmp_path, models):
 
 def test_8_rejection_list_is_bounded_and_shows_only_printable_ascii(tmp_path, models):
     net = Net(tmp_path)
-    honest = net.commit("honest", encode_commitment(publish(models["a"], "local", storage_root=net.storage,
-                                                            location="honest/ckpt")))
+    honest = net.commit("honest", encode_commitment(publish(models["a"], "local", hotkey=net.hotkey("honest"),
+                                                            storage_root=net.storage, location="honest/ckpt")))
     # one miner commits a stream of hostile strings, one per block (each a new rejection)
     spammer = net.key("spammer")
     for i in range(8):
-        net.chain.commit(spammer, f"q1:local:\x1b[31m\u202e{i}:t1:" + "0" * 32)
+        net.chain.commit(spammer, f"q2:local:\x1b[31m\u202e{i}:t1:" + "0" * 32)
         net.chain.advance(1)
     net.chain.advance(25)
     work = tmp_path / "v"

@@ -69,10 +69,10 @@ def alive(pids: set[int]) -> set[int]:
 @pytest.mark.slow
 def test_1b_huge_finite_weights_are_rejected_at_evaluate_and_the_round_goes_on(tmp_path, models):
     net = Net(tmp_path)
-    honest = net.commit("honest", plant(net.storage, models["honest"], "honest/ckpt"))
-    attacker = net.commit("huge", plant(net.storage, huge_weights(models["other"], tmp_path / "huge"), "huge/ckpt"))
+    honest = net.commit("honest", plant(net.hotkey("honest"), net.storage, models["honest"], "honest/ckpt"))
+    attacker = net.commit("huge", plant(net.hotkey("huge"), net.storage, huge_weights(models["other"], tmp_path / "huge"), "huge/ckpt"))
     # the checkpoint asks for Triton kernels, which cannot run here: the validator's choice wins
-    triton = net.commit("triton", plant(net.storage, with_config(models["other"], tmp_path / "tri",
+    triton = net.commit("triton", plant(net.hotkey("triton"), net.storage, with_config(models["other"], tmp_path / "tri",
                                                                   kernel_backend="triton"), "tri/ckpt"))
     net.chain.advance(25)
     work = tmp_path / "v"
@@ -129,8 +129,8 @@ def test_non_finite_values_are_found_anywhere_in_a_result():
 @pytest.mark.slow
 def test_a_submission_whose_evaluation_kills_the_validator_twice_is_rejected(tmp_path, models):
     net = Net(tmp_path)
-    honest = net.commit("honest", plant(net.storage, models["honest"], "honest/ckpt"))
-    attacker = net.commit("killer", plant(net.storage, models["other"], "killer/ckpt"))
+    honest = net.commit("honest", plant(net.hotkey("honest"), net.storage, models["honest"], "honest/ckpt"))
+    attacker = net.commit("killer", plant(net.hotkey("killer"), net.storage, models["other"], "killer/ckpt"))
     net.chain.advance(25)
     work = tmp_path / "v"
     db = work / "validator.db"
@@ -174,7 +174,7 @@ def test_a_failure_preparing_the_round_is_the_validators_not_the_submissions(tmp
     import eval.evaluate
 
     net = Net(tmp_path)
-    honest = net.commit("honest", plant(net.storage, models["honest"], "honest/ckpt"))
+    honest = net.commit("honest", plant(net.hotkey("honest"), net.storage, models["honest"], "honest/ckpt"))
     net.chain.advance(25)
 
     def teacher_down(*args, **kwargs):

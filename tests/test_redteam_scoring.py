@@ -89,8 +89,8 @@ class Net(Subnet):
         super().__init__(tmp, raw)
 
     def publish(self, name, path) -> str:
-        return self.commit(name, encode_commitment(publish(path, "local", storage_root=self.storage,
-                                                           location=f"{name}/ckpt")))
+        return self.commit(name, encode_commitment(publish(path, "local", hotkey=self.hotkey(name),
+                                                           storage_root=self.storage, location=f"{name}/ckpt")))
 
     def round(self):
         """One validator round; (its scores by hotkey, the state, the validator's latest weights by hotkey)."""

@@ -122,9 +122,16 @@ def test_exact_copy_scores_zero_and_never_leads():
     # the original has deregistered: the validator's record of the hash's first block still convicts the copy
     alone = round_ranking([copier], SCORE, seed=0, first_blocks={"H": 5})
     assert alone.leader is None and alone.entries[0].gate == "exact_copy"
-    # one owner committing the same hash from two hotkeys in one block is credited once
-    twins = round_ranking([sub("a", rnd.measure(1), 5, "H"), sub("b", rnd.measure(1), 5, "H")], SCORE, seed=0)
-    assert [e.gate for e in twins.entries] == [None, "exact_copy"]
+    # one hash committed from two hotkeys in one block: no order inside a block, so nobody owns it
+    # (one owner cannot multiply a model, and a copier with leaked weights gains nothing)
+    for names in (("a", "b"), ("b", "a"), ("5Fzz", "5Faa")):
+        twins = round_ranking([sub(n, rnd.measure(1), 5, "H") for n in names], SCORE, seed=0)
+        assert twins.leader is None and [e.gate for e in twins.entries] == ["exact_copy"] * 2
+        assert all("2 hotkeys in one block" in e.reason for e in twins.entries)
+    # ... and the later copy of a shared hash is still a copy
+    third = round_ranking([sub("a", rnd.measure(1), 5, "H"), sub("b", rnd.measure(1), 5, "H"),
+                           sub("c", rnd.measure(1), 7, "H")], SCORE, seed=0)
+    assert third.leader is None and {e.gate for e in third.entries} == {"exact_copy"}
 
 
 def _tiny(seed):
@@ -225,6 +232,29 @@ def test_the_teacher_scores_zero_even_with_the_best_items():
         by = {e.hotkey: e for e in ranking.entries}
         assert by["teacher"].gate == "teacher" and by["teacher"].composite == 0 and str(t) in by["teacher"].reason
         assert ranking.leader.hotkey == "honest"
+
+
+def test_same_block_is_decided_by_neither_hotkey_order_nor_position(fingerprints):
+    """Red team, issue 11 item 2: a copier holding leaked weights commits them in its victim's
+    block from a hotkey that sorts first. Identical weights and matching fingerprints in one block
+    gate every one of them; distinct models of one block are ordered by their scores alone."""
+    rnd = Round(31)
+    for victim, copier in (("5Fvictim", "5Aaa-copier"), ("5Aaa-victim", "5Fzz-copier")):
+        source = sub(victim, rnd.measure(1, kl_scale=0.8), block=7, model_hash="H0", fp=fingerprints["original"])
+        tweaked = sub(copier, rnd.measure(2, kl_scale=0.75), block=7, model_hash="H1", fp=fingerprints["noisy"])
+        honest = sub("honest", rnd.measure(3), block=4, fp=fingerprints["independent"])
+        ranking = round_ranking([tweaked, source, honest], SCORE, seed=0)
+        by = {e.hotkey: e for e in ranking.entries}
+        assert by[victim].gate == by[copier].gate == "functional_copy", by
+        assert ranking.leader.hotkey == "honest"
+    # two distinct models in one block, no leader before, too close for either to clear the margin
+    # against the other: the better one holds the crown, whatever the hotkeys
+    for names in (("5Aaa", "5Fzz"), ("5Fzz", "5Aaa")):
+        better = sub(names[0], rnd.measure(4, kl_scale=0.995), block=9, model_hash="Hb")
+        worse = sub(names[1], rnd.measure(4), block=9, model_hash="Hw")
+        ranking = round_ranking([worse, better], SCORE, seed=0)
+        assert ranking.leader.model_hash == "Hb"
+        assert not any(e.lower_bound is not None and e.lower_bound > SCORE.margin for e in ranking.entries)
 
 
 @pytest.mark.parametrize("leader_hash", [None, "hash-old"])

@@ -24,7 +24,7 @@ from bittensor.sp_core import Keypair
 from neurons.commitment import Commitment, encode_commitment, parse_commitment
 from neurons.manifest import ManifestEntry, SubmissionRejected, compute_model_hash, read_manifest, write_manifest
 from neurons.serve import CheckpointServer
-from neurons.storage import FetchLimits, fetch, fetch_submission, publish
+from neurons.storage import FetchLimits, fetch, fetch_submission, publish, release, stage
 from quasar_model import QuasarLongConfig, QuasarLongForCausalLM
 from test_submissions import LIMITS, WEIGHTS, edit_config, edit_weights
 
@@ -32,6 +32,7 @@ VALIDATOR = Keypair.create_from_uri("//Alice")
 OTHER_VALIDATOR = Keypair.create_from_uri("//Charlie")
 MINER = Keypair.create_from_uri("//Bob")
 STRANGER = Keypair.create_from_uri("//Eve")
+HK = MINER.ss58_address  # the committing hotkey, which every commitment binds its model to
 VALIDATORS = {VALIDATOR.ss58_address, OTHER_VALIDATOR.ss58_address}
 FAST = FetchLimits(LIMITS, connect_timeout=2, read_timeout=5, request_timeout=10, total_timeout=20)
 
@@ -79,6 +80,7 @@ def leaves_no_trace(tmp_path):
 
 def rejected_fetch(tmp_path, commitment, stage, *words, **kwargs) -> SubmissionRejected:
     kwargs.setdefault("limits", FAST)
+    kwargs.setdefault("miner_hotkey", HK)
     with leaves_no_trace(tmp_path), pytest.raises(SubmissionRejected) as info:
         fetch(commitment, tmp_path / "dest", **kwargs)
     err = info.value
@@ -97,18 +99,19 @@ def assert_same_files(a, b):
 # ================================================================================ round trips
 def test_local_round_trip(ckpt, tmp_path):
     root = tmp_path / "storage"
-    c = publish(ckpt, "local", storage_root=root, location="miners/m1")
+    c = publish(ckpt, "local", hotkey=HK, storage_root=root, location="miners/m1")
     assert parse_commitment(encode_commitment(c), localnet=True) == c
-    assert c.revision == read_manifest(ckpt).model_hash[:16]
-    assert publish(ckpt, "local", storage_root=root, location="miners/m1") == c  # idempotent
-    got = fetch(c, tmp_path / "dest", limits=FAST, storage_root=root, localnet=True)
+    # the token is the binding's: it reveals nothing of the model hash the commitment does not
+    assert c.revision == c.binding[:16] and read_manifest(ckpt).model_hash[:8] not in encode_commitment(c)
+    assert publish(ckpt, "local", hotkey=HK, storage_root=root, location="miners/m1") == c  # idempotent
+    got = fetch(c, tmp_path / "dest", limits=FAST, miner_hotkey=HK, storage_root=root, localnet=True)
     assert_same_files(got, ckpt)
     with pytest.raises(SubmissionRejected, match="localnet only"):  # mainnet never reads local paths
-        fetch(c, tmp_path / "dest2", limits=FAST, storage_root=root)
+        fetch(c, tmp_path / "dest2", limits=FAST, miner_hotkey=HK, storage_root=root)
 
 
 def test_http_round_trip(ckpt, tmp_path, server):
-    c = publish(ckpt, "http", server=server)
+    c = publish(ckpt, "http", hotkey=HK, server=server)
     assert (c.kind, c.location) == ("http", f"127.0.0.1:{server.port}")
     got = fetch_submission(encode_commitment(c), tmp_path / "dest", limits=FAST, keypair=VALIDATOR,
                            miner_hotkey=MINER.ss58_address, localnet=True)  # the string, as read from chain
@@ -116,12 +119,29 @@ def test_http_round_trip(ckpt, tmp_path, server):
     assert got.submission.summary.model_hash == read_manifest(ckpt).model_hash
 
 
+def test_staged_checkpoints_are_unreadable_until_released(ckpt, tmp_path, server):
+    """A miner commits between `stage` and `release`: before the release no validator can fetch
+    the weights, so nobody can copy them into the block its commitment lands in."""
+    root = tmp_path / "storage"
+    c = stage(ckpt, "local", hotkey=HK, storage_root=root, location="miners/m1")
+    rejected_fetch(tmp_path, c, "fetch", storage_root=root, localnet=True)
+    release(c, ckpt, storage_root=root)
+    release(c, ckpt, storage_root=root)  # idempotent: a miner restarted mid-way releases again
+    assert_same_files(fetch(c, tmp_path / "local", limits=FAST, miner_hotkey=HK, storage_root=root,
+                            localnet=True), ckpt)
+    h = stage(ckpt, "http", hotkey=HK, server=server)
+    rejected_fetch(tmp_path, h, "fetch", "404", keypair=VALIDATOR, localnet=True)
+    release(h, ckpt, server=server)
+    got = fetch_submission(h, tmp_path / "dest2", limits=FAST, keypair=VALIDATOR, miner_hotkey=HK, localnet=True)
+    assert got.submission.summary.model_hash == read_manifest(ckpt).model_hash
+
+
 def test_fetch_refuses_a_non_empty_destination(ckpt, tmp_path):
-    c = publish(ckpt, "local", storage_root=tmp_path / "s", location="m")
+    c = publish(ckpt, "local", hotkey=HK, storage_root=tmp_path / "s", location="m")
     (tmp_path / "dest").mkdir()
     (tmp_path / "dest" / "mine.txt").write_text("keep me")
     with pytest.raises(ValueError, match="not empty"):
-        fetch(c, tmp_path / "dest", limits=FAST, storage_root=tmp_path / "s", localnet=True)
+        fetch(c, tmp_path / "dest", limits=FAST, miner_hotkey=HK, storage_root=tmp_path / "s", localnet=True)
     assert (tmp_path / "dest" / "mine.txt").read_text() == "keep me"
 
 
@@ -231,7 +251,7 @@ def test_server_refuses_to_register_a_bad_checkpoint(ckpt, server):
 
 # ================================================================================ hostile over http
 def fetch_http(tmp_path, ckpt, server, stage, *words, limits=FAST):
-    c = publish(ckpt, "http", server=server)
+    c = publish(ckpt, "http", hotkey=HK, server=server)
     return rejected_fetch(tmp_path, c, stage, *words, limits=limits, keypair=VALIDATOR,
                           miner_hotkey=MINER.ss58_address, localnet=True)
 
@@ -257,7 +277,7 @@ def test_config_bombs_and_wrong_architecture_rejected(ckpt, tmp_path, server, ch
 
 
 def test_fetch_by_a_stranger_is_refused(ckpt, tmp_path, server):
-    c = publish(ckpt, "http", server=server)
+    c = publish(ckpt, "http", hotkey=HK, server=server)
     err = rejected_fetch(tmp_path, c, "fetch", "HTTP 403", keypair=STRANGER, miner_hotkey=MINER.ss58_address,
                          localnet=True)
     assert "registered" not in err.reason  # the server's body is not repeated in a stored reason
@@ -306,7 +326,7 @@ def manifest_bytes(entries):
 
 def rogue_fetch(tmp_path, files, model_hash, stage, *words, limits=FAST):
     with running(Rogue(files).app) as port:
-        c = Commitment.for_model("http", f"127.0.0.1:{port}", "t", model_hash)
+        c = Commitment.for_model("http", f"127.0.0.1:{port}", "t", model_hash, HK)
         return rejected_fetch(tmp_path, c, stage, *words, limits=limits, keypair=VALIDATOR,
                               miner_hotkey=MINER.ss58_address, localnet=True)
 
@@ -415,7 +435,7 @@ def test_redirect_refused(ckpt, tmp_path):
 # ================================================================================ hostile: local storage
 def test_local_pickle_beside_the_checkpoint_rejected(ckpt, tmp_path):
     root = tmp_path / "storage"
-    c = publish(ckpt, "local", storage_root=root, location="miners/m1")
+    c = publish(ckpt, "local", hotkey=HK, storage_root=root, location="miners/m1")
     (root / "miners/m1" / c.revision / "pytorch_model.bin").write_bytes(b"\x80\x04.")
     rejected_fetch(tmp_path, c, "manifest", "pickle", storage_root=root, localnet=True)
 
@@ -424,21 +444,23 @@ def test_local_symlink_out_of_the_root_rejected(ckpt, tmp_path):
     root = tmp_path / "storage"
     (root / "miners").mkdir(parents=True)
     os.symlink(ckpt.parent, root / "miners" / "evil")  # points outside the root
-    c = Commitment.for_model("local", "miners/evil", "ckpt", read_manifest(ckpt).model_hash)
+    c = Commitment.for_model("local", "miners/evil", "ckpt", read_manifest(ckpt).model_hash, HK)
     rejected_fetch(tmp_path, c, "fetch", "outside the storage root", storage_root=root, localnet=True)
     with leaves_no_trace(tmp_path), pytest.raises(ValueError, match="leaves the storage root"):
-        publish(ckpt, "local", storage_root=root, location="miners/evil/sub")
+        publish(ckpt, "local", hotkey=HK, storage_root=root, location="miners/evil/sub")
 
 
 # ================================================================================ hf: a stand-in Hub
 class FakeHub:
-    """The Hub endpoints huggingface_hub's create_repo, model_info and create_commit call, and the
-    resolve URLs; large files redirect to a CDN path as on the real Hub. Everything in memory."""
+    """The Hub endpoints huggingface_hub's create_repo, update_repo_settings, model_info and
+    create_commit call, and the resolve URLs; large files redirect to a CDN path as on the real Hub.
+    A private repo answers 404 to requests without a token, as the Hub does. Everything in memory."""
 
     def __init__(self):
-        self.repos = {}  # repo_id -> {"main": sha, "commits": {sha: {name: bytes}}}
+        self.repos = {}  # repo_id -> {"main": sha, "commits": {sha: {name: bytes}}, "private": bool}
         app = web.Application(client_max_size=64 << 20)
         app.router.add_post("/api/repos/create", self.create)
+        app.router.add_put("/api/models/{owner}/{name}/settings", self.settings)
         app.router.add_get("/api/models/{owner}/{name}/revision/{rev}", self.info)
         app.router.add_post("/api/models/{owner}/{name}/preupload/{rev}", self.preupload)
         app.router.add_post("/api/models/{owner}/{name}/commit/{rev}", self.commit)
@@ -455,7 +477,7 @@ class FakeHub:
 
     def files_at(self, request):
         repo = self.repos.get(f"{request.match_info['owner']}/{request.match_info['name']}")
-        if repo is None:
+        if repo is None or (repo["private"] and "authorization" not in request.headers):
             raise web.HTTPNotFound(headers={"X-Error-Code": "RepoNotFound"})
         rev = request.match_info["rev"]
         sha = repo["main"] if rev == "main" else rev
@@ -469,9 +491,16 @@ class FakeHub:
         if repo_id in self.repos:
             return web.json_response({"error": "You already created this model repo",
                                       "url": f"http://{request.host}/{repo_id}"}, status=409)
-        self.repos[repo_id] = {"commits": {}}
+        self.repos[repo_id] = {"commits": {}, "private": body.get("visibility") == "private" or bool(body.get("private"))}
         self.add_commit(repo_id, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"})
         return web.json_response({"url": f"http://{request.host}/{repo_id}"})
+
+    async def settings(self, request):
+        repo = self.repos.get(f"{request.match_info['owner']}/{request.match_info['name']}")
+        if repo is None or "authorization" not in request.headers:  # only its owner may change it
+            raise web.HTTPNotFound(headers={"X-Error-Code": "RepoNotFound"})
+        repo["private"] = (await request.json())["visibility"] == "private"
+        return web.json_response({})
 
     async def info(self, request):
         sha, files = self.files_at(request)
@@ -515,6 +544,8 @@ class FakeHub:
 
     async def cdn(self, request):
         for repo in self.repos.values():
+            if repo["private"] and "authorization" not in request.headers:
+                continue
             for files in repo["commits"].values():
                 for data in files.values():
                     if hashlib.sha256(data).hexdigest() == request.match_info["sha256"]:
@@ -532,23 +563,39 @@ def hub():
 
 def test_hf_round_trip_pins_the_revision(ckpt, tmp_path, hub, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)  # as a validator would point at a mirror
-    c = publish(ckpt, "hf", repo_id="miner/student")
+    c = publish(ckpt, "hf", hotkey=HK, repo_id="miner/student", hf_token="owner")
     assert c.kind == "hf" and len(c.revision) == 40 and c.revision == hub.repos["miner/student"]["main"]
-    got = fetch(c, tmp_path / "dest", limits=FAST)
+    got = fetch(c, tmp_path / "dest", limits=FAST, miner_hotkey=HK)
     assert_same_files(got, ckpt)
     # A second checkpoint with a different file set: the stale shard is deleted from the new
     # revision, and the first commitment still fetches its own, pinned revision.
     torch.manual_seed(1)
     second = tmp_path / "second"
     QuasarLongForCausalLM(QuasarLongConfig.preset("tiny")).save_pretrained(second, max_shard_size="1MB")
-    c2 = publish(second, "hf", repo_id="miner/student", hf_endpoint=hub.endpoint)
+    c2 = publish(second, "hf", hotkey=HK, repo_id="miner/student", hf_token="owner",
+                 hf_endpoint=hub.endpoint)
     assert c2.revision != c.revision and WEIGHTS not in hub.repos["miner/student"]["commits"][c2.revision]
-    assert_same_files(fetch(c2, tmp_path / "dest2", limits=FAST, hf_endpoint=hub.endpoint), second)
-    assert_same_files(fetch(c, tmp_path / "dest3", limits=FAST, hf_endpoint=hub.endpoint), ckpt)
+    assert_same_files(fetch(c2, tmp_path / "dest2", limits=FAST, miner_hotkey=HK, hf_endpoint=hub.endpoint), second)
+    assert_same_files(fetch(c, tmp_path / "dest3", limits=FAST, miner_hotkey=HK, hf_endpoint=hub.endpoint), ckpt)
+
+
+def test_hf_repo_stays_private_until_released(ckpt, tmp_path, hub):
+    # an existing public repo is made private before the new checkpoint goes up
+    publish(ckpt, "hf", hotkey=HK, repo_id="miner/student", hf_token="owner", hf_endpoint=hub.endpoint)
+    assert hub.repos["miner/student"]["private"] is False
+    torch.manual_seed(3)
+    second = tmp_path / "second"
+    QuasarLongForCausalLM(QuasarLongConfig.preset("tiny")).save_pretrained(second)
+    c = stage(second, "hf", hotkey=HK, repo_id="miner/student", hf_token="owner", hf_endpoint=hub.endpoint)
+    assert hub.repos["miner/student"]["private"] is True and c.revision == hub.repos["miner/student"]["main"]
+    rejected_fetch(tmp_path, c, "fetch", hf_endpoint=hub.endpoint)
+    release(c, second, hf_token="owner", hf_endpoint=hub.endpoint)
+    assert hub.repos["miner/student"]["private"] is False
+    assert_same_files(fetch(c, tmp_path / "dest", limits=FAST, miner_hotkey=HK, hf_endpoint=hub.endpoint), second)
 
 
 def test_hf_hostile_repos_rejected(ckpt, tmp_path, hub):
-    c = publish(ckpt, "hf", repo_id="miner/student", hf_endpoint=hub.endpoint)
+    c = publish(ckpt, "hf", hotkey=HK, repo_id="miner/student", hf_token="owner", hf_endpoint=hub.endpoint)
     files = hub.repos["miner/student"]["commits"][c.revision]
     cases = [
         ({**files, "pytorch_model.bin": b"\x80\x04."}, "manifest", ["pytorch_model.bin", "pickle"]),
@@ -559,7 +606,7 @@ def test_hf_hostile_repos_rejected(ckpt, tmp_path, hub):
     ]
     for variant, stage, words in cases:
         sha = hub.add_commit("miner/student", variant)
-        bad = Commitment("hf", c.location, sha, c.model_hash_prefix)
+        bad = Commitment("hf", c.location, sha, c.binding)
         rejected_fetch(tmp_path, bad, stage, *words, hf_endpoint=hub.endpoint)
-    unknown = Commitment("hf", c.location, "0" * 40, c.model_hash_prefix)
+    unknown = Commitment("hf", c.location, "0" * 40, c.binding)
     rejected_fetch(tmp_path, unknown, "fetch", "metadata request failed", hf_endpoint=hub.endpoint)

@@ -102,12 +102,22 @@ def test_model_hash_definition(ckpt):
     assert build_manifest(ckpt).model_hash != m.model_hash
 
 
-def test_commitment_binds_manifest(ckpt):
+def test_commitment_binds_manifest_to_the_hotkey(ckpt):
     m = read_manifest(ckpt)
-    good = Commitment.for_model("hf", "miner/student", "a" * 40, m.model_hash)
-    assert check_submission(ckpt, LIMITS, commitment=good)
+    miner, copier = "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY", "5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty"
+    good = Commitment.for_model("hf", "miner/student", "a" * 40, m.model_hash, miner)
+    # sha256(model hash || hotkey), as documented: nothing else enters
+    assert good.binding == hashlib.sha256((m.model_hash + miner).encode()).hexdigest()[:32]
+    assert good.matches(m.model_hash, miner) and not good.matches(m.model_hash, copier)
+    assert check_submission(ckpt, LIMITS, commitment=good, hotkey=miner)
+    # the same commitment string made by another hotkey names nothing that hotkey can serve
+    rejected(ckpt, "manifest", "not the committed", "copied from another hotkey", commitment=good, hotkey=copier)
     other = Commitment("hf", "miner/student", "a" * 40, "0" * 32)
-    rejected(ckpt, "manifest", "committed", commitment=other)
+    rejected(ckpt, "manifest", "not the committed", commitment=other, hotkey=miner)
+    with pytest.raises(ValueError, match="needs the hotkey"):
+        check_submission(ckpt, LIMITS, commitment=good)
+    # the binding does not reveal the model: a copier reading it cannot recover the hash's prefix
+    assert m.model_hash[:8] not in encode_commitment(good)
 
 
 # ================================================================================ manifest stage
@@ -312,21 +322,21 @@ SHA = "89ab" * 10
 
 
 @pytest.mark.parametrize("text,localnet", [
-    (f"q1:hf:miner-1/quasar.student_v2:{SHA}:{HASH}", False),
-    (f"q1:http:8.8.4.4:8091:r42:{HASH}", False),
-    (f"q1:http:miner.example.org:443:v1.2-rc_3:{HASH}", False),
-    (f"q1:http:127.0.0.1:8091:rev1:{HASH}", True),
-    (f"q1:local:miners/hk5/step-100:r1:{HASH}", True),
+    (f"q2:hf:miner-1/quasar.student_v2:{SHA}:{HASH}", False),
+    (f"q2:http:8.8.4.4:8091:r42:{HASH}", False),
+    (f"q2:http:miner.example.org:443:v1.2-rc_3:{HASH}", False),
+    (f"q2:http:127.0.0.1:8091:rev1:{HASH}", True),
+    (f"q2:local:miners/hk5/step-100:r1:{HASH}", True),
 ])
 def test_commitment_round_trip(text, localnet):
     c = parse_commitment(text, localnet=localnet)
     assert encode_commitment(c) == text
     assert parse_commitment(text.encode(), localnet=localnet) == c
-    assert c.matches(HASH + "f" * 32) and not c.matches("f" * 64)
+    assert c.binding == HASH and not c.matches("f" * 64, "5Fhotkey")
 
 
 def test_commitment_fields_and_worst_case_fit():
-    c = parse_commitment(f"q1:http:8.8.4.4:8091:r42:{HASH}")
+    c = parse_commitment(f"q2:http:8.8.4.4:8091:r42:{HASH}")
     assert (c.kind, c.host, c.port, c.revision) == ("http", "8.8.4.4", 8091, "r42")
     worst = [
         Commitment("hf", "o" * 23 + "/" + "n" * 24, "f" * 40, HASH),
@@ -342,36 +352,37 @@ def test_commitment_fields_and_worst_case_fit():
 
 @pytest.mark.parametrize("raw,words", [
     ("", ["empty"]),
-    ("q1:hf:" + "a" * 200, ["over the 128-byte cap"]),
-    (f"q1:hf:owner/name:{SHA}:{HASH}".encode() + b"\xff", ["UTF-8"]),
-    (f"q1:hf:owner/ná:{SHA}:{HASH}", ["disallowed character"]),
-    (f"q1:hf:owner/name:{SHA}:{HASH}\n", ["disallowed character"]),
-    (f"q1:hf:owner name:{SHA}:{HASH}", ["disallowed character"]),
-    (f"q2:hf:owner/name:{SHA}:{HASH}", ["unknown commitment version", "q2"]),
+    ("q2:hf:" + "a" * 200, ["over the 128-byte cap"]),
+    (f"q2:hf:owner/name:{SHA}:{HASH}".encode() + b"\xff", ["UTF-8"]),
+    (f"q2:hf:owner/ná:{SHA}:{HASH}", ["disallowed character"]),
+    (f"q2:hf:owner/name:{SHA}:{HASH}\n", ["disallowed character"]),
+    (f"q2:hf:owner name:{SHA}:{HASH}", ["disallowed character"]),
+    (f"q3:hf:owner/name:{SHA}:{HASH}", ["unknown commitment version", "q3"]),
+    (f"q1:hf:owner/name:{SHA}:{HASH}", ["version 'q1' is retired", "bare model hash", "re-commit as 'q2'"]),
     (f"hf:owner/name:{SHA}:{HASH}", ["unknown commitment version"]),
-    (f"q1:s3:bucket/key:{SHA}:{HASH}", ["unknown storage kind", "s3"]),
-    (f"q1:hf:owner/name:{SHA}:{HASH}:extra", ["extra fields"]),
-    (f"q1:hf:owner/name:{HASH}", ["missing fields"]),
-    (f"q1:hf:name:{SHA}:{HASH}", ["owner/name"]),
-    (f"q1:hf:a/b/c:{SHA}:{HASH}", ["owner/name"]),
-    (f"q1:hf:owner--x/name:{SHA}:{HASH}", ["naming rules"]),
-    (f"q1:hf:.owner/name:{SHA}:{HASH}", ["naming rules"]),
-    (f"q1:hf:owner/name.git:{SHA}:{HASH}", [".git"]),
-    (f"q1:hf:owner/name:main:{HASH}", ["40-character"]),
-    (f"q1:hf:owner/name:{SHA.upper()}:{HASH}", ["40-character"]),
-    (f"q1:hf:owner/name:{SHA}:{HASH[:-1]}", ["32 lowercase hex"]),
-    (f"q1:hf:owner/name:{SHA}:{HASH.upper()}", ["32 lowercase hex"]),
-    (f"q1:http:8.8.4.4:0:r1:{HASH}", ["port"]),
-    (f"q1:http:8.8.4.4:65536:r1:{HASH}", ["port"]),
-    (f"q1:http:8.8.4.4:080:r1:{HASH}", ["port"]),
-    (f"q1:http:999.1.1.1:80:r1:{HASH}", ["IPv4"]),
-    (f"q1:http:8.8.04.4:80:r1:{HASH}", ["IPv4"]),
-    (f"q1:http:Miner.Example.org:80:r1:{HASH}", ["lowercase hostname"]),
-    (f"q1:http:10.0.0.5:80:r1:{HASH}", ["not a public address"]),
-    (f"q1:http:169.254.169.254:80:r1:{HASH}", ["not a public address"]),
-    (f"q1:http:localhost:80:r1:{HASH}", ["local name"]),
-    (f"q1:http:8.8.4.4:80:-r1:{HASH}", ["revision"]),
-    (f"q1:local:miners/hk:r1:{HASH}", ["localnet only"]),
+    (f"q2:s3:bucket/key:{SHA}:{HASH}", ["unknown storage kind", "s3"]),
+    (f"q2:hf:owner/name:{SHA}:{HASH}:extra", ["extra fields"]),
+    (f"q2:hf:owner/name:{HASH}", ["missing fields"]),
+    (f"q2:hf:name:{SHA}:{HASH}", ["owner/name"]),
+    (f"q2:hf:a/b/c:{SHA}:{HASH}", ["owner/name"]),
+    (f"q2:hf:owner--x/name:{SHA}:{HASH}", ["naming rules"]),
+    (f"q2:hf:.owner/name:{SHA}:{HASH}", ["naming rules"]),
+    (f"q2:hf:owner/name.git:{SHA}:{HASH}", [".git"]),
+    (f"q2:hf:owner/name:main:{HASH}", ["40-character"]),
+    (f"q2:hf:owner/name:{SHA.upper()}:{HASH}", ["40-character"]),
+    (f"q2:hf:owner/name:{SHA}:{HASH[:-1]}", ["binding", "32 lowercase hex"]),
+    (f"q2:hf:owner/name:{SHA}:{HASH.upper()}", ["binding", "32 lowercase hex"]),
+    (f"q2:http:8.8.4.4:0:r1:{HASH}", ["port"]),
+    (f"q2:http:8.8.4.4:65536:r1:{HASH}", ["port"]),
+    (f"q2:http:8.8.4.4:080:r1:{HASH}", ["port"]),
+    (f"q2:http:999.1.1.1:80:r1:{HASH}", ["IPv4"]),
+    (f"q2:http:8.8.04.4:80:r1:{HASH}", ["IPv4"]),
+    (f"q2:http:Miner.Example.org:80:r1:{HASH}", ["lowercase hostname"]),
+    (f"q2:http:10.0.0.5:80:r1:{HASH}", ["not a public address"]),
+    (f"q2:http:169.254.169.254:80:r1:{HASH}", ["not a public address"]),
+    (f"q2:http:localhost:80:r1:{HASH}", ["local name"]),
+    (f"q2:http:8.8.4.4:80:-r1:{HASH}", ["revision"]),
+    (f"q2:local:miners/hk:r1:{HASH}", ["localnet only"]),
 ])
 def test_malformed_commitments_rejected(raw, words):
     with pytest.raises(CommitmentRejected) as info:
@@ -383,7 +394,7 @@ def test_malformed_commitments_rejected(raw, words):
 @pytest.mark.parametrize("location", ["../etc", "/abs/path", "a//b", ".hidden/x", "a/../b"])
 def test_unsafe_local_paths_rejected(location):
     with pytest.raises(CommitmentRejected, match="local path"):
-        parse_commitment(f"q1:local:{location}:r1:{HASH}", localnet=True)
+        parse_commitment(f"q2:local:{location}:r1:{HASH}", localnet=True)
 
 
 def test_encode_refuses_bad_commitments():

@@ -23,13 +23,14 @@ from bittensor.sp_core import Keypair, verify
 
 from neurons.chain import Chain, ChainError, InvalidSignature, InvalidWrite, NotPermitted
 from neurons.commitment import CommitmentRejected, parse_commitment
-from neurons.subtensor_chain import ChainRpcError, SealedCommit, SubtensorChain
+from neurons.chain import SealedCommit
+from neurons.subtensor_chain import ChainRpcError, SubtensorChain
 
 NETUID = 24
 ALICE, BOB, CHARLIE, DAVE = (Keypair.create_from_uri(u) for u in ("//Alice", "//Bob", "//Charlie", "//Dave"))
 COLD = Keypair.create_from_uri("//Ferdie").ss58_address
 GONE = Keypair.create_from_uri("//Eve").ss58_address  # committed once, since deregistered
-COMMIT = "q1:hf:quasar/long-1b:" + "ab" * 20 + ":" + "cd" * 16
+COMMIT = "q2:hf:quasar/long-1b:" + "ab" * 20 + ":" + "cd" * 16
 
 
 # ---- a minimal runtime metadata (V14) for the calls under test --------------------------------
@@ -344,7 +345,7 @@ def test_metagraph(chain, fake):
 
 
 def test_commitments_keep_readable_ones_and_skip_the_rest(chain, fake):
-    revealed = b"q1:local:models/a:tok:" + b"ef" * 16
+    revealed = b"q2:local:models/a:tok:" + b"ef" * 16
     fake.maps["Commitments", "CommitmentOf", NETUID] = [
         (BOB.ss58_address, {"deposit": 0, "block": 950, "info": {"fields": [_raw(COMMIT.encode())]}}),
         (GONE, {"deposit": 0, "block": 940, "info": {"fields": [_raw(b"q1:old")]}}),
@@ -370,7 +371,7 @@ def test_commitments_keep_readable_ones_and_skip_the_rest(chain, fake):
     assert (got[BOB.ss58_address].data, got[BOB.ss58_address].block, got[BOB.ss58_address].uid) == (COMMIT, 950, 1)
     assert (got[GONE].uid, got[GONE].data, got[GONE].block) == (None, "q1:old", 940)
     assert (got[ALICE.ss58_address].data, got[ALICE.ss58_address].block) == (revealed.decode(), 960)
-    assert parse_commitment(got[BOB.ss58_address].data).model_hash_prefix == "cd" * 16
+    assert parse_commitment(got[BOB.ss58_address].data).binding == "cd" * 16
     with pytest.raises(CommitmentRejected):
         parse_commitment(got[CHARLIE.ss58_address].data)
 

@@ -47,12 +47,13 @@ def student(d: Path, seed: int) -> Path:
     return d
 
 
-def plant(root: Path, src: Path, location: str, token: str = "t1") -> str:
-    """Put a (possibly hostile) checkpoint where a `local` commitment points, as a miner could; the string."""
+def plant(hotkey: str, root: Path, src: Path, location: str, token: str = "t1") -> str:
+    """Put a (possibly hostile) checkpoint where a `local` commitment points, as a miner could; the
+    string `hotkey` commits."""
     m = write_manifest(src)
     target = root / location / token
     shutil.copytree(src, target)
-    return encode_commitment(Commitment.for_model("local", location, token, m.model_hash))
+    return encode_commitment(Commitment.for_model("local", location, token, m.model_hash, hotkey))
 
 
 class Subnet:
@@ -72,6 +73,10 @@ class Subnet:
         kp = local_keypair(f"{name}-default", self.keys)
         self.chain.register(kp, local_keypair(f"{name}-cold", self.keys).ss58_address, stake=stake)
         return kp
+
+    def hotkey(self, name: str) -> str:
+        """The ss58 address `key(name)` registers (a miner knows it before registering)."""
+        return local_keypair(f"{name}-default", self.keys).ss58_address
 
     def commit(self, name: str, data: str) -> str:
         kp = self.key(name)
@@ -112,14 +117,14 @@ def _trickle_server():
 
 def test_hostile_submissions_are_rejected_with_reasons_and_the_round_goes_on(tmp_path, models):
     net = Subnet(tmp_path)
-    good = net.commit("good", encode_commitment(publish(models["a"], "local", storage_root=net.storage,
+    good = net.commit("good", encode_commitment(publish(models["a"], "local", hotkey=net.hotkey("good"), storage_root=net.storage,
                                                         location="good/ckpt")))
 
     def variant(name, edit):
         d = tmp_path / "src" / name
         shutil.copytree(models["b"], d)
         edit(d)
-        return net.commit(name, plant(net.storage, d, f"{name}/ckpt"))
+        return net.commit(name, plant(net.hotkey(name), net.storage, d, f"{name}/ckpt"))
 
     def nan(d):
         t = load_file(d / "model.safetensors")
@@ -140,18 +145,18 @@ def test_hostile_submissions_are_rejected_with_reasons_and_the_round_goes_on(tmp
     }
     # a pickle and a .py planted next to a valid checkpoint after its manifest was written
     for name, extra in [("pickle", "model.bin"), ("code", "modeling_evil.py")]:
-        data = plant(net.storage, models["c"], f"{name}/ckpt")
+        data = plant(net.hotkey(name), net.storage, models["c"], f"{name}/ckpt")
         (net.storage / name / "ckpt" / "t1" / extra).write_bytes(b"\x80\x04K\x01.")
         hostile[net.commit(name, data)] = ("", "")
     # a sha256 mismatch: bytes changed after the manifest
-    data = plant(net.storage, models["c"], "flip/ckpt")
+    data = plant(net.hotkey("flip"), net.storage, models["c"], "flip/ckpt")
     w = net.storage / "flip" / "ckpt" / "t1" / "model.safetensors"
     raw = bytearray(w.read_bytes()); raw[-1] ^= 1; w.write_bytes(bytes(raw))
     hostile[net.commit("flip", data)] = ("", "sha256")
-    hostile[net.commit("grammar", "q1:local:../etc:t1:" + "0" * 32)] = ("commitment", "")
+    hostile[net.commit("grammar", "q2:local:../etc:t1:" + "0" * 32)] = ("commitment", "")
     hostile[net.commit("version", "q9:local:x:t1:" + "0" * 32)] = ("commitment", "")
     port = _trickle_server()
-    hostile[net.commit("slow", f"q1:http:127.0.0.1:{port}:t1:" + "0" * 32)] = ("fetch", "")
+    hostile[net.commit("slow", f"q2:http:127.0.0.1:{port}:t1:" + "0" * 32)] = ("fetch", "")
 
     net.chain.advance(25)
     v = Validator(net.chain, net.validator, net.competition,
@@ -180,16 +185,17 @@ def _subnet_with_copier(tmp_path, models, extra_seeds=(), competition=None):
     owners = {}
     for name in ("a", "b", "c"):
         owners[name] = net.commit(f"miner-{name}", encode_commitment(
-            publish(models[name], "local", storage_root=net.storage, location=f"{name}/ckpt")))
+            publish(models[name], "local", hotkey=net.hotkey(f"miner-{name}"), storage_root=net.storage, location=f"{name}/ckpt")))
     for seed in extra_seeds:
         name = f"extra{seed}"
         owners[name] = net.commit(name, encode_commitment(publish(
-            student(tmp_path / "src" / name, seed), "local", storage_root=net.storage, location=f"{name}/ckpt")))
+            student(tmp_path / "src" / name, seed), "local", hotkey=net.hotkey(name), storage_root=net.storage,
+            location=f"{name}/ckpt")))
     net.chain.advance(1)  # the copy lands in a later block than the original it copies
     copy = tmp_path / "copy"
     shutil.copytree(models["a"], copy, ignore=shutil.ignore_patterns("manifest.json"))
     owners["copier"] = net.commit("copier", encode_commitment(
-        publish(copy, "local", storage_root=net.storage, location="copier/ckpt")))
+        publish(copy, "local", hotkey=net.hotkey("copier"), storage_root=net.storage, location="copier/ckpt")))
     net.chain.advance(25)
     return net, owners
 
@@ -301,12 +307,12 @@ def test_unreachable_storage_is_retried_next_round_not_rejected(tmp_path, models
     import socket
 
     net = Subnet(tmp_path)
-    good = net.commit("good", encode_commitment(publish(models["a"], "local", storage_root=net.storage,
+    good = net.commit("good", encode_commitment(publish(models["a"], "local", hotkey=net.hotkey("good"), storage_root=net.storage,
                                                         location="good/ckpt")))
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    data = f"q1:http:127.0.0.1:{port}:t1:" + "0" * 32
+    data = f"q2:http:127.0.0.1:{port}:t1:" + "0" * 32
     down = net.commit("down", data)
     net.chain.advance(25)
     v = Validator(net.chain, net.validator, net.competition, net.settings(tmp_path / "v"))

@@ -1,0 +1,120 @@
+"""The miner's publishing order (issue 11, item 2): stage unreadable, commit (sealed where the
+chain can), release only once the commitment has landed; a restart in between finishes the job."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from eval.competition import load_competition
+from neurons.commitment import parse_commitment
+from neurons.keys import local_keypair
+from neurons.localchain import LocalChain
+from neurons.manifest import read_manifest
+from neurons.miner import Miner, MinerSettings
+from neurons.storage import FetchLimits, fetch
+from neurons.validator import student_limits
+from test_validator import student
+
+COMPETITION = load_competition("localnet")
+
+
+class Watched(LocalChain):
+    """The local chain, noting what a validator could read at the moment each commitment lands,
+    and producing the next block once one is asked for after a commitment (as a real chain does)."""
+
+    def __init__(self, *a, readable, **kw):
+        super().__init__(*a, **kw)
+        self.readable, self.seen, self.produce = readable, [], False
+
+    def block(self):
+        if self.produce:
+            self.produce = False
+            self.advance(1)
+        return super().block()
+
+    def commit_sealed(self, keypair, data, *, reveal_in_blocks):
+        self.seen.append(("sealed", reveal_in_blocks, self.readable()))
+        landed = super().commit_sealed(keypair, data, reveal_in_blocks=reveal_in_blocks)
+        self.hidden_when_landed = keypair.ss58_address not in self.commitments()
+        self.produce = True
+        return landed
+
+    def commit(self, keypair, data):
+        self.seen.append(("plain", None, self.readable()))
+        landed = super().commit(keypair, data)
+        self.produce = True
+        return landed
+
+
+@pytest.fixture
+def setup(tmp_path):
+    storage = tmp_path / "storage"
+    released = lambda: [p.name for p in storage.glob("*/*/*") if not p.name.startswith(".")]  # noqa: E731
+    chain = Watched(tmp_path / "chain.db", readable=released)
+    keys = tmp_path / "keys"
+    kp = local_keypair("miner", keys)
+    chain.register(kp, local_keypair("cold", keys).ss58_address)
+    chain.advance(5)
+    export = student(tmp_path / "exports" / "step-0000010", seed=1)
+    return chain, kp, storage, export
+
+
+def miner(tmp_path, chain, kp, storage, **kw) -> Miner:
+    settings = MinerSettings(work_dir=tmp_path / "work", storage="local", storage_root=storage, poll_seconds=0.01, **kw)
+    return Miner(chain, kp, COMPETITION, settings)
+
+
+def test_weights_are_unreadable_until_the_sealed_commitment_has_landed(tmp_path, setup):
+    chain, kp, storage, export = setup
+    m = miner(tmp_path, chain, kp, storage)
+    assert m.publish(export, 0.5)
+    # committed sealed for half the evaluation delay, with nothing released at that moment
+    assert chain.seen == [("sealed", max(1, COMPETITION.schedule.eval_delay_blocks // 2), [])]
+    state = json.loads((tmp_path / "work" / "miner.json").read_text())
+    assert state["pending"] is None and state["commit_block"] == 5
+    assert chain.hidden_when_landed  # sealed: in its block a copier reads nothing
+    chain.advance(COMPETITION.schedule.eval_delay_blocks)
+    record = chain.commitments()[kp.ss58_address]
+    assert record.block == 5 and record.data == state["commitment"]
+    # what a validator then fetches is this model, bound to this hotkey
+    got = fetch(record.data, tmp_path / "dest", limits=FetchLimits(student_limits(COMPETITION)),
+                miner_hotkey=kp.ss58_address, storage_root=storage, localnet=True)
+    model_hash = read_manifest(got).model_hash
+    assert model_hash == read_manifest(state["published"]).model_hash
+    assert not parse_commitment(record.data, localnet=True).matches(model_hash, "5Fcopier")
+
+
+def test_unsealed_when_asked_and_on_chains_without_seals(tmp_path, setup):
+    chain, kp, storage, export = setup
+    m = miner(tmp_path, chain, kp, storage, seal_blocks=0)
+    assert m.publish(export, 0.5)
+    assert chain.seen == [("plain", None, [])]
+    assert chain.commitments()[kp.ss58_address].block == 5
+
+
+def test_a_miner_stopped_between_commit_and_release_finishes_on_restart(tmp_path, setup, monkeypatch):
+    chain, kp, storage, export = setup
+    import neurons.storage
+
+    def killed(*a, **kw):
+        raise KeyboardInterrupt("killed between commit and release")
+
+    m = miner(tmp_path, chain, kp, storage, seal_blocks=0)
+    with monkeypatch.context() as patch:
+        patch.setattr(neurons.storage, "release", killed)
+        with pytest.raises(KeyboardInterrupt):
+            m.publish(export, 0.5)
+    staged = [p.name for p in storage.glob("*/*/*")]
+    assert chain.seen[-1][2] == [] and len(staged) == 1 and staged[0].startswith(".unreleased-")
+    assert json.loads((tmp_path / "work" / "miner.json").read_text())["pending"]["score"] == 0.5
+    chain.advance(2)
+    # copy_from and a set stop: run() finishes what is pending and returns without training
+    again = miner(tmp_path, chain, kp, storage, seal_blocks=0, copy_from=tmp_path / "nobody")
+    again.stop_event.set()
+    again.run()
+    state = json.loads((tmp_path / "work" / "miner.json").read_text())
+    assert state["pending"] is None and state["best"] == 0.5
+    assert len(chain.commitment_history(kp.ss58_address)) == 2  # committed again: harmless, same model
+    token = parse_commitment(state["commitment"], localnet=True).revision
+    assert token in [p.name for p in storage.glob("*/*/*")]
