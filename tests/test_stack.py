@@ -142,7 +142,8 @@ def test_a_real_network_refuses_an_unpinned_competition(tmp_path):
     pins them; until then no validator on a real network scores with it."""
     chain, _, kp = _local_validator(tmp_path)
     sn24 = load_competition("sn24")
-    assert sn24.unpinned() == ["teacher.revision is 'main', not a 40-hex commit", "tokenizer.fingerprint is empty"]
+    assert sn24.unpinned() == ["teacher.revision is 'main', not a 40-hex commit", "tokenizer.fingerprint is empty",
+                               "heldout.revision is 'main', not a 40-hex commit of dataset 'HuggingFaceFW/fineweb-edu'"]
     with pytest.raises(ValueError, match="not pinned for a real network: teacher.revision is 'main'"):
         Validator(chain, kp, sn24, ValidatorSettings(work_dir=tmp_path / "v", localnet=False))
     assert not (tmp_path / "v" / "validator.db").exists()
