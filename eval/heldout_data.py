@@ -20,6 +20,9 @@ Sources:
   row reads only its row group's text column (range requests again). Everything read is kept under
   the cache root, keyed by (dataset, commit, file): a second round, a second validator sharing the
   cache, or an offline replay reads nothing from the network for rows it already has.
+  Cost: once per (dataset, commit) one footer per data file; per round at most `documents` row
+  groups' text columns (pyarrow reads a column chunk whole, so a dataset written with very large
+  row groups costs that much per drawn document) and the footers of the files they lie in.
 - `LocalSource`: the local corpus (distill.corpus) split into fixed shards of `LOCAL_SHARD_DOCS`
   documents: the same draw over "files", without a network. Its revision is "local" (this machine's
   corpus, unchecked: localnet) or the first 40 hex of the split's corpus fingerprint, checked.
@@ -38,6 +41,7 @@ from urllib.parse import quote
 
 LOCAL_SHARD_DOCS = 8       # local corpus documents per "file" (its held-out split has a few dozen)
 FOOTER_PROBE = 64 << 10    # bytes read from a parquet file's end: footer and its length, usually at once
+FOOTER_WORKERS = 8         # footers fetched at once while indexing a dataset's files
 DATA_DIR = "heldout-data"  # under the cache root
 HTTP_TIMEOUT = 60.0
 COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -183,6 +187,7 @@ class HubSource:
         self.root = Path(cache_root) / DATA_DIR / quote(dataset, safe="")
         self.commit = revision if is_commit(revision) else None   # a branch or tag is resolved on first use
         self._files: list[DataFile] | None = None
+        self._footers: dict[str, object] = {}   # path -> FileMetaData of files rows were read from
 
     def describe(self) -> str:
         return f"dataset {self.dataset!r} split {self.split!r} at revision {self.revision!r}"
@@ -230,7 +235,11 @@ class HubSource:
             parquet = sorted(p for p in sizes if p.endswith(".parquet"))
             raise HeldoutDataError(f"{self.describe()}: no parquet data files of split {self.split!r} at commit "
                                    f"{commit} ({len(sizes)} files, parquet: {parquet[:5]}{' ...' if len(parquet) > 5 else ''})")
-        return [self._footer(p, sizes[p]) for p in paths]
+        from concurrent.futures import ThreadPoolExecutor
+
+        # thousands of files on a web corpus: their footers are fetched side by side (order kept by map)
+        with ThreadPoolExecutor(FOOTER_WORKERS) as pool:
+            return list(pool.map(lambda p: self._footer(p, sizes[p]), paths))
 
     def _metadata(self, path: str, size: int):
         """A parquet file's footer (pyarrow FileMetaData), read from its end by range requests."""
@@ -292,7 +301,9 @@ class HubSource:
         by_group: dict[int, list[int]] = {}
         for r in rows:
             by_group.setdefault(bisect.bisect_right(starts, r) - 1, []).append(r)
-        pf = pq.ParquetFile(_RangeFile(self, f.path, f.size), metadata=self._metadata(f.path, f.size))
+        if f.path not in self._footers:   # once per file and source: a round touches at most `documents` files
+            self._footers[f.path] = self._metadata(f.path, f.size)
+        pf = pq.ParquetFile(_RangeFile(self, f.path, f.size), metadata=self._footers[f.path])
         out = {}
         for g, rs in sorted(by_group.items()):
             column = pf.read_row_group(g, columns=[self.text_field]).column(0)
