@@ -5,6 +5,9 @@
     quasar distill configs/distill_tiny.json optim.lr=1e-3 steps=500
     torchrun --nproc_per_node 8 -m distill.cli distill my.yaml parallel=fsdp
 
+(`--max-docs N` reads a source's first N documents: a fine training set, since validators draw
+their held-out documents by the round seed from every file of the dataset, not from its start.)
+
 Structural distillation (the Quasar-10B recipe): a student that starts as the teacher, trained
 with layer-wise hidden-state MSE against the live teacher (configs/structural_tiny.json):
 
@@ -243,7 +246,9 @@ def add_commands(subparsers) -> None:
                         "or corpus:train / corpus:heldout (the local corpus)")
     p.add_argument("--split", default="train")
     p.add_argument("--text-field", default="text")
-    p.add_argument("--max-docs", type=int, default=None, help="read at most this many documents")
+    p.add_argument("--max-docs", type=int, default=None,
+                   help="read at most this many documents (the first ones; validators' held-out documents are "
+                        "drawn by each round's seed from the whole dataset, so no fixed choice is the held-out set)")
     p.add_argument("--k", type=int, default=32, help="teacher ids kept per position")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seq-len", type=int, default=512, help="segment length (<= the student's data.seq_len)")

@@ -64,13 +64,24 @@ class StudentSpec:
 @dataclass(frozen=True)
 class HeldoutSpec:
     dataset: str               # "local" (distill.corpus heldout split) or a Hub dataset name
+    # the dataset's pinned commit (40 hex); "local" = this machine's local corpus (localnet); the
+    # local corpus can be pinned too, by the first 40 hex of its fingerprint (eval.heldout_data)
+    revision: str
     split: str
     text_field: str
-    documents: int             # sampled per round by the seed
+    documents: int             # drawn per round by the seed from every data file of the split
     seq_len: int               # tokens per document (longer ones are truncated)
     topk: int                  # teacher top-k kept per position
     temperature: float = 1.0
-    pool: int = 0              # streamed documents the seed samples from (0 = the whole split)
+
+
+# keys that once were part of the format, and why they went away: named in the error, not "unknown"
+REMOVED = {
+    "heldout.pool": "removed: the held-out documents are no longer a fixed pool (the first N documents of the "
+                    "split), which let miners precompute the teacher's outputs on every document a round could "
+                    "use; they are drawn by the round seed from every data file of the dataset at "
+                    "heldout.revision. Delete the key and pin heldout.revision",
+}
 
 
 @dataclass(frozen=True)
@@ -130,12 +141,15 @@ class Competition:
         """What a real network cannot leave open: anything that lets two validators (or a validator
         and the Hub a week later) score the same submission differently. [] = fully pinned."""
         out = []
-        if not (len(self.teacher.revision) == 40 and all(c in "0123456789abcdef" for c in self.teacher.revision)):
+        if not _is_commit(self.teacher.revision):
             out.append(f"teacher.revision is {self.teacher.revision!r}, not a 40-hex commit")
         if not self.tokenizer.fingerprint:
             out.append("tokenizer.fingerprint is empty")
         if not self.eval_stack:
             out.append("eval_stack is empty")
+        if not _is_commit(self.heldout.revision):
+            out.append(f"heldout.revision is {self.heldout.revision!r}, not a 40-hex commit of dataset "
+                       f"{self.heldout.dataset!r}")
         return out
 
     @property
@@ -167,6 +181,10 @@ class Competition:
              f"must be in (0, 1]: above 1 a student can hold the whole teacher, got {self.student.max_active_params_vs_teacher}")
         need(self.heldout.topk <= self.student.vocab_size, "heldout.topk", "larger than the vocabulary")
         need(self.heldout.temperature > 0, "heldout.temperature", "must be > 0")
+        need(bool(self.heldout.revision.strip()), "heldout.revision",
+             "empty: name the dataset's commit (40 hex), or 'local' for the local corpus")
+        need(self.heldout.revision != "local" or self.heldout.dataset == "local", "heldout.revision",
+             f"'local' names the local corpus, but heldout.dataset is {self.heldout.dataset!r}: pin its commit")
         need(self.schedule.eval_delay_blocks >= 0, "schedule.eval_delay_blocks", "must be >= 0")
         unknown = set(self.recall.families) - set(FAMILIES)
         need(not unknown and len(self.recall.families) > 0, "recall.families",
@@ -189,6 +207,10 @@ class Competition:
         return self
 
 
+def _is_commit(revision: str) -> bool:
+    return len(revision) == 40 and all(c in "0123456789abcdef" for c in revision)
+
+
 def _build(cls, raw, path: str):
     """raw JSON value -> an instance of the annotated type `cls`, naming the key path of any mismatch."""
     where = path or "<top level>"
@@ -197,6 +219,9 @@ def _build(cls, raw, path: str):
             raise CompetitionError(f"{where}: expected an object, got {type(raw).__name__}")
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key in raw:
+            if f"{path}.{key}" in REMOVED:
+                raise CompetitionError(f"{path}.{key}: {REMOVED[f'{path}.{key}']}")
         unknown = sorted(set(raw) - set(fields))
         if unknown:
             raise CompetitionError(f"{where}: unknown keys {unknown}; known: {sorted(fields)}")

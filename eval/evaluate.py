@@ -29,7 +29,7 @@ import torch
 
 from eval.competition import Competition, load_competition
 from eval.gates import fingerprint_ids, fingerprint_probes, fingerprint_similarity, logit_fingerprint, without_teacher
-from eval.heldout import HeldoutSet, load_pool, prepare_heldout, sample_documents, score_heldout
+from eval.heldout import HeldoutSet, draw_documents, heldout_source, prepare_heldout, score_heldout
 from eval.recall import greedy_decode, run_recall
 from eval.recall_tasks import TaskItem, generate_items
 from eval.results import ItemResult, SubmissionResult
@@ -161,14 +161,19 @@ def _teacher_fingerprint(comp: Competition, seed: int, probes: torch.Tensor, ide
     return ids, fp
 
 
-def prepare_round(competition, seed: int, *, cache_root=None, device="cpu", progress: bool = False) -> RoundInputs:
-    """Everything a round scores submissions on, derived from (competition, seed) alone."""
+def prepare_round(competition, seed: int, *, cache_root=None, device="cpu", progress: bool = False,
+                  hf_endpoint: str | None = None) -> RoundInputs:
+    """Everything a round scores submissions on, derived from (competition, seed) alone.
+
+    hf_endpoint: where a Hub dataset's files are read (default: HF_ENDPOINT, else the Hub)."""
     comp = _as_competition(competition)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     tok = HFTextTokenizer(resolve_tokenizer(comp))
     h = comp.heldout
-    docs = sample_documents(load_pool(h.dataset, h.split, h.text_field, h.pool), seed, h.documents, tok, h.seq_len)
+    root = Path(cache_root or default_cache_root())
+    source = heldout_source(h, cache_root=root, endpoint=hf_endpoint)
+    docs = draw_documents(source, seed, h.documents, tok, h.seq_len)
     location, revision = teacher_location(comp)
     loaded = []
 
@@ -181,7 +186,6 @@ def prepare_round(competition, seed: int, *, cache_root=None, device="cpu", prog
         return loaded[0]
 
     identity = _teacher_identity(comp, location)
-    root = Path(cache_root or default_cache_root())
     heldout = prepare_heldout(docs, seed, teacher=identity, k=h.topk,
                               temperature=h.temperature, cache_root=root,
                               load_teacher=load,

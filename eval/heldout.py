@@ -1,6 +1,7 @@
 """Held-out scoring: seeded documents, the teacher's top-k on them (cached), student KL and CE.
 
-    seed --sample--> documents (indices into the first `pool` documents of the corpus)
+    seed --draw----> documents: rows drawn uniformly over every data file of the dataset at its pinned
+                     revision (eval.heldout_data), never a fixed pool such as its first N documents
          --tokenise--> ids, the first seq_len tokens of each
          --teacher---> top-k log-probs + tail mass per position, in a content-addressed teacher cache
     student(ids) ---> per document: forward KL on the k+1 buckets, CE of the actual next tokens
@@ -39,8 +40,9 @@ HEAD_CHUNK = 1024       # positions per LM-head matmul: [chunk, V] fp32 is 1 GB 
 
 @dataclass(frozen=True)
 class HeldoutDoc:
-    index: int               # position of the document in the corpus pool
+    index: int               # the document's global row over the dataset's data files (in path order)
     input_ids: list[int]     # [T], 2 <= T <= seq_len
+    origin: str = ""         # "<data file>#<row in it>"
 
 
 @dataclass
@@ -69,38 +71,30 @@ def _seeded_rng(seed: int, purpose: str) -> random.Random:
     return random.Random(int.from_bytes(hashlib.sha256(f"{purpose}:{seed}".encode()).digest()[:8], "big"))
 
 
-def load_pool(dataset: str, split: str, text_field: str, pool: int) -> list[str]:
-    """The documents the seed samples from: the first `pool` (0 = all) of the split, in stored order."""
-    if dataset == "local":
-        from distill.corpus import local_split
+def draw_documents(source, seed: int, n: int, tokenizer, seq_len: int) -> list[HeldoutDoc]:
+    """n documents drawn by the seed from every row of every data file of `source`
+    (eval.heldout_data: a Hub dataset at a pinned revision, or the local corpus), each cut to seq_len
+    tokens; a document with fewer than two tokens (nothing to predict) is passed over for the next
+    draw. Only the drawn documents are read and tokenised."""
+    from eval.heldout_data import draw_rows
 
-        docs = local_split(split)
-        return docs[:pool] if pool else docs
-    from itertools import islice
-
-    from distill.data import load_texts
-
-    # streamed, so a 200k-document pool of a web corpus is read without downloading the dataset
-    texts = load_texts(dataset, split=split, text_field=text_field, streaming=True)
-    return list(islice(texts, pool) if pool else texts)
-
-
-def sample_documents(pool: Sequence[str], seed: int, n: int, tokenizer, seq_len: int) -> list[HeldoutDoc]:
-    """n documents in a seed-drawn order, each cut to seq_len tokens; documents with fewer than two
-    tokens (nothing to predict) are passed over. Only the chosen documents are tokenised."""
     if seq_len < 2:
         raise ValueError(f"heldout.seq_len must be >= 2 (one position predicting one token), got {seq_len}")
-    order = list(range(len(pool)))
-    _seeded_rng(seed, "heldout").shuffle(order)
-    docs = []
-    for i in order:
-        ids = list(tokenizer.encode(pool[i]))[:seq_len]
-        if len(ids) >= 2:
-            docs.append(HeldoutDoc(i, ids))
-            if len(docs) == n:
-                return docs
-    raise ValueError(f"heldout: the pool has {len(docs)} usable documents of {len(pool)}, "
-                     f"the competition asks for {n}")
+
+    def ids(text: str) -> list[int] | None:
+        t = list(tokenizer.encode(text))[:seq_len]
+        return t if len(t) >= 2 else None
+
+    drawn = draw_rows(source, n, ids, _seeded_rng(seed, "heldout"))
+    return [HeldoutDoc(d.index, d.value, f"{d.path}#{d.row}") for d in drawn]
+
+
+def heldout_source(spec, *, cache_root=None, endpoint: str | None = None):
+    """The data source a competition's `heldout` section names (eval.heldout_data.open_source)."""
+    from eval.heldout_data import open_source
+
+    return open_source(spec.dataset, spec.split, spec.text_field, spec.revision, cache_root=cache_root,
+                       endpoint=endpoint)
 
 
 def data_fingerprint(docs: Sequence[HeldoutDoc]) -> str:
@@ -173,7 +167,7 @@ def prepare_heldout(docs: Sequence[HeldoutDoc], seed: int, *, teacher: dict, k: 
                                                 desc="teacher CE")]
     rel = os.path.relpath(path, root)  # relative: a cache root can be moved or shared as a whole
     _write_json_atomic(index, dict(key=key, teacher=teacher, k=k, temperature=temperature, data_fingerprint=fp,
-                                   seed=seed, documents=[d.index for d in docs], teacher_cache=rel,
+                                   seed=seed, documents=[d.origin or d.index for d in docs], teacher_cache=rel,
                                    teacher_ce=teacher_ce))
     cache = _open_checked(path, docs, k, vocab_size, tokenizer_fingerprint)
     return HeldoutSet(seed, list(docs), fp, key, cache, teacher_ce)
@@ -247,5 +241,5 @@ def score_heldout(model, heldout: HeldoutSet, temperature: float, *, device=None
     return score_documents(model, heldout.docs, heldout.cache, temperature, device=device, progress=progress)
 
 
-__all__ = ["HeldoutDoc", "HeldoutSet", "DocScore", "load_pool", "sample_documents", "data_fingerprint",
+__all__ = ["HeldoutDoc", "HeldoutSet", "DocScore", "draw_documents", "heldout_source", "data_fingerprint",
            "cache_key", "prepare_heldout", "score_document", "score_documents", "score_heldout"]

@@ -308,7 +308,8 @@ class Validator:
         path = self.work_dir / "rounds" / f"inputs-{seed % (1 << 64):016x}.pt"
         if self._round_inputs != path or not path.exists():
             inputs = prepare_round(self.competition, seed, cache_root=None,  # shared, content-addressed
-                                   device=self.settings.device, progress=self.settings.progress)
+                                   device=self.settings.device, progress=self.settings.progress,
+                                   hf_endpoint=self.settings.hf_endpoint)
             for old in path.parent.glob("inputs-*.pt"):  # one round's inputs on disk at a time
                 old.unlink(missing_ok=True)
             save_round_inputs(inputs, path)

@@ -16,7 +16,7 @@ import torch
 
 from eval.competition import load_competition
 from eval.evaluate import HFTextTokenizer, prepare_round, resolve_tokenizer, score_model, teacher_location
-from eval.heldout import load_pool, prepare_heldout, sample_documents
+from eval.heldout import draw_documents, heldout_source, prepare_heldout
 from eval.recall import greedy_decode, prefill, run_recall
 from eval.recall_tasks import items_digest, oracle_answer
 from eval.report import report_json, summarize, write_report
@@ -150,10 +150,10 @@ def test_teacher_against_itself_has_zero_kl(round_inputs, teacher):
 
 def test_heldout_sample_is_seeded_and_the_teacher_cache_is_reused(round_inputs, comp, cache_root):
     h, tok = comp.heldout, round_inputs.tokenizer
-    pool = load_pool(h.dataset, h.split, h.text_field, h.pool)
-    docs = sample_documents(pool, SEED, h.documents, tok, h.seq_len)
+    source = heldout_source(h)
+    docs = draw_documents(source, SEED, h.documents, tok, h.seq_len)
     assert docs == round_inputs.heldout.docs
-    assert docs != sample_documents(pool, SEED + 1, h.documents, tok, h.seq_len)
+    assert docs != draw_documents(source, SEED + 1, h.documents, tok, h.seq_len)
     assert all(2 <= len(d.input_ids) <= h.seq_len for d in docs)
 
     def no_teacher():
@@ -169,15 +169,6 @@ def _teacher_identity(comp):
     from eval.evaluate import _teacher_identity as ident
 
     return ident(comp, teacher_location(comp)[0])
-
-
-def test_streamed_dataset_pool_keeps_stored_order(tmp_path):
-    from distill.corpus import local_split, write_jsonl
-
-    docs = local_split("heldout")[:12]
-    write_jsonl(tmp_path / "data" / "part-0.jsonl", docs)
-    assert load_pool(str(tmp_path / "data"), "train", "text", pool=5) == docs[:5]
-    assert load_pool(str(tmp_path / "data"), "train", "text", pool=0) == docs
 
 
 # -----------------------------------------------------------------------------

@@ -297,13 +297,15 @@ class HostileHub(FakeHub):
 def pinned_for_a_real_network(raw: dict) -> dict:
     """The competition as a real network needs it (Competition.unpinned() == []): the tiny
     tokenizer's real fingerprint, this machine's stack, a commit-shaped revision (the tiny teacher
-    is local and ignores it)."""
+    is local and ignores it), the local corpus pinned by its own revision."""
     from distill.tokenizers import tokenizer_fingerprint
     from eval.evaluate import resolve_tokenizer
+    from eval.heldout_data import local_revision
     from eval.stack import installed_versions
 
     raw = json.loads(json.dumps(raw))
     raw["teacher"]["revision"] = "0" * 40
+    raw["heldout"]["revision"] = local_revision(raw["heldout"]["split"])
     raw["tokenizer"]["fingerprint"] = tokenizer_fingerprint(resolve_tokenizer(parse_competition(raw)))
     raw["eval_stack"] = installed_versions()
     return raw

@@ -142,8 +142,25 @@ def test_a_real_network_refuses_an_unpinned_competition(tmp_path):
     pins them; until then no validator on a real network scores with it."""
     chain, _, kp = _local_validator(tmp_path)
     sn24 = load_competition("sn24")
-    assert sn24.unpinned() == ["teacher.revision is 'main', not a 40-hex commit", "tokenizer.fingerprint is empty"]
+    assert sn24.unpinned() == ["teacher.revision is 'main', not a 40-hex commit", "tokenizer.fingerprint is empty",
+                               "heldout.revision is 'main', not a 40-hex commit of dataset 'HuggingFaceFW/fineweb-edu'"]
     with pytest.raises(ValueError, match="not pinned for a real network: teacher.revision is 'main'"):
         Validator(chain, kp, sn24, ValidatorSettings(work_dir=tmp_path / "v", localnet=False))
     assert not (tmp_path / "v" / "validator.db").exists()
     assert load_competition("localnet").unpinned()  # localnet is unpinned, and runs only as localnet
+
+
+def test_a_real_network_refuses_an_unpinned_heldout_dataset(tmp_path):
+    """Everything else pinned, the held-out dataset's revision left to a branch: the documents a round
+    draws would move with the branch, so validators would score on different data."""
+    from test_redteam_fetch import pinned_for_a_real_network, redteam_competition
+
+    chain, _, kp = _local_validator(tmp_path)
+    raw = pinned_for_a_real_network(redteam_competition())
+    assert parse_competition(raw).unpinned() == []
+    raw["heldout"].update(dataset="HuggingFaceFW/fineweb-edu", revision="main")
+    comp = parse_competition(raw)
+    with pytest.raises(ValueError, match="not pinned for a real network: heldout.revision is 'main', not a 40-hex "
+                                         "commit of dataset 'HuggingFaceFW/fineweb-edu'"):
+        Validator(chain, kp, comp, ValidatorSettings(work_dir=tmp_path / "v", localnet=False))
+    assert not (tmp_path / "v" / "validator.db").exists()

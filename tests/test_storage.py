@@ -11,7 +11,6 @@ import http.client
 import json
 import os
 import socket
-import threading
 import time
 from contextlib import contextmanager
 
@@ -26,6 +25,7 @@ from neurons.manifest import ManifestEntry, SubmissionRejected, compute_model_ha
 from neurons.serve import CheckpointServer
 from neurons.storage import FetchLimits, fetch, fetch_submission, publish, release, stage
 from quasar_model import QuasarLongConfig, QuasarLongForCausalLM
+from servers import running  # noqa: F401 (other tests import it from here)
 from test_submissions import LIMITS, WEIGHTS, edit_config, edit_weights
 
 VALIDATOR = Keypair.create_from_uri("//Alice")
@@ -41,29 +41,6 @@ FAST = FetchLimits(LIMITS, connect_timeout=2, read_timeout=5, request_timeout=10
 def server():
     with CheckpointServer(MINER.ss58_address, VALIDATORS.__contains__) as s:
         yield s
-
-
-@contextmanager
-def running(app: web.Application):
-    """Serve `app` on 127.0.0.1 from a thread; yields the port."""
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app, shutdown_timeout=0.2)
-
-    async def start():
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        return runner.addresses[0][1]
-
-    port = loop.run_until_complete(start())
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield port
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=5)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=5)
-        loop.close()
 
 
 def tree(path):
