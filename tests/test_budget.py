@@ -111,6 +111,63 @@ def test_attention_is_quadratic_the_rest_linear():
     assert dense.flops(Pass(1, 2 * T, 0, 0, 1)) == 2 * dense.flops(Pass(1, T, 0, 0, 1))
 
 
+# ------------------------------------------------------------------------------ the validator's timeout
+class Built(Exception):
+    pass
+
+
+def _validator(tmp_path: Path, raw: dict, **settings):
+    from test_validator import Subnet
+
+    net = Subnet(tmp_path, raw)
+    from neurons.validator import Validator
+
+    return Validator(net.chain, net.validator, net.competition, net.settings(tmp_path / "v", **settings))
+
+
+def test_the_validators_timeout_follows_the_competition(tmp_path):
+    from test_validator import small_competition
+
+    raw = small_competition()
+    raw["budget"]["seconds"] = 123.0
+    v = _validator(tmp_path / "a", raw)
+    assert v.eval_timeout == 123.0 and v._eval_limits().timeout == 123.0
+    v = _validator(tmp_path / "b", raw, eval_time_scale=2.5)        # a machine 2.5x slower than the reference
+    assert v._eval_limits().timeout == pytest.approx(307.5)
+    v = _validator(tmp_path / "c", raw, eval_timeout=42.0, eval_time_scale=2.5)   # the operator's override wins
+    assert v._eval_limits().timeout == 42.0
+    from neurons.validator import ValidatorSettings
+
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="time scale"):
+            ValidatorSettings(work_dir=tmp_path, eval_time_scale=bad)
+
+
+def test_the_validator_command_passes_the_scale_and_defaults_to_the_competition(tmp_path, monkeypatch):
+    import neurons.validator
+    from neurons.cli import main
+    from test_stack import _local_validator
+
+    chain, keys, _ = _local_validator(tmp_path)
+    seen = []
+
+    def capture(chain, keypair, competition, settings, evaluate=None):
+        seen.append((competition, settings))
+        raise Built()
+
+    monkeypatch.setattr(neurons.validator, "Validator", capture)
+    base = ["validator", "--network", "local", "--chain.path", str(chain.path), "--wallet.path", str(keys),
+            "--wallet.name", "validator", "--competition", "localnet", "--work-dir", str(tmp_path / "v"),
+            "--status-port", "-1"]
+    for extra, want in [([], 600.0), (["--eval-time-scale", "3"], 1800.0), (["--eval-timeout", "5"], 5.0)]:
+        with pytest.raises(Built):
+            main(base + extra)
+        comp, settings = seen[-1]
+        timeout = settings.eval_timeout if settings.eval_timeout is not None else \
+            comp.budget.seconds * settings.eval_time_scale
+        assert timeout == want
+
+
 # ------------------------------------------------------------------------------ `quasar eval`
 def test_quasar_eval_prints_the_plan_before_evaluating(tmp_path, capsys):
     from eval.cli import main
