@@ -202,6 +202,28 @@ def test_a_slow_latent_memory_segment_is_rejected_before_evaluation(ckpt):
     rejected(ckpt, "config", "latent_memory_segment", "at least 16")
 
 
+@pytest.mark.parametrize("changes,words", [
+    # issue 11: per-token compute the parameter count does not see, each named by its field
+    ({"head_dim": 4096}, ["head_dim=4096", "at most 256"]),                  # d^2 recurrent states, per-head attention
+    ({"head_dim": 128}, ["num_attention_heads * head_dim=512", "at most max_hidden 256"]),  # 4 heads x 128 > 256
+    ({"num_attention_heads": 64, "num_key_value_heads": 2}, ["num_attention_heads * head_dim=1024"]),
+    ({"hybrid_raven_slots": 10**6, "hybrid_raven_topk": 4}, ["hybrid_raven_slots=1000000", "at most 1024"]),
+])
+def test_config_fields_that_multiply_evaluation_compute_are_bounded(ckpt, changes, words):
+    edit_config(ckpt, **changes)
+    start = time.perf_counter()
+    rejected(ckpt, "config", *words)
+    assert time.perf_counter() - start < 1.0   # refused before the meta build
+
+
+def test_raven_slots_are_free_without_a_raven_layer():
+    from neurons.checks import check_config_bounds
+
+    # the bound applies to layers that run the branch: a model with no raven layer may carry any value
+    check_config_bounds(QuasarLongConfig.preset("tiny", hybrid_raven_slots=10**6, hybrid_layerwise_cycle=["quasar", "gla"]),
+                        LIMITS)
+
+
 def test_over_parameter_cap_rejected(ckpt):
     small = StudentLimits(max_total_params=100_000, vocab_size=384, max_layers=12, max_hidden=256)
     rejected(ckpt, "config", "parameters", "100,000", limits=small)
