@@ -171,7 +171,11 @@ def format_plan(comp: "Competition", cost: ModelCost | None = None) -> str:
     lines.append(line)
     b = comp.budget
     gpu = f" on {b.reference_gpu}" if b.reference_gpu else ""
-    lines.append(f"  budget: {b.tokens:,} tokens ({total / b.tokens:.0%} planned), {b.seconds:g} s per submission{gpu}")
+    cap = f", at most {b.max_flops:.3e} FLOPs per student" if b.max_flops else ""
+    lines.append(f"  budget: {b.tokens:,} tokens ({total / b.tokens:.0%} planned), {b.seconds:g} s per submission{gpu}{cap}")
+    if cost is not None and b.max_flops:
+        verdict = "within" if flops_total <= b.max_flops else "OVER (validators refuse it at fetch)"
+        lines.append(f"  this student: {flops_total:.3e} FLOPs, {flops_total / b.max_flops:.0%} of budget.max_flops: {verdict}")
     if cost is not None:
         lines.append(f"  fitting {b.seconds:g} s takes {flops_total / b.seconds / 1e12:.3g} TFLOP/s sustained "
                      f"(student: {cost.layer_params:,} active layer parameters x {cost.loops} loop(s), "

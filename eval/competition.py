@@ -8,7 +8,9 @@ canonical JSON) is recorded with every round, so a stored round says exactly whi
 `budget` states what one submission's evaluation may cost: `tokens`, the most tokens its plan
 (eval.budget: held-out documents, recall prompts and answers, fingerprint probes, continuations)
 may run, checked here, so a file whose own plan is over it is refused; and `seconds`, the
-wall-clock limit per submission on `reference_gpu`, the validator's default evaluation timeout.
+wall-clock limit per submission on `reference_gpu`, the validator's default evaluation timeout;
+and `max_flops`, the most a student's evaluation may cost by eval.budget's estimate for its config,
+checked at fetch (neurons.checks) so a student the parameter caps admit cannot overrun `seconds`.
 
 Shipped files (`eval/competitions/`): `localnet.json` (the tiny teacher trained by this project on
 the local corpus, CPU sizes) and `sn24.json` (the real subnet). `load_competition("localnet")`
@@ -119,6 +121,10 @@ class BudgetSpec:
     seconds: float             # wall-clock limit of one submission's evaluation (load + score) on reference_gpu;
     #                            validators on slower hardware scale it (quasar validator --eval-time-scale)
     reference_gpu: str = ""    # the hardware `seconds` is sized for ("" = this machine's CPU, localnet)
+    # most FLOPs (eval.budget's estimate for the student's config under this plan) a submission may
+    # cost, checked at fetch on the meta device: what the parameter caps do not see (loops, attention
+    # width, recurrent states) cannot make a legal student overrun `seconds`; 0 = no cap
+    max_flops: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -200,6 +206,7 @@ class Competition:
         need(0 < self.score.degenerate_max_repeat <= 1, "score.degenerate_max_repeat", "must be in (0, 1]")
         need(self.budget.tokens >= 1, "budget.tokens", f"must be >= 1, got {self.budget.tokens}")
         need(self.budget.seconds > 0, "budget.seconds", f"must be > 0, got {self.budget.seconds}")
+        need(self.budget.max_flops >= 0, "budget.max_flops", f"must be >= 0 (0 = no cap), got {self.budget.max_flops}")
         from eval.budget import planned_tokens
 
         planned = planned_tokens(self)

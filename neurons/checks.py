@@ -77,6 +77,10 @@ class StudentLimits:
     # Attention width (num_attention_heads * head_dim) is bounded by max_hidden.
     max_head_dim: int = 256              # Qwen3.5's; preview's is 128
     max_raven_slots: int = 1024          # preview's is 64
+    # competition budget.max_flops and the plan it applies to (eval.budget.plan): the student's
+    # estimated evaluation FLOPs, which see loops and attention/recurrent terms, at most this
+    max_eval_flops: float | None = None
+    eval_plan: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -254,6 +258,17 @@ def count_parameters(config, limits: StudentLimits) -> dict[str, int]:
         raise _reject("config", f"model has {counts['active']:,} active parameters, over the competition cap of "
                                 f"{limits.max_active_params:,} (student.max_active_params_vs_teacher x teacher.params: "
                                 "a student must be smaller than its teacher)")
+    if limits.max_eval_flops is not None and limits.eval_plan:
+        from eval.budget import model_cost
+
+        cost = model_cost(config, counts)
+        flops = sum(cost.axis_flops(a) for a in limits.eval_plan)
+        if flops > limits.max_eval_flops:
+            raise _reject("config", f"evaluating this model costs an estimated {flops:.3e} FLOPs, over the competition's "
+                                    f"budget.max_flops of {limits.max_eval_flops:.3e} (eval.budget: num_loops="
+                                    f"{config.num_loops} x {cost.layer_params:,} active layer parameters, attention width "
+                                    f"{cost.attention_width:,} summed over layers, {cost.recurrent:,} recurrent FLOPs per "
+                                    "token; `quasar eval` prints the estimate)")
     return counts
 
 

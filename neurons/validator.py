@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
+from eval.budget import plan
 from eval.competition import Competition
 from eval.stack import check_stack
 from neurons.chain import Chain
@@ -52,7 +53,8 @@ def student_limits(c: Competition) -> StudentLimits:
     s = c.student
     return StudentLimits(max_total_params=s.max_total_params, vocab_size=s.vocab_size, max_layers=s.max_layers,
                          max_hidden=s.max_hidden, allowed_model_type=s.model_type, max_loops=s.max_loops,
-                         max_active_params=s.max_active_params(c.teacher.params))
+                         max_active_params=s.max_active_params(c.teacher.params),
+                         max_eval_flops=c.budget.max_flops or None, eval_plan=tuple(plan(c)))
 
 
 def label_results(stored: dict[str, tuple[str, dict]], commit_blocks: Mapping[str, int]) -> list:

@@ -199,10 +199,49 @@ def test_the_plan_is_printed_without_flops_when_the_config_does_not_read(tmp_pat
 
     print_plan(load_competition("localnet"), tmp_path / "nothing-here")
     out = capsys.readouterr().out
-    assert "no FLOP estimate" in out and "95,537 tokens" in out and "FLOPs" not in out.split("no FLOP estimate")[1]
+    assert "no FLOP estimate" in out and "95,537 tokens" in out
+    block = out[out.index("evaluation plan"):out.index("  budget:")]
+    assert "FLOPs" not in block and "this student" not in out
 
 
 def test_budget_dataclass_round_trips():
     comp = load_competition("sn24")
     assert parse_competition(comp.to_dict()) == comp
-    assert dataclasses.asdict(comp.budget) == {"tokens": 3_500_000, "seconds": 290.0, "reference_gpu": "H200"}
+    assert dataclasses.asdict(comp.budget) == {"tokens": 3_500_000, "seconds": 290.0, "reference_gpu": "H200",
+                                               "max_flops": 3.5e16}
+
+
+# ------------------------------------------------------------------------------ the FLOP cap at fetch
+def sn24_reference_student(**overrides) -> QuasarLongConfig:
+    """scripts/size_budget.py's reference: ~4.3B active, under sn24's 4.5B cap."""
+    return QuasarLongConfig.preset(
+        "preview", vocab_size=248320, hidden_size=3072, num_hidden_layers=28, hybrid_attention_layers=list(range(4, 28)),
+        num_attention_heads=24, num_key_value_heads=4, intermediate_size=8192, num_experts=64, n_group=8,
+        topk_group=4, num_experts_per_tok=4, moe_intermediate_size=1024, **overrides)
+
+
+def test_sn24_admits_the_reference_student_and_refuses_it_with_two_loops_at_fetch():
+    from neurons.checks import count_parameters
+    from neurons.manifest import SubmissionRejected
+    from neurons.validator import student_limits
+
+    limits = student_limits(load_competition("sn24"))
+    assert limits.max_eval_flops == 3.5e16 and limits.eval_plan == tuple(plan(load_competition("sn24")))
+    counts = count_parameters(sn24_reference_student(), limits)          # within every cap
+    assert counts["active"] <= limits.max_active_params
+    # the same student looping twice: the same parameters, twice the layers' compute (~5.2e16)
+    with pytest.raises(SubmissionRejected) as e:
+        count_parameters(sn24_reference_student(num_loops=2, use_looped_injection=True), limits)
+    assert e.value.stage == "config"
+    assert "budget.max_flops" in e.value.reason and "num_loops=2" in e.value.reason and "3.500e+16" in e.value.reason
+
+
+def test_max_flops_must_not_be_negative_and_zero_means_no_cap():
+    from neurons.validator import student_limits
+
+    raw = load_competition("localnet").to_dict()
+    raw["budget"]["max_flops"] = -1
+    with pytest.raises(CompetitionError, match="budget.max_flops"):
+        parse_competition(raw)
+    raw["budget"]["max_flops"] = 0
+    assert student_limits(parse_competition(raw)).max_eval_flops is None

@@ -3,6 +3,7 @@
 A real tiny checkpoint passes every check; each hostile variant is refused at the right stage
 with a reason naming the problem. CPU only; the checkpoint is built once per module.
 """
+import dataclasses
 import hashlib
 import json
 import os
@@ -214,6 +215,19 @@ def test_config_fields_that_multiply_evaluation_compute_are_bounded(ckpt, change
     start = time.perf_counter()
     rejected(ckpt, "config", *words)
     assert time.perf_counter() - start < 1.0   # refused before the meta build
+
+
+def test_a_model_over_the_competitions_evaluation_flops_is_rejected_naming_its_cost(ckpt):
+    from eval.budget import model_cost, plan
+    from eval.competition import load_competition
+
+    # the tiny preset under localnet's plan, against a cap just under what it costs
+    the_plan = tuple(plan(load_competition("localnet")))
+    config = QuasarLongConfig.preset("tiny")
+    flops = sum(model_cost(config).axis_flops(a) for a in the_plan)
+    capped = dataclasses.replace(LIMITS, max_eval_flops=flops - 1, eval_plan=the_plan)
+    rejected(ckpt, "config", "budget.max_flops", f"{flops:.3e}", "num_loops=2", limits=capped)
+    assert check_submission(ckpt, dataclasses.replace(capped, max_eval_flops=flops)).summary.total_params > 0
 
 
 def test_raven_slots_are_free_without_a_raven_layer():
