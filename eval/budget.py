@@ -16,7 +16,8 @@ the first wrong token):
     continuations  CONTINUATIONS held-out prefixes of <= CONT_PROMPT tokens, CONT_TOKENS - 1
                    decode steps each (the degenerate gate's greedy output)
 
-The competition file's `budget.tokens` must cover the sum (eval.competition refuses it otherwise).
+The competition file's `budget.tokens` must cover the sum (eval.competition refuses it otherwise);
+its `budget.max_flops` caps the estimate below for a submitted config (neurons.checks, at fetch).
 
 FLOPs of a pass, for a model summarised as a `ModelCost` (multiply-add = 2 FLOPs):
 
@@ -96,6 +97,7 @@ def _chunks(n: int, chunk: int) -> int:
 def plan(comp: "Competition") -> list[AxisPlan]:
     """Every forward one submission's evaluation runs under `comp`, per axis (upper bounds)."""
     h, r, s = comp.heldout, comp.recall, comp.score
+
     def decoded(count: int, prompt: int, steps: int) -> Pass:  # chunked prefill, then greedy steps
         calls = _chunks(prompt, r.prefill_chunk) + steps
         return Pass(count, prompt, steps, calls, calls)
