@@ -3,6 +3,8 @@
     quasar eval CHECKPOINT [--competition localnet|FILE] [--seed N] [--out DIR] [--device cpu|cuda]
     quasar eval --replay ROUND [--validator-dir DIR] [--competition ...] [--out DIR]   (from `quasar` only)
 
+Before evaluating it prints the plan (eval.budget): per axis the most tokens the evaluation runs and
+a FLOP estimate for this checkpoint's config, against the competition's budget.
 Writes OUT/report.json, OUT/recall.png and OUT/kl_hist.png (eval.report) and prints a summary. The
 teacher cache lives under --cache-root (default $QUASAR_CACHE/eval), so scoring a second checkpoint
 on the same seed reuses the teacher's top-k. `neurons.cli` registers this command through
@@ -21,6 +23,7 @@ def cmd_eval(args) -> int:
     from eval.report import format_summary, summarize, write_report
 
     comp = load_competition(args.competition)
+    print_plan(comp, args.checkpoint)
     t0 = time.perf_counter()
     result = evaluate_checkpoint(args.checkpoint, comp, args.seed, cache_root=args.cache_root, device=args.device,
                                  progress=not args.quiet, hotkey=args.hotkey)
@@ -28,6 +31,22 @@ def cmd_eval(args) -> int:
     print(format_summary(summarize(result, comp, args.seed)))
     print(f"evaluated in {time.perf_counter() - t0:.1f} s; wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def print_plan(comp, checkpoint) -> None:
+    """The competition's per-submission plan, with FLOPs for the checkpoint's config when it reads."""
+    from eval.budget import format_plan, model_cost
+
+    cost = None
+    try:
+        from transformers import AutoConfig
+
+        import quasar_model  # noqa: F401  registers quasar_long
+
+        cost = model_cost(AutoConfig.from_pretrained(checkpoint))
+    except Exception as e:  # noqa: BLE001 - only the estimate is lost; the evaluation reports the real error
+        print(f"(no FLOP estimate for {checkpoint}: {type(e).__name__}: {str(e)[:200]})")
+    print(format_plan(comp, cost), flush=True)
 
 
 def add_commands(subparsers, replay=None) -> None:

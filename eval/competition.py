@@ -5,6 +5,13 @@ A competition is a JSON file (YAML also read when PyYAML is importable) loaded i
 key path, so a typo can never silently change how submissions are scored. `digest` (sha256 of the
 canonical JSON) is recorded with every round, so a stored round says exactly which rules made it.
 
+`budget` states what one submission's evaluation may cost: `tokens`, the most tokens its plan
+(eval.budget: held-out documents, recall prompts and answers, fingerprint probes, continuations)
+may run, checked here, so a file whose own plan is over it is refused; and `seconds`, the
+wall-clock limit per submission on `reference_gpu`, the validator's default evaluation timeout;
+and `max_flops`, the most a student's evaluation may cost by eval.budget's estimate for its config,
+checked at fetch (neurons.checks) so a student the parameter caps admit cannot overrun `seconds`.
+
 Shipped files (`eval/competitions/`): `localnet.json` (the tiny teacher trained by this project on
 the local corpus, CPU sizes) and `sn24.json` (the real subnet). `load_competition("localnet")`
 finds a shipped one by name; any other argument is a path.
@@ -119,6 +126,19 @@ class ScheduleSpec:
 
 
 @dataclass(frozen=True)
+class BudgetSpec:
+    """What one submission's evaluation may cost (eval.budget has the plan and the FLOP estimate)."""
+    tokens: int                # most tokens (prefill + decode, every axis) the plan may run per submission
+    seconds: float             # wall-clock limit of one submission's evaluation (load + score) on reference_gpu;
+    #                            validators on slower hardware scale it (quasar validator --eval-time-scale)
+    reference_gpu: str = ""    # the hardware `seconds` is sized for ("" = this machine's CPU, localnet)
+    # most FLOPs (eval.budget's estimate for the student's config under this plan) a submission may
+    # cost, checked at fetch on the meta device: what the parameter caps do not see (loops, attention
+    # width, recurrent states) cannot make a legal student overrun `seconds`; 0 = no cap
+    max_flops: float = 0.0
+
+
+@dataclass(frozen=True)
 class Competition:
     version: int
     name: str
@@ -130,6 +150,7 @@ class Competition:
     recall: RecallSpec
     score: ScoreSpec
     schedule: ScheduleSpec
+    budget: BudgetSpec
     notes: str = ""
     # package -> exact version every validator must run (eval.stack); {} = not pinned (localnet)
     eval_stack: dict[str, str] = field(default_factory=dict)
@@ -201,6 +222,16 @@ class Competition:
         need(0 < self.score.functional_copy_threshold <= 1, "score.functional_copy_threshold", "must be in (0, 1]")
         need(0 < self.score.teacher_threshold <= 1, "score.teacher_threshold", "must be in (0, 1]")
         need(0 < self.score.degenerate_max_repeat <= 1, "score.degenerate_max_repeat", "must be in (0, 1]")
+        need(self.budget.tokens >= 1, "budget.tokens", f"must be >= 1, got {self.budget.tokens}")
+        need(self.budget.seconds > 0, "budget.seconds", f"must be > 0, got {self.budget.seconds}")
+        need(self.budget.max_flops >= 0, "budget.max_flops", f"must be >= 0 (0 = no cap), got {self.budget.max_flops}")
+        from eval.budget import planned_tokens
+
+        planned = planned_tokens(self)
+        need(planned <= self.budget.tokens, "budget.tokens",
+             f"the evaluation plan runs {planned:,} tokens per submission, over the budget of {self.budget.tokens:,} "
+             "(eval.budget: held-out documents x seq_len + recall prompts and answers + fingerprint probes + "
+             "continuations); shrink heldout/recall or raise the budget")
         for package, version in self.eval_stack.items():
             need(bool(package.strip()) and bool(version.strip()) and "+" not in version, f"eval_stack.{package}",
                  f"need a package name and an exact public version (no +local part), got {version!r}")

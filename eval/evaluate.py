@@ -27,6 +27,8 @@ from typing import Sequence
 
 import torch
 
+# the shape of the fingerprint probes and continuations lives with the token plan (eval.budget)
+from eval.budget import CONT_PROMPT, CONT_TOKENS, CONTINUATIONS, PROBE_LEN
 from eval.competition import Competition, load_competition
 from eval.gates import fingerprint_ids, fingerprint_probes, fingerprint_similarity, logit_fingerprint, without_teacher
 from eval.heldout import HeldoutSet, draw_documents, heldout_source, prepare_heldout, score_heldout
@@ -35,10 +37,6 @@ from eval.recall_tasks import TaskItem, generate_items
 from eval.results import ItemResult, SubmissionResult
 
 TINY_TEACHER = "tiny-teacher"
-PROBE_LEN = 32          # tokens per fingerprint probe
-CONTINUATIONS = 8       # held-out prefixes the degenerate gate reads greedy output from
-CONT_PROMPT = 32        # tokens of each prefix
-CONT_TOKENS = 32        # greedy tokens generated after it
 
 
 class HFTextTokenizer:

@@ -41,8 +41,9 @@ from typing import Mapping, Sequence
 
 import torch
 
+from eval.budget import FP_POSITIONS  # last positions of each probe read (the token plan counts them)
+
 MAX_PERIOD = 8
-FP_POSITIONS = 8   # last positions of each probe read
 FP_TOP = 16        # the teacher's most likely ids per position: where KL is scored, a copy must keep them
 FP_SPREAD = 48     # seeded ids over the whole vocabulary per position: the tail where students differ
 PROBE_CHUNK = 8    # probes per forward: a 250k vocabulary makes [probes, positions, V] the memory peak

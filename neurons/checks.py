@@ -70,6 +70,17 @@ class StudentLimits:
     # latent memory runs a Python step per segment per layer: on `tiny` at 2,048 tokens a segment of
     # 16 costs 1.1x a model without it (as the default 64 does), 4 costs 2.3x, 1 costs 3.9x
     min_latent_memory_segment: int = 16
+    # Per-token compute the parameter count does not see (eval.budget's terms): the attention and the
+    # recurrent states scale with heads x head_dim (attention reads T keys per head dim; a delta-rule
+    # state is head_dim^2 per head) and raven's with its slots, while their projections' parameters
+    # scale with hidden_size too, so a narrow model could make them arbitrarily large for its count.
+    # Attention width (num_attention_heads * head_dim) is bounded by max_hidden.
+    max_head_dim: int = 256              # Qwen3.5's; preview's is 128
+    max_raven_slots: int = 1024          # preview's is 64
+    # competition budget.max_flops and the plan it applies to (eval.budget.plan): the student's
+    # estimated evaluation FLOPs, which see loops and attention/recurrent terms, at most this
+    max_eval_flops: float | None = None
+    eval_plan: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -202,6 +213,14 @@ def check_config_bounds(config, limits: StudentLimits) -> None:
         over("hidden_size", config.hidden_size, limits.max_hidden, "at most")
     if config.num_attention_heads > limits.max_hidden:  # one Python entry per head per layer
         over("num_attention_heads", config.num_attention_heads, limits.max_hidden, "at most max_hidden")
+    if config.head_dim > limits.max_head_dim:
+        over("head_dim", config.head_dim, limits.max_head_dim, "at most")
+    width = config.num_attention_heads * config.head_dim
+    if width > limits.max_hidden:
+        over("num_attention_heads * head_dim", width, limits.max_hidden, "attention width at most max_hidden")
+    if "raven" in {config.branch_kind(i) for i in config.hybrid_attention_layers} \
+            and config.hybrid_raven_slots > limits.max_raven_slots:
+        over("hybrid_raven_slots", config.hybrid_raven_slots, limits.max_raven_slots, "at most")
     if config.num_loops > limits.max_loops:
         over("num_loops", config.num_loops, limits.max_loops, "at most")
     if config.latent_memory_layers and config.latent_memory_segment < limits.min_latent_memory_segment:
@@ -239,6 +258,17 @@ def count_parameters(config, limits: StudentLimits) -> dict[str, int]:
         raise _reject("config", f"model has {counts['active']:,} active parameters, over the competition cap of "
                                 f"{limits.max_active_params:,} (student.max_active_params_vs_teacher x teacher.params: "
                                 "a student must be smaller than its teacher)")
+    if limits.max_eval_flops is not None and limits.eval_plan:
+        from eval.budget import model_cost
+
+        cost = model_cost(config, counts)
+        flops = sum(cost.axis_flops(a) for a in limits.eval_plan)
+        if flops > limits.max_eval_flops:
+            raise _reject("config", f"evaluating this model costs an estimated {flops:.3e} FLOPs, over the competition's "
+                                    f"budget.max_flops of {limits.max_eval_flops:.3e} (eval.budget: num_loops="
+                                    f"{config.num_loops} x {cost.layer_params:,} active layer parameters, attention width "
+                                    f"{cost.attention_width:,} summed over layers, {cost.recurrent:,} recurrent FLOPs per "
+                                    "token; `quasar eval` prints the estimate)")
     return counts
 
 

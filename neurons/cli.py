@@ -81,7 +81,7 @@ def cmd_validator(args) -> int:
         storage_root=args.storage_root and Path(args.storage_root), poll_seconds=args.poll_seconds,
         fetch_concurrency=args.fetch_concurrency, fetch_deadline=args.fetch_deadline,
         disk_budget_bytes=int(args.disk_budget_gb * (1 << 30)), progress=not args.quiet,
-        eval_timeout=args.eval_timeout, max_eval_attempts=args.max_eval_attempts,
+        eval_timeout=args.eval_timeout, eval_time_scale=args.eval_time_scale, max_eval_attempts=args.max_eval_attempts,
         eval_memory_bytes=None if args.eval_memory_gb is None else int(args.eval_memory_gb * (1 << 30)),
         allow_stack_mismatch=args.allow_stack_mismatch)
     validator = Validator(chain, keypair, load_competition(args.competition), settings)
@@ -165,8 +165,12 @@ def main(argv=None) -> int:
     p.add_argument("--disk-budget-gb", type=float, default=500.0,
                    help="stored checkpoints no round needs are evicted beyond this")
     p.add_argument("--max-rounds", type=int, default=None, help="exit after this many scored rounds")
-    p.add_argument("--eval-timeout", type=float, default=3600.0,
-                   help="seconds one submission's evaluation may take before it is rejected")
+    p.add_argument("--eval-timeout", type=float, default=None,
+                   help="seconds one submission's evaluation may take before it is rejected (default: the "
+                        "competition's budget.seconds times --eval-time-scale)")
+    p.add_argument("--eval-time-scale", type=float, default=1.0,
+                   help="how much slower this machine evaluates than the competition's budget.reference_gpu "
+                        "(the timeout is budget.seconds times this; default 1)")
     p.add_argument("--max-eval-attempts", type=int, default=2,
                    help="evaluations of one model that may end with the validator killed before it is rejected")
     p.add_argument("--eval-memory-gb", type=float, default=None,

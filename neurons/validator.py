@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import os
 import threading
 import time
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
+from eval.budget import plan
 from eval.competition import Competition
 from eval.stack import check_stack
 from neurons.chain import Chain
@@ -51,7 +53,8 @@ def student_limits(c: Competition) -> StudentLimits:
     s = c.student
     return StudentLimits(max_total_params=s.max_total_params, vocab_size=s.vocab_size, max_layers=s.max_layers,
                          max_hidden=s.max_hidden, allowed_model_type=s.model_type, max_loops=s.max_loops,
-                         max_active_params=s.max_active_params(c.teacher.params))
+                         max_active_params=s.max_active_params(c.teacher.params),
+                         max_eval_flops=c.budget.max_flops or None, eval_plan=tuple(plan(c)))
 
 
 def label_results(stored: dict[str, tuple[str, dict]], commit_blocks: Mapping[str, int]) -> list:
@@ -108,7 +111,10 @@ class ValidatorSettings:
     rate_grace: float = 15.0
     disk_budget_bytes: int | None = 500 << 30  # stored checkpoints no round needs are evicted past this
     progress: bool = False
-    eval_timeout: float = 3600.0          # wall-clock seconds one submission's evaluation may take
+    # wall-clock seconds one submission's evaluation may take; None: the competition's budget.seconds
+    # (sized for its reference GPU) times eval_time_scale
+    eval_timeout: float | None = None
+    eval_time_scale: float = 1.0          # this machine's slowness against the competition's reference GPU
     eval_memory_bytes: int | None = None  # CPU evaluation's address-space cap; None: 80% of physical memory
     kernel_backend: str = "auto"          # the validator's, never the checkpoint's
     # evaluations of one model in a round that may end with the validator dead (killed, OOM, host
@@ -125,8 +131,10 @@ class ValidatorSettings:
             raise ValueError(f"the disk budget must be >= 0 bytes, not {self.disk_budget_bytes}")
         if self.max_eval_attempts < 1:
             raise ValueError(f"max_eval_attempts must be at least 1, not {self.max_eval_attempts}")
-        if not self.eval_timeout > 0:
+        if self.eval_timeout is not None and not self.eval_timeout > 0:
             raise ValueError(f"the evaluation timeout must be positive seconds, not {self.eval_timeout}")
+        if not (self.eval_time_scale > 0 and math.isfinite(self.eval_time_scale)):
+            raise ValueError(f"the evaluation time scale must be a positive number, not {self.eval_time_scale}")
         if self.eval_memory_bytes is not None and self.eval_memory_bytes < 1 << 30:
             raise ValueError(f"the evaluation memory cap must be at least 1 GiB, not {self.eval_memory_bytes} bytes")
 
@@ -148,6 +156,9 @@ class Validator:
         self.stop_event = threading.Event()
         self._evaluate = evaluate or self._evaluate_checkpoint
         self._round_inputs = None
+        event(log, "eval_timeout", seconds=self.eval_timeout,
+              source="--eval-timeout" if settings.eval_timeout is not None else
+              f"budget.seconds {competition.budget.seconds:g} x --eval-time-scale {settings.eval_time_scale:g}")
 
     # ----------------------------------------------------------------- driving
     def install_signal_handlers(self) -> None:
@@ -316,11 +327,19 @@ class Validator:
             self._round_inputs = path
         return path
 
+    @property
+    def eval_timeout(self) -> float:
+        """Seconds one submission's evaluation may take: the operator's --eval-timeout, else the
+        competition's budget.seconds (its reference GPU) times --eval-time-scale."""
+        if self.settings.eval_timeout is not None:
+            return self.settings.eval_timeout
+        return self.competition.budget.seconds * self.settings.eval_time_scale
+
     def _eval_limits(self) -> EvalLimits:
         memory = self.settings.eval_memory_bytes
         if memory is None:
             memory = int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-        return EvalLimits(timeout=self.settings.eval_timeout, memory_bytes=memory,
+        return EvalLimits(timeout=self.eval_timeout, memory_bytes=memory,
                           kernel_backend=self.settings.kernel_backend)
 
     def _score_phase(self, r: Round) -> bool:

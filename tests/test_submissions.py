@@ -3,6 +3,7 @@
 A real tiny checkpoint passes every check; each hostile variant is refused at the right stage
 with a reason naming the problem. CPU only; the checkpoint is built once per module.
 """
+import dataclasses
 import hashlib
 import json
 import os
@@ -210,6 +211,41 @@ def test_a_slow_latent_memory_segment_is_rejected_before_evaluation(ckpt):
     # parameter-free compute: a segment of 1 runs the memory's Python step at every token
     edit_config(ckpt, latent_memory_layers=[1], latent_memory_segment=1)
     rejected(ckpt, "config", "latent_memory_segment", "at least 16")
+
+
+@pytest.mark.parametrize("changes,words", [
+    # issue 11: per-token compute the parameter count does not see, each named by its field
+    ({"head_dim": 4096}, ["head_dim=4096", "at most 256"]),                  # d^2 recurrent states, per-head attention
+    ({"head_dim": 128}, ["num_attention_heads * head_dim=512", "at most max_hidden 256"]),  # 4 heads x 128 > 256
+    ({"num_attention_heads": 64, "num_key_value_heads": 2}, ["num_attention_heads * head_dim=1024"]),
+    ({"hybrid_raven_slots": 10**6, "hybrid_raven_topk": 4}, ["hybrid_raven_slots=1000000", "at most 1024"]),
+])
+def test_config_fields_that_multiply_evaluation_compute_are_bounded(ckpt, changes, words):
+    edit_config(ckpt, **changes)
+    start = time.perf_counter()
+    rejected(ckpt, "config", *words)
+    assert time.perf_counter() - start < 1.0   # refused before the meta build
+
+
+def test_a_model_over_the_competitions_evaluation_flops_is_rejected_naming_its_cost(ckpt):
+    from eval.budget import model_cost, plan
+    from eval.competition import load_competition
+
+    # the tiny preset under localnet's plan, against a cap just under what it costs
+    the_plan = tuple(plan(load_competition("localnet")))
+    config = QuasarLongConfig.preset("tiny")
+    flops = sum(model_cost(config).axis_flops(a) for a in the_plan)
+    capped = dataclasses.replace(LIMITS, max_eval_flops=flops - 1, eval_plan=the_plan)
+    rejected(ckpt, "config", "budget.max_flops", f"{flops:.3e}", "num_loops=2", limits=capped)
+    assert check_submission(ckpt, dataclasses.replace(capped, max_eval_flops=flops)).summary.total_params > 0
+
+
+def test_raven_slots_are_free_without_a_raven_layer():
+    from neurons.checks import check_config_bounds
+
+    # the bound applies to layers that run the branch: a model with no raven layer may carry any value
+    check_config_bounds(QuasarLongConfig.preset("tiny", hybrid_raven_slots=10**6, hybrid_layerwise_cycle=["quasar", "gla"]),
+                        LIMITS)
 
 
 def test_over_parameter_cap_rejected(ckpt):
