@@ -147,9 +147,18 @@ def test_7_trickling_server_is_cut_off_fast_and_the_round_completes(tmp_path, mo
         net.chain.advance(25)
         v = net.validator_for(tmp_path / "v", min_rate=64 << 10, rate_grace=1.0, read_timeout=60,
                               total_timeout=3600, fetch_deadline=3600)
-        t0 = time.perf_counter()
+        fetch_phase, seconds = v._fetch_phase, []
+
+        def timed(r):  # the fetch phase alone: the honest miner's evaluation is not the trickle's doing
+            t0 = time.perf_counter()
+            try:
+                return fetch_phase(r)
+            finally:
+                seconds.append(time.perf_counter() - t0)
+
+        v._fetch_phase = timed
         assert v.run(max_rounds=1) == 1
-        seconds = time.perf_counter() - t0
+        seconds = sum(seconds)
     state = ValidatorState(tmp_path / "v" / "validator.db")
     s = rejection(state, trickler)
     assert s.stage == "fetch" and "transfer rate fell below" in s.reason, s.reason
