@@ -113,6 +113,14 @@ def test_the_child_result_equals_the_in_process_evaluation(round_inputs, models)
     assert child == json.loads(json.dumps(here))
 
 
+def test_a_model_with_overflowing_logits_fails_before_the_whole_evaluation(tmp_path, round_inputs, models):
+    # an honest model passes the check: test_the_child_result_equals_the_in_process_evaluation
+    t0 = time.monotonic()
+    with pytest.raises(EvaluationFailed, match="^non-finite output: the logit fingerprint is NaN or infinite$"):
+        evaluate_isolated(huge_weights(models["other"], tmp_path / "huge"), round_inputs, "x" * 64)
+    print(f"\nthe overflowing model's evaluation: {time.monotonic() - t0:.1f} s")
+
+
 def test_non_finite_values_are_found_anywhere_in_a_result():
     assert first_non_finite({"items": [{"value": 1.0}, {"value": 2.0}], "fingerprint": [0.5]}) is None
     assert first_non_finite({"items": [{"value": 1.0}, {"value": float("nan")}]}) == "result.items.1.value"
