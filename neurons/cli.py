@@ -59,7 +59,8 @@ def cmd_miner(args) -> int:
         min_commit_interval_blocks=args.min_commit_interval, seal_blocks=args.seal_blocks, storage=args.storage, host=args.host, port=args.port,
         public_host=args.public_host, storage_root=args.storage_root and Path(args.storage_root),
         repo_id=args.hf_repo, hf_token=os.environ.get("HF_TOKEN"), device=args.device,
-        copy_from=args.copy_from and Path(args.copy_from), serve_after_training=not args.exit_after_training,
+        copy_from=args.copy_from and Path(args.copy_from), adversary=args.adversary,
+        serve_after_training=not args.exit_after_training,
         progress=not args.quiet)
     miner = Miner(chain, keypair, load_competition(args.competition), settings)
     miner.install_signal_handlers()
@@ -146,7 +147,9 @@ def main(argv=None) -> int:
     p.add_argument("--storage-root", default=None, help="local storage root (localnet)")
     p.add_argument("--hf.repo", dest="hf_repo", default=None, help="Hub repo for hf storage (token: $HF_TOKEN)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--copy-from", default=None, help=argparse.SUPPRESS)  # localnet's copier adversary
+    p.add_argument("--copy-from", default=None, help=argparse.SUPPRESS)  # localnet's adversaries: the victim
+    p.add_argument("--adversary", default=None, help=argparse.SUPPRESS,  # localnet: neurons.adversaries kind
+                   choices=["copy", "near-copy", "crash", "teacher"])
     p.add_argument("--exit-after-training", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_miner)

@@ -10,6 +10,8 @@ a process that has used CUDA cannot use it) that
     dies with the validator (Linux parent-death signal: no orphan keeps a GPU busy after a kill),
     caps its own memory (address space on CPU, its share of the GPU on CUDA),
     builds the model with the validator's kernel backend, never the checkpoint's,
+    checks that its logits on the round's fingerprint probes are finite (a model with finite but
+    huge weights fails here, in a fraction of a second, instead of after a whole evaluation),
     scores it and writes the result as JSON, or the error that stopped it.
 
 The parent waits at most `timeout` seconds and then kills the child's whole process group. Every
@@ -143,6 +145,7 @@ def _child(job: dict) -> dict:
     import torch
 
     from eval.evaluate import load_student, score_model
+    from eval.gates import logit_fingerprint
 
     inputs = torch.load(job["inputs"], weights_only=False)  # written by this validator (save_round_inputs)
     device = job["device"]
@@ -153,10 +156,20 @@ def _child(job: dict) -> dict:
         resource.setrlimit(resource.RLIMIT_AS, (job["memory_bytes"], job["memory_bytes"]))
     model = load_student(job["checkpoint"], inputs.competition, device, kernel_backend=job["kernel_backend"])
     with torch.no_grad():
+        # the fingerprint probes first (a fraction of a second): a model whose logits overflow
+        # (finite but huge weights) fails here, not after a whole evaluation
+        if not torch.isfinite(logit_fingerprint(model, inputs.probes, inputs.fp_ids)).all():
+            raise NonFiniteOutput("non-finite output: the logit fingerprint is NaN or infinite")
         return score_model(model, inputs, model_hash=job["model_hash"], device=device).to_dict()
 
 
+class NonFiniteOutput(Exception):
+    """The model's outputs are NaN or infinite (the message says where)."""
+
+
 def _describe(e: BaseException) -> str:
+    if isinstance(e, NonFiniteOutput):
+        return str(e)
     text = f"{type(e).__name__}: {e}"
     if isinstance(e, MemoryError) or "out of memory" in text.lower() or "can't allocate memory" in text:
         return f"out of memory ({text[:200]})"

@@ -3,14 +3,20 @@
     chain      a LocalChain SQLite file with a wall-clock block (default 1 s)
     teacher    the tiny teacher this project trains on the local corpus (cached after the first run)
     cache      its top-k outputs on the corpus's train split (content-addressed, cached)
-    miners     miner-long (trains longest), miner-short (trains briefly), miner-copier (republishes
-               miner-long's checkpoint under its own hotkey), each its own `quasar miner` process
-               serving its checkpoint over signed HTTP
+    miners     honest: miner-long (trains longest), miner-short (trains briefly);
+               adversaries (neurons.adversaries), each attacking once: miner-copier (republishes
+               miner-long's checkpoint under its own hotkey), miner-nearcopy (miner-long's checkpoint
+               fine-tuned a few steps, committed later), miner-crasher (miner-long's checkpoint with
+               an lm_head of +-3e38: finite, so it passes the fetch checks, but its logits are NaN),
+               miner-teacher (the teacher structurally initialised into a Quasar-Long student);
+               each its own `quasar miner` process serving its checkpoint over signed HTTP
     validator  one `quasar validator` process, until it has scored `rounds` rounds
 
-Then it prints the leaderboard and weights, writes `report.json` and PNGs to the run directory and
-checks the outcome the subnet exists for: the best honest miner has the most weight, the copier none.
-Exit status 0 when that holds.
+Then it prints each miner's role and outcome (composite per round, gate or rejection, weight),
+writes `report.json` and PNGs to the run directory and checks the outcome the subnet exists for:
+the best honest miner holds the most weight, every adversary none, the validator ran as one process
+from start to end, and the honest miners are scored above 0 in the order of their training.
+Exit status 0 when all of that holds.
 """
 from __future__ import annotations
 
@@ -23,12 +29,20 @@ import sys
 import time
 from pathlib import Path
 
-MINERS = {
-    # name: (total steps, steps per self-evaluation cycle) or None for the copier
-    "miner-long": (800, 400),
+HONEST = {
+    # name: (total steps, steps per self-evaluation cycle), best first: their composites must keep this order
+    "miner-long": (400, 400),
     "miner-short": (250, 250),
-    "miner-copier": None,
 }
+BEST = "miner-long"
+ADVERSARIES = {
+    # name: (role, neurons.adversaries kind, victim or None)
+    "miner-copier": ("copier", "copy", BEST),
+    "miner-nearcopy": ("near-copier", "near-copy", BEST),
+    "miner-crasher": ("crasher", "crash", BEST),
+    "miner-teacher": ("teacher-submitter", "teacher", None),
+}
+MINERS = [*HONEST, *ADVERSARIES]
 VALIDATOR = "validator"
 DISTILL_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "distill_localnet.json"
 
@@ -74,7 +88,9 @@ def _plots(report: dict, out: Path) -> list[str]:
     written = []
     names = [r["name"] for r in report["miners"]]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(names, [r["weight"] for r in report["miners"]], color=["#4a7", "#79c", "#c66"][:len(names)])
+    ax.bar(names, [r["weight"] for r in report["miners"]],
+           color=["#4a7" if r["role"] == "honest" else "#c66" for r in report["miners"]])
+    ax.tick_params(axis="x", labelrotation=30)
     ax.set_ylabel("weight on chain")
     ax.set_title("localnet: final weights")
     fig.tight_layout()
@@ -85,7 +101,7 @@ def _plots(report: dict, out: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for r in report["miners"]:
         xs = [x["round"] for x in r["rounds"]]
-        ax.plot(xs, [x["composite"] for x in r["rounds"]], marker="o", label=r["name"])
+        ax.plot(xs, [x["composite"] for x in r["rounds"]], marker="o", label=f"{r['name']} ({r['role']})")
     ax.set_xticks([x["id"] for x in report["rounds"]])
     ax.set_xlabel("round")
     ax.set_ylabel("composite score")
@@ -98,6 +114,22 @@ def _plots(report: dict, out: Path) -> list[str]:
     return written
 
 
+def role(name: str) -> str:
+    return "honest" if name in HONEST else ADVERSARIES[name][0]
+
+
+def _outcome(rounds: list[dict], rejected: list[dict], leader: bool) -> str:
+    """One line: how the validator's last word on this miner went."""
+    if rounds:
+        last = rounds[-1]
+        if last["gate"]:
+            return f"gated {last['gate']}: {last['axes'].get('gate_reason', '')}".rstrip(": ")
+        return f"composite {last['composite']:.4f}" + (" (leader)" if leader else "")
+    if rejected:
+        return f"rejected at {rejected[-1]['stage']}: {rejected[-1]['reason']}"
+    return "never scored"
+
+
 def build_report(run_dir: Path, chain, hotkeys: dict[str, str]) -> dict:
     from neurons.state import ValidatorState
 
@@ -107,6 +139,8 @@ def build_report(run_dir: Path, chain, hotkeys: dict[str, str]) -> dict:
     weights = chain.latest_weights(vkey) or {}
     mg = chain.metagraph()
     rounds = [r for r in state.rounds() if r.phase == "done" and state.scores(r.id)]
+    rejected = [{"miner": names.get(s.hotkey, s.hotkey), "stage": s.stage, "reason": s.reason}
+                for s in state.submissions("rejected")]
     miners = []
     for name, hk in hotkeys.items():
         if name == VALIDATOR:
@@ -118,13 +152,51 @@ def build_report(run_dir: Path, chain, hotkeys: dict[str, str]) -> dict:
                 if s["hotkey"] == hk:
                     per_round.append({"round": r.id, "composite": s["composite"], "gate": s["gate"],
                                       "rank": s["rank"], "axes": s["axes"]})
-        miners.append({"name": name, "hotkey": hk, "uid": uid, "weight": weights.get(uid, 0.0),
+        mine = [x for x in rejected if x["miner"] == name]
+        led = [r.id for r in rounds if r.leader == hk]
+        miners.append({"name": name, "role": role(name), "hotkey": hk, "uid": uid, "weight": weights.get(uid, 0.0),
+                       "led_rounds": led, "rejected": [{"stage": x["stage"], "reason": x["reason"]} for x in mine],
+                       "outcome": _outcome(per_round, mine, bool(rounds) and rounds[-1].leader == hk),
                        "rounds": per_round})
-    rejected = [{"miner": names.get(s.hotkey, s.hotkey), "stage": s.stage, "reason": s.reason}
-                for s in state.submissions("rejected")]
     return {"rounds": [{"id": r.id, "sync_block": r.sync_block, "seed": r.seed,
                         "leader": names.get(r.leader, r.leader)} for r in rounds],
             "miners": miners, "rejected": rejected, "block": chain.block()}
+
+
+def validator_run(proc: subprocess.Popen, log: Path) -> dict:
+    """How the one validator process ran: its pid, exit status and the starts its log records (a
+    Validator logs its `stack` event once per start, before any state exists)."""
+    starts = 0
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                starts += json.loads(line).get("event") == "stack"
+            except ValueError:
+                pass
+    return {"pid": proc.pid, "exit_status": proc.poll(), "starts": starts}
+
+
+def pass_checks(report: dict, rounds: int) -> dict[str, bool]:
+    """What a localnet run must show (issue 11): the honest best miner wins, no attack earns anything,
+    no attack stopped the validator, and the scores rank honest work in the order of its training."""
+    miners = {m["name"]: m for m in report["miners"]}
+    best = miners[BEST]
+    others = [m["weight"] for n, m in miners.items() if n != BEST]
+    adversaries = [m for m in report["miners"] if m["role"] != "honest"]
+    v = report["validator"]
+    last = report["rounds"][-1]["id"] if report["rounds"] else None
+    honest_last = [next((x for x in miners[n]["rounds"] if x["round"] == last), None) for n in HONEST]
+    composites = [x["composite"] if x is not None and x["gate"] is None else 0.0 for x in honest_last]
+    return {
+        f"best honest miner ({BEST}) holds the most weight": best["weight"] > 0 and all(w < best["weight"] for w in others),
+        "every adversary (" + ", ".join(m["role"] for m in adversaries) + ") has no weight and never led":
+            all(m["weight"] == 0.0 and not m["led_rounds"] for m in adversaries),
+        "the validator ran as one process, never restarted, and exited normally":
+            v["exit_status"] == 0 and v["starts"] == 1,
+        f"honest miners scored ungated, above 0, in training order ({' > '.join(HONEST)}) in the last round":
+            len(composites) >= 2 and composites[-1] > 0 and all(a > b for a, b in zip(composites, composites[1:])),
+        f"at least {rounds} rounds scored": len(report["rounds"]) >= rounds,
+    }
 
 
 def run_localnet(run_dir: Path, *, rounds: int = 2, block_time: float = 1.0, timeout: float = 900.0,
@@ -164,12 +236,13 @@ def run_localnet(run_dir: Path, *, rounds: int = 2, block_time: float = 1.0, tim
     common = ["--network", "local", "--chain.path", str(chain_path), "--wallet.path", str(key_dir),
               "--competition", "localnet"]
     procs: dict[str, subprocess.Popen] = {}
-    for name, plan in MINERS.items():
+    for name in MINERS:
         argv = ["miner", *common, "--wallet.name", name, "--work-dir", str(run_dir / name), "--quiet"]
-        if plan is None:
-            argv += ["--copy-from", str(run_dir / "miner-long")]
+        if name in ADVERSARIES:
+            _, kind, victim = ADVERSARIES[name]
+            argv += ["--adversary", kind] + (["--copy-from", str(run_dir / victim)] if victim else [])
         else:
-            steps, cycle = plan
+            steps, cycle = HONEST[name]
             argv += ["--config", str(DISTILL_CONFIG), "--override", f"data.train_cache={cache}",
                      "--override", f"steps={steps}", "--steps-per-cycle", str(cycle)]
         procs[name] = _spawn(name, argv, logs, env)
@@ -202,25 +275,21 @@ def run_localnet(run_dir: Path, *, rounds: int = 2, block_time: float = 1.0, tim
 
     report = build_report(run_dir, chain, hotkeys)
     report["seconds"] = round(time.time() - t0, 1)
-    best = max((m for m in report["miners"] if m["name"] != "miner-copier"), key=lambda m: m["weight"])
-    copier = next(m for m in report["miners"] if m["name"] == "miner-copier")
-    checks = {
-        "best honest miner (miner-long) has the most weight": best["name"] == "miner-long" and best["weight"] > 0,
-        "the copier has no weight": copier["weight"] == 0.0,
-        f"at least {rounds} rounds scored": len(report["rounds"]) >= rounds,
-    }
+    report["validator"] = validator_run(procs[VALIDATOR], logs / f"{VALIDATOR}.log")
+    checks = pass_checks(report, rounds)
     report["checks"] = checks
     report["pngs"] = _plots(report, run_dir)
     (run_dir / "report.json").write_text(json.dumps(report, indent=1))
 
     print()
-    print(f"{'miner':<14} {'uid':>3} {'weight':>7}  composite per round (gate)")
+    print(f"{'miner':<15} {'role':<17} {'uid':>3} {'weight':>6}  outcome; composite per round (gate)")
     for m in report["miners"]:
         hist = "  ".join(f"r{x['round']}: {x['composite']:.4f}" + (f" ({x['gate']})" if x["gate"] else "")
                          for x in m["rounds"])
-        print(f"{m['name']:<14} {m['uid']:>3} {m['weight']:>7.3f}  {hist}")
-    for r in report["rejected"]:
-        print(f"rejected {r['miner']}: [{r['stage']}] {r['reason']}")
+        print(f"{m['name']:<15} {m['role']:<17} {m['uid']:>3} {m['weight']:>6.3f}  {m['outcome']}"
+              + (f"; {hist}" if hist else ""))
+    v = report["validator"]
+    print(f"validator pid {v['pid']}: exit status {v['exit_status']}, {v['starts']} start(s) in its log")
     print()
     for what, ok in checks.items():
         print(f"  {'PASS' if ok else 'FAIL'}  {what}")

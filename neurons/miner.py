@@ -11,9 +11,10 @@ State (best score, what was published and committed) is `miner.json` in the work
 written atomically; training resumes from the trainer's own checkpoints. SIGTERM stops cleanly
 between steps of the loop.
 
-`copy_from` makes this miner an adversary for localnet: it republishes another miner's
-published checkpoint under its own hotkey (what a weight copier does), which validators must
-give nothing.
+`adversary` makes this miner one of localnet's attackers (neurons.adversaries): instead of
+training, it makes one checkpoint (a copy or near-copy of the miner whose work directory is
+`copy_from`, a crasher built from it, or the teacher itself) and publishes it under its own hotkey.
+Validators must give each nothing. `copy_from` alone is the exact copier.
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ class MinerSettings:
     hf_token: str | None = None
     device: str = "cpu"
     seal_blocks: int | None = None             # timelock commitments this long (None: half the eval delay; 0: off)
-    copy_from: Path | None = None              # adversary: republish another miner's checkpoint
+    copy_from: Path | None = None              # adversary: the victim miner's work directory
+    adversary: str | None = None               # adversary: a neurons.adversaries.MAKERS kind (default "copy")
     serve_after_training: bool = True
     poll_seconds: float = 1.0
     progress: bool = False
@@ -205,21 +207,33 @@ class Miner:
             if str(export) != self.state.get("published"):
                 shutil.rmtree(export, ignore_errors=True)
 
-    def copy_loop(self) -> None:
-        """Wait for the victim's published checkpoint, then republish it under this hotkey."""
+    def _victim_checkpoint(self) -> Path | None:
+        """The victim's published checkpoint once its commitment is on chain in an earlier block."""
         victim = Path(self.s.copy_from) / "miner.json"
+        if not victim.exists():
+            return None
+        state = json.loads(victim.read_text())
+        published, block = state.get("published"), state.get("commit_block")
+        # an attacker can read a model only once its owner released it, after the commitment's
+        # block closed, so its own lands in a later block
+        if published and Path(published).exists() and block is not None and self.chain.block() > block:
+            return Path(published)
+        return None
+
+    def adversary_loop(self) -> None:
+        """Wait for the victim's published checkpoint (when the attack needs one), make the attack's
+        checkpoint from it, publish it under this hotkey."""
+        from neurons import adversaries
+
+        kind = self.s.adversary or "copy"
+        make = adversaries.MAKERS[kind]
         while not self.stop_event.is_set():
-            if victim.exists():
-                state = json.loads(victim.read_text())
-                published, block = state.get("published"), state.get("commit_block")
-                # a copier can read a model only once its owner released it, after the commitment
-                # landed, so its own lands in a later block
-                if published and Path(published).exists() and block is not None and self.chain.block() > block:
-                    stolen = self.work_dir / "stolen" / Path(published).name
-                    if not stolen.exists():
-                        shutil.copytree(published, stolen, ignore=shutil.ignore_patterns("manifest.json"))
-                    self.publish(stolen, None)
-                    return
+            source = self._victim_checkpoint() if kind in adversaries.needs_victim else None
+            if source is not None or kind not in adversaries.needs_victim:
+                made = make(source, self.work_dir / "made" / (source.name if source else kind), self.competition)
+                event(log, "adversary made", kind=kind, source=source and source.name)
+                self.publish(made, None)
+                return
             self.stop_event.wait(self.s.poll_seconds)
 
     def run(self) -> None:
@@ -231,9 +245,9 @@ class Miner:
         try:
             if self.state.get("pending"):  # stopped between staging and releasing a checkpoint
                 self._finish_pending()
-            if self.s.copy_from is not None:
+            if self.s.copy_from is not None or self.s.adversary is not None:
                 if not self.state.get("published"):
-                    self.copy_loop()
+                    self.adversary_loop()
             else:
                 self.train_loop()
             while self.s.serve_after_training and not self.stop_event.is_set():

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
+from neurons import adversaries
 from neurons.isolation import EvalLimits, EvaluationFailed, evaluate_isolated, first_non_finite, save_round_inputs
 from neurons.state import ValidatorState
 from test_redteam_fetch import Net, rejection
@@ -27,16 +27,9 @@ def models(tmp_path_factory):
 
 
 def huge_weights(src: Path, dst: Path) -> Path:
-    """Finite but enormous: an lm_head of +-3e38 passes every weight check, and its logits overflow."""
-    import shutil
-
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("manifest.json"))
-    tensors = load_file(dst / "model.safetensors")
-    key = "lm_head.weight" if "lm_head.weight" in tensors else "model.embed_tokens.weight"
-    tensors[key] = torch.where(torch.rand_like(tensors[key]) < 0.5, -3e38, 3e38)
-    assert torch.isfinite(tensors[key]).all()
-    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
+    """Finite but enormous: an lm_head of +-3e38 passes every weight check, and its logits overflow
+    (localnet's crasher publishes the same)."""
+    return adversaries.crash(src, dst)
 
 
 def with_config(src: Path, dst: Path, **fields) -> Path:
@@ -118,6 +111,14 @@ def test_the_child_result_equals_the_in_process_evaluation(round_inputs, models)
     here = score_model(load_student(models["honest"], inputs.competition), inputs, model_hash="h" * 64).to_dict()
     child = evaluate_isolated(models["honest"], round_inputs, "h" * 64)
     assert child == json.loads(json.dumps(here))
+
+
+def test_a_model_with_overflowing_logits_fails_before_the_whole_evaluation(tmp_path, round_inputs, models):
+    # an honest model passes the check: test_the_child_result_equals_the_in_process_evaluation
+    t0 = time.monotonic()
+    with pytest.raises(EvaluationFailed, match="^non-finite output: the logit fingerprint is NaN or infinite$"):
+        evaluate_isolated(huge_weights(models["other"], tmp_path / "huge"), round_inputs, "x" * 64)
+    print(f"\nthe overflowing model's evaluation: {time.monotonic() - t0:.1f} s")
 
 
 def test_non_finite_values_are_found_anywhere_in_a_result():

@@ -283,6 +283,10 @@ def test_degenerate_gate():
     assert not degenerate([list(range(10)) * 3] * 8, mr)                   # period 10: longer than a short loop
     assert not degenerate(healthy_text(0), mr) and not degenerate([], mr)
     assert not degenerate(healthy_text(0)[:6] + [[7] * 32] * 2, mr)        # two looping probes of eight: allowed
+    for comp in ("localnet", "sn24"):  # every pure loop of period <= 8 over 32 tokens fills >= 75 %: gated
+        threshold = load_competition(comp).score.degenerate_max_repeat
+        for p in range(1, 9):
+            assert degenerate([list(range(p)) * (32 // p) + list(range(32 % p))] * 8, threshold), (comp, p)
 
 
 def test_degenerate_looping_model_scores_zero_whatever_its_items():
