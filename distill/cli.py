@@ -281,7 +281,8 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("init-student", help="build a Quasar-Long student from a teacher's weights "
                                                    "(structural distillation, stage 1)")
     p.add_argument("--teacher", required=True,
-                   help="qwen3/llama/mistral checkpoint (Hub name or local); 'tiny' = the project's tiny teacher")
+                   help="qwen3/llama/mistral or Qwen3.5 text (qwen3_5_text) checkpoint (Hub name or local); "
+                        "'tiny' = the project's tiny teacher")
     p.add_argument("--revision", default=None)
     p.add_argument("--out", required=True, help="directory for the student (save_pretrained + tokenizer)")
     p.add_argument("--hybrid-layers", type=_layer_list, default=None,

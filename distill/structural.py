@@ -27,16 +27,39 @@ it). The branch copies of q/k/v/o start the recurrent read-out where the attenti
 usual linearisation init; what is not an attention projection (gates, decays, slot routers) keeps
 its fresh init.
 
+Qwen3.5 (`qwen3_5_text`, the text model `Qwen3_5ForCausalLM`) maps exactly too, through the
+config options that express its layers (each off by default):
+
+    teacher (qwen3_5_text)                           student
+    every RMSNorm (1 + w)                        ->  zero_centered_rms_norm: the same w
+    full attention: q_proj = per head [q_h; gate_h]  ->  GQA with attention_output_gate, qkv_proj =
+                    k, v, o, q/k norm, partial rope      [q; k; v; gate]; partial_rotary_factor
+    linear attention (gated DeltaNet):           ->  a replace-mode hybrid layer (hybrid_replace_layers)
+        in_proj_qkv, conv1d (K taps)                 whose quasar branch is in gated-DeltaNet form:
+        in_proj_b, in_proj_a, A_log, dt_bias         qkv_proj, conv_weight, beta_proj (softplus step),
+        norm (z-gated), in_proj_z, out_proj          decay_proj, A_log, dt_bias, o_norm, z_proj, o_proj
+
+In "add" mode its attention layers stay attention; `replacement_mode="replace"` swaps them for
+branches alone too (default GLA: the Quasar-10B step), from the attention's q/k/v/o, its q/k norms
+and its output gate (GLA's g_proj), which is not exact by design. The MTP head of the released
+checkpoints is not part of transformers' model and is not carried over.
+
 Refused with a message naming the reason: attention or MLP biases, rope scaling (only plain-theta
 RoPE is representable), sliding-window attention, activations other than SiLU, other families
-(GLM's fused, interleaved-rotary layers and MoE teachers do not map onto these shapes exactly).
+(GLM's fused, interleaved-rotary layers and MoE teachers, qwen3_5_moe among them, do not map onto
+these shapes exactly).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-SUPPORTED_FAMILIES = ("qwen3", "llama", "mistral")
+SUPPORTED_FAMILIES = ("qwen3", "llama", "mistral", "qwen3_5_text")
+QWEN35_LAYER_TYPES = ("linear_attention", "full_attention")
+
+
+def is_qwen35(tc) -> bool:
+    return getattr(tc, "model_type", None) == "qwen3_5_text"
 
 
 # -----------------------------------------------------------------------------
@@ -45,6 +68,9 @@ SUPPORTED_FAMILIES = ("qwen3", "llama", "mistral")
 def check_teacher(tc) -> None:
     """Raise ValueError naming the first property of the teacher config that does not map exactly."""
     family = getattr(tc, "model_type", None)
+    if family == "qwen3_5":
+        raise ValueError("teacher model_type 'qwen3_5' is the vision-language wrapper: load its text model "
+                         "(Qwen3_5ForCausalLM, model_type 'qwen3_5_text') as the teacher")
     if family not in SUPPORTED_FAMILIES:
         raise ValueError(f"teacher model_type {family!r}: structural init maps {SUPPORTED_FAMILIES} decoders "
                          "(q/k/v/o attention + SwiGLU MLP); distill other teachers from a teacher cache instead")
@@ -63,6 +89,13 @@ def check_teacher(tc) -> None:
     if sliding or "sliding_attention" in layer_types:
         raise ValueError(f"teacher sliding_window={tc.sliding_window!r}: the student attends over the whole "
                          "sequence, so sliding-window layers would not be reproduced")
+    if is_qwen35(tc):
+        unknown = sorted(set(layer_types) - set(QWEN35_LAYER_TYPES))
+        if unknown:
+            raise ValueError(f"teacher layer_types has {unknown}: only {QWEN35_LAYER_TYPES} map onto the student")
+        if tc.linear_num_value_heads % tc.linear_num_key_heads:
+            raise ValueError(f"teacher linear_num_value_heads={tc.linear_num_value_heads} is not a multiple of "
+                             f"linear_num_key_heads={tc.linear_num_key_heads}")
 
 
 def head_dim_of(tc) -> int:
@@ -106,6 +139,8 @@ def student_config(tc, *, hybrid_layers: list[int] | None = None, cycle: list[st
     )
     if cycle is not None:
         kw["hybrid_layerwise_cycle"] = list(cycle)
+    if is_qwen35(tc):
+        kw.update(_qwen35_fields(tc, hybrid_layers, cycle, replacement_mode))
     if num_experts > 0:
         moe_i = moe_intermediate_size or I // 4
         if moe_i < 1 or I % moe_i:
@@ -119,6 +154,42 @@ def student_config(tc, *, hybrid_layers: list[int] | None = None, cycle: list[st
         kw.update(num_experts=0, first_k_dense_replace=L)
     kw.update(overrides or {})
     return QuasarLongConfig(**kw)
+
+
+def _qwen35_fields(tc, attention_branches, cycle, replacement_mode) -> dict:
+    """Config fields of a Qwen3.5 student.
+
+    Its gated DeltaNet layers become replace-mode quasar layers (the teacher's own recurrence).
+    Its attention layers stay attention in "add" mode, unless `attention_branches` (hybrid_layers)
+    names some, which then get a branch beside the attention; in "replace" mode every attention
+    layer (or those named) becomes a branch alone. Branch kinds on the attention layers cycle
+    through `cycle` (default GLA, the Quasar-10B swap).
+    """
+    types = list(tc.layer_types)
+    linear = [i for i, t in enumerate(types) if t == "linear_attention"]
+    full = [i for i, t in enumerate(types) if t == "full_attention"]
+    if attention_branches is None:
+        attention_branches = full if replacement_mode == "replace" else []
+    stray = sorted(set(attention_branches) - set(full))
+    if stray:
+        raise ValueError(f"hybrid layers {stray} are not full-attention layers of the teacher (its gated "
+                         f"DeltaNet layers {linear} are quasar layers already)")
+    kinds = list(cycle) if cycle else ["gla"]
+    attention_kind = {i: kinds[n % len(kinds)] for n, i in enumerate(sorted(attention_branches))}
+    hybrid = sorted(linear + list(attention_branches))
+    rope = getattr(tc, "rope_parameters", None) or {}
+    return dict(
+        hybrid_attention_layers=hybrid,
+        hybrid_layerwise_cycle=[attention_kind.get(i, "quasar") for i in hybrid] or ["quasar"],
+        hybrid_replace_layers=linear,
+        zero_centered_rms_norm=True, attention_output_gate=True, use_qk_norm=True,
+        partial_rotary_factor=float(rope.get("partial_rotary_factor", 1.0)),
+        hybrid_quasar_num_key_heads=tc.linear_num_key_heads, hybrid_quasar_num_value_heads=tc.linear_num_value_heads,
+        hybrid_quasar_key_head_dim=tc.linear_key_head_dim, hybrid_quasar_value_head_dim=tc.linear_value_head_dim,
+        hybrid_quasar_conv_kernel=tc.linear_conv_kernel_dim, hybrid_quasar_input_norm=False,
+        hybrid_quasar_l2norm_eps=1e-6,  # fla's l2norm, as transformers computes it
+        hybrid_quasar_step="softplus", hybrid_quasar_use_decay=True, hybrid_quasar_output_gate="silu_z",
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -136,16 +207,32 @@ def _repeat_heads(w: torch.Tensor, n_kv: int, rep: int) -> torch.Tensor:
     return w.view(n_kv, d, -1).repeat_interleave(rep, dim=0).reshape(n_kv * rep * d, -1)
 
 
+def _query_and_gate(attn, gated: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Qwen3.5's q_proj holds per head [q_h; gate_h] ([H*2d, hidden]): split into q and gate [H*d, hidden]."""
+    w = attn.q_proj.weight
+    if not gated:
+        return w, None
+    d = attn.head_dim
+    per_head = w.view(-1, 2 * d, w.shape[-1])  # [H, 2d, hidden]
+    return per_head[:, :d].reshape(-1, w.shape[-1]), per_head[:, d:].reshape(-1, w.shape[-1])
+
+
 def _attention_into(gqa, attn) -> None:
-    _copy(gqa.qkv_proj.weight, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), "qkv_proj")
+    q, gate = _query_and_gate(attn, gqa.gated)
+    _copy(gqa.qkv_proj.weight, torch.cat([q, attn.k_proj.weight, attn.v_proj.weight]
+                                         + ([gate] if gate is not None else [])), "qkv_proj")
     _copy(gqa.o_proj.weight, attn.o_proj.weight, "o_proj")
     if hasattr(attn, "q_norm"):
         _copy(gqa.q_norm.weight, attn.q_norm.weight, "q_norm")
         _copy(gqa.k_norm.weight, attn.k_norm.weight, "k_norm")
 
 
-def _branch_from_attention(branch, kind: str, attn, n_kv: int, rep: int) -> None:
-    q, k, v, o = attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight
+def _branch_from_attention(branch, kind: str, attn, n_kv: int, rep: int, gated: bool = False,
+                           norm_offset: float = 0.0) -> None:
+    """gated: the teacher's q_proj carries an output gate (Qwen3.5), which becomes GLA's g_proj;
+    norm_offset: 1.0 when the teacher's q/k norms scale by (1 + w) and the branch's by w."""
+    q, gate = _query_and_gate(attn, gated)
+    k, v, o = attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight
     if kind == "quasar":          # one q/k/v per head: the KV heads repeated across their group
         _copy(branch.qkv_proj.weight, torch.cat([q, _repeat_heads(k, n_kv, rep), _repeat_heads(v, n_kv, rep)]),
               "branch.qkv_proj")
@@ -153,9 +240,24 @@ def _branch_from_attention(branch, kind: str, attn, n_kv: int, rep: int) -> None
         _copy(branch.q_proj.weight, q, "branch.q_proj")
         _copy(branch.kv_proj.weight, torch.cat([k, v]), "branch.kv_proj")
         if hasattr(attn, "q_norm"):
-            _copy(branch.q_norm.weight, attn.q_norm.weight, "branch.q_norm")
-            _copy(branch.k_norm.weight, attn.k_norm.weight, "branch.k_norm")
+            _copy(branch.q_norm.weight, attn.q_norm.weight + norm_offset, "branch.q_norm")
+            _copy(branch.k_norm.weight, attn.k_norm.weight + norm_offset, "branch.k_norm")
+        if gate is not None and kind == "gla":  # both gate the read-out by sigmoid(W x) per channel
+            _copy(branch.g_proj.weight, gate, "branch.g_proj")
     _copy(branch.o_proj.weight, o, "branch.o_proj")
+
+
+def _deltanet_into(branch, la) -> None:
+    """Qwen3.5's gated DeltaNet -> the quasar branch in gated-DeltaNet form (same math, same layout)."""
+    _copy(branch.qkv_proj.weight, la.in_proj_qkv.weight, "branch.qkv_proj")        # [q; k; v] rows
+    _copy(branch.conv_weight, la.conv1d.weight.squeeze(1), "branch.conv_weight")  # [C, 1, K] -> [C, K]
+    _copy(branch.beta_proj.weight, la.in_proj_b.weight, "branch.beta_proj")
+    _copy(branch.decay_proj.weight, la.in_proj_a.weight, "branch.decay_proj")
+    _copy(branch.A_log, la.A_log, "branch.A_log")
+    _copy(branch.dt_bias, la.dt_bias, "branch.dt_bias")
+    _copy(branch.o_norm.weight, la.norm.weight, "branch.o_norm")                  # plain w: the gated norm
+    _copy(branch.z_proj.weight, la.in_proj_z.weight, "branch.z_proj")
+    _copy(branch.o_proj.weight, la.out_proj.weight, "branch.o_proj")
 
 
 def _mlp_into(ffn, mlp) -> None:
@@ -203,15 +305,24 @@ def init_student(teacher: nn.Module, config=None, *, dtype: torch.dtype = torch.
     _copy(student.model.norm.weight, t_model.norm.weight, "norm")
     if not config.tie_word_embeddings:
         _copy(student.lm_head.weight, teacher.get_output_embeddings().weight, "lm_head")
+    gated, zc = config.attention_output_gate, config.zero_centered_rms_norm
+    if is_qwen35(tc) and not (gated and zc):
+        raise ValueError("a Qwen3.5 student needs attention_output_gate and zero_centered_rms_norm "
+                         "(student_config sets them)")
     for i, (s_layer, t_layer) in enumerate(zip(student.model.layers, t_model.layers)):
         _copy(s_layer.input_norm.weight, t_layer.input_layernorm.weight, f"layers.{i}.input_norm")
         _copy(s_layer.post_norm.weight, t_layer.post_attention_layernorm.weight, f"layers.{i}.post_norm")
-        if s_layer.is_hybrid:
+        if hasattr(t_layer, "linear_attn"):  # Qwen3.5's gated DeltaNet: a replace-mode quasar layer
+            if not (s_layer.is_hybrid and s_layer.mixer.replace and s_layer.mixer.kind == "quasar"):
+                raise ValueError(f"layer {i}: the teacher's gated DeltaNet maps onto a replace-mode quasar "
+                                 "layer only (hybrid_replace_layers, cycle 'quasar')")
+            _deltanet_into(s_layer.mixer.branch, t_layer.linear_attn)
+        elif s_layer.is_hybrid:
             if s_layer.mixer.attn is not None:
                 _attention_into(s_layer.mixer.attn, t_layer.self_attn)
             if branch_from_attention:
                 _branch_from_attention(s_layer.mixer.branch, s_layer.mixer.kind, t_layer.self_attn,
-                                       config.num_key_value_heads, rep)
+                                       config.num_key_value_heads, rep, gated=gated, norm_offset=1.0 if zc else 0.0)
         else:
             _attention_into(s_layer.mixer, t_layer.self_attn)
         _mlp_into(s_layer.ffn, t_layer.mlp)

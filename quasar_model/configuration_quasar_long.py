@@ -14,6 +14,8 @@ BRANCH_KINDS = ("quasar", "raven", "gla")
 LONG_CONTEXT_MODES = ("rope_short_nope_long", "rope", "nope")
 BALANCING_METHODS = ("smebu", "sign", "none")
 REPLACEMENT_MODES = ("add", "replace")  # "replace": the branch alone (see layers/hybrid.py)
+QUASAR_STEPS = ("sigmoid", "softplus")  # the continuous-time beta's parameterisation (layers/quasar.py)
+QUASAR_OUTPUT_GATES = ("low_rank", "silu_z")
 RAVEN_DECAY_TYPES = ("Mamba2",)
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 
@@ -32,6 +34,11 @@ class QuasarLongConfig(PreTrainedConfig):
     intermediate_size: int = 5120
     rms_norm_eps: float = 1e-6
     use_qk_norm: bool = True
+    # (1 + w) scales on the trunk and attention q/k norms, w from 0 (Qwen3.5's RMSNorm); off: w from 1
+    zero_centered_rms_norm: bool = False
+    # attention output gate: o *= sigmoid(W_g x) per channel before o_proj, W_g's rows appended to
+    # qkv_proj as [q; k; v; gate] (Qwen3.5's full-attention layers); off in every preset
+    attention_output_gate: bool = False
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
     use_cache: bool = True
@@ -61,10 +68,25 @@ class QuasarLongConfig(PreTrainedConfig):
     hybrid_branch_layout: str = "layerwise"
     hybrid_layerwise_cycle: list[str] | None = None
     hybrid_replacement_mode: str = "add"
+    # hybrid layers that are the branch alone even in "add" mode (a teacher's own recurrent layers,
+    # e.g. Qwen3.5's gated DeltaNet layers, which have no attention to keep beside them)
+    hybrid_replace_layers: list[int] | None = None
     hybrid_alpha_init: float = -15.0
     hybrid_output_adapter_rank: int = 16
     hybrid_quasar_gate_rank: int = 128
     hybrid_quasar_use_decay: bool = False  # (choice) optional exp(psi) state decay, off
+    # The quasar branch in gated-DeltaNet form (Qwen3.5's linear-attention layers); the defaults are
+    # the spec's branch. Head counts/dims: None = num_attention_heads / head_dim; value heads are a
+    # multiple of key heads (each q/k head serves that many consecutive value heads).
+    hybrid_quasar_num_key_heads: int | None = None
+    hybrid_quasar_num_value_heads: int | None = None  # None: as many as key heads
+    hybrid_quasar_key_head_dim: int | None = None
+    hybrid_quasar_value_head_dim: int | None = None  # None: the key head dim
+    hybrid_quasar_conv_kernel: int = 0  # causal depthwise conv on q/k/v before the SiLU (taps); 0: none
+    hybrid_quasar_input_norm: bool = True  # the weightless RMSNorm of the branch input
+    hybrid_quasar_l2norm_eps: float = 0.0  # 0: F.normalize; > 0: x * rsqrt(|x|^2 + eps), fla's l2norm
+    hybrid_quasar_step: str = "sigmoid"  # beta = sigmoid(W x) | "softplus" (see layers/quasar.py)
+    hybrid_quasar_output_gate: str = "low_rank"  # sigmoid(G(x)) | "silu_z": SiLU(W_z x)
     hybrid_raven_slots: int = 64
     hybrid_raven_topk: int = 32
     hybrid_raven_decay_type: str = "Mamba2"
@@ -105,6 +127,9 @@ class QuasarLongConfig(PreTrainedConfig):
             self.engram_ngram_orders = [2, 3]
         if self.latent_memory_layers is None:
             self.latent_memory_layers = []
+        if self.hybrid_replace_layers is None:
+            self.hybrid_replace_layers = []
+        self.hybrid_replace_layers = [int(i) for i in self.hybrid_replace_layers]
         self.hybrid_attention_layers = [int(i) for i in self.hybrid_attention_layers]
         self.engram_layers = [int(i) for i in self.engram_layers]
         self.latent_memory_layers = [int(i) for i in self.latent_memory_layers]
@@ -121,6 +146,17 @@ class QuasarLongConfig(PreTrainedConfig):
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return layer_idx >= self.first_k_dense_replace and self.num_experts > 0
+
+    def is_replace_layer(self, layer_idx: int) -> bool:
+        """A hybrid layer that is its branch alone (no attention beside it)."""
+        return self.branch_kind(layer_idx) is not None and (
+            self.hybrid_replacement_mode == "replace" or layer_idx in self.hybrid_replace_layers)
+
+    def quasar_heads(self) -> tuple[int, int, int, int]:
+        """(key heads, value heads, key head dim, value head dim) of the quasar branch."""
+        hk = self.hybrid_quasar_num_key_heads or self.num_attention_heads
+        dk = self.hybrid_quasar_key_head_dim or self.head_dim
+        return hk, self.hybrid_quasar_num_value_heads or hk, dk, self.hybrid_quasar_value_head_dim or dk
 
     @property
     def rotary_dim(self) -> int:
@@ -187,6 +223,25 @@ class QuasarLongConfig(PreTrainedConfig):
             fail("hybrid_raven_decay_type", f"must be one of {RAVEN_DECAY_TYPES}")
         if "raven" in self.hybrid_layerwise_cycle and not 1 <= self.hybrid_raven_topk <= self.hybrid_raven_slots:
             fail("hybrid_raven_topk", f"must be in [1, hybrid_raven_slots={self.hybrid_raven_slots}]")
+        for i in self.hybrid_replace_layers:
+            if i not in self.hybrid_attention_layers:
+                fail("hybrid_replace_layers", f"layer {i} is not in hybrid_attention_layers")
+        for field in ("hybrid_quasar_num_key_heads", "hybrid_quasar_num_value_heads",
+                      "hybrid_quasar_key_head_dim", "hybrid_quasar_value_head_dim"):
+            value = getattr(self, field)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                fail(field, "must be a positive integer or None")
+        hk, hv, _, _ = self.quasar_heads()
+        if hv % hk:
+            fail("hybrid_quasar_num_value_heads", f"must be a multiple of the key heads ({hk})")
+        if not isinstance(self.hybrid_quasar_conv_kernel, int) or not 0 <= self.hybrid_quasar_conv_kernel <= 64:
+            fail("hybrid_quasar_conv_kernel", "must be an integer in [0, 64] (0: no convolution)")
+        if not 0.0 <= self.hybrid_quasar_l2norm_eps < 1.0:
+            fail("hybrid_quasar_l2norm_eps", "must be in [0, 1)")
+        if self.hybrid_quasar_step not in QUASAR_STEPS:
+            fail("hybrid_quasar_step", f"must be one of {QUASAR_STEPS}")
+        if self.hybrid_quasar_output_gate not in QUASAR_OUTPUT_GATES:
+            fail("hybrid_quasar_output_gate", f"must be one of {QUASAR_OUTPUT_GATES}")
         if self.hybrid_output_adapter_rank < 0:
             fail("hybrid_output_adapter_rank", "must be >= 0")
         if self.hybrid_quasar_gate_rank < 1:

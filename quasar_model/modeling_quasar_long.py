@@ -53,8 +53,9 @@ class QuasarLongDecoderLayer(nn.Module):
     def __init__(self, config: QuasarLongConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        zc = config.zero_centered_rms_norm
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, zero_centered=zc)
+        self.post_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, zero_centered=zc)
         self.is_hybrid = config.branch_kind(layer_idx) is not None
         self.mixer = HybridMixer(config, layer_idx) if self.is_hybrid else GQAttention(config)
         if config.is_moe_layer(layer_idx):
@@ -112,7 +113,7 @@ class QuasarLongModel(QuasarLongPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(QuasarLongDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, zero_centered=config.zero_centered_rms_norm)
         self.rotary = RotaryEmbedding(
             config.rotary_dim, config.rope_theta, config.long_context_mode, config.use_nope, config.nope_after_position
         )

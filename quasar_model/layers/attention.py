@@ -1,4 +1,8 @@
-"""GQA attention: fused QKV, per-head QK RMSNorm, partial rotary, causal SDPA."""
+"""GQA attention: fused QKV, per-head QK RMSNorm, partial rotary, causal SDPA.
+
+With `attention_output_gate` (Qwen3.5's full-attention layers) the fused projection also yields a
+per-channel gate, o <- o * sigmoid(W_g x) before o_proj; its rows follow q, k, v in qkv_proj.
+"""
 from __future__ import annotations
 
 import torch
@@ -13,15 +17,19 @@ class GQAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=False)
+        self.gated = config.attention_output_gate
+        # [q; k; v] (+ [gate], as many channels as q) rows of the fused projection
+        self.split = [self.n_heads, self.n_kv, self.n_kv] + ([self.n_heads] if self.gated else [])
+        self.qkv_proj = nn.Linear(config.hidden_size, sum(self.split) * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.use_qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.use_qk_norm else nn.Identity()
+        zc = config.zero_centered_rms_norm
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, zero_centered=zc) if config.use_qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, zero_centered=zc) if config.use_qk_norm else nn.Identity()
 
     def forward(self, x, rope, attn_mask=None, state: dict | None = None):
         # x [B, T, hidden]; rope = (cos, sin) [B, T, rotary_dim] or None
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).view(B, T, -1, self.head_dim).split([self.n_heads, self.n_kv, self.n_kv], dim=2)
+        q, k, v, *gate = self.qkv_proj(x).view(B, T, -1, self.head_dim).split(self.split, dim=2)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
@@ -34,4 +42,7 @@ class GQAttention(nn.Module):
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1, enable_gqa=self.n_kv != self.n_heads
         )
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        o = o.transpose(1, 2).reshape(B, T, -1)  # [B, T, H*D]
+        if self.gated:
+            o = o * torch.sigmoid(gate[0].reshape(B, T, -1))  # gate [B, T, H, D] -> [B, T, H*D]
+        return self.o_proj(o)

@@ -6,7 +6,9 @@ starts as the identity.
 
 Replacement mode "replace" (an extension past the spec, which names only "add"): the layer has no
 attention and no a, out = Adapter(c * g * Branch(x)); the Quasar-10B recipe's attention layers
-swapped for recurrent ones, whose state does not grow with the context.
+swapped for recurrent ones, whose state does not grow with the context. The layers in
+`hybrid_replace_layers` are replace-mode layers inside an "add" model: a teacher's own recurrent
+layers (Qwen3.5's gated DeltaNet) carried over as branches, with no attention beside them.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ class HybridMixer(nn.Module):
         super().__init__()
         self.alpha_init = config.hybrid_alpha_init
         self.kind = config.branch_kind(layer_idx)
-        self.replace = config.hybrid_replacement_mode == "replace"
+        self.replace = config.is_replace_layer(layer_idx)
         self.attn = None if self.replace else GQAttention(config)
         self.branch = BRANCHES[self.kind](config, layer_idx)
         self.alpha = None if self.replace else nn.Parameter(torch.empty(()))

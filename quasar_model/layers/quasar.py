@@ -9,6 +9,21 @@ Output: W_o(RMSNorm(o) * sigmoid(G(x))), G a low-rank gate with bias.
 Optional state decay (config.hybrid_quasar_use_decay, off by default): before each write the state
 is multiplied by exp(psi), psi = -exp(A_log) * softplus(W_f x^ + dt_bias) per head and token (the
 gated delta rule; A_log and dt_bias get the Mamba2 init). Padded tokens get psi = 0.
+
+Gated-DeltaNet form (Qwen3.5's linear-attention layers; every option off by default):
+- hybrid_quasar_conv_kernel = K: q, k, v = SiLU(conv_K(W x^)), a causal depthwise convolution over
+  the last K tokens (ops/short_conv.py), whose K-1 inputs are kept with S in the decoding cache;
+- separate head counts: Hk q/k heads of dim dk, Hv = m Hk value heads of dim dv, each q/k head
+  repeated over m consecutive value heads (the state is [Hv, dk, dv]; beta, psi per value head);
+- hybrid_quasar_input_norm = False: x^ = x (the layer's input norm already ran);
+- hybrid_quasar_l2norm_eps = 1e-6: q, k <- x * rsqrt(|x|^2 + eps), fla's l2norm, bit for bit;
+- hybrid_quasar_step = "softplus": the continuous time is beta_c = softplus(W_b x^). Keys are unit
+  (L2-normalised), so alpha = 1 - exp(-beta_c) = 1 - sigmoid(-W_b x^) = sigmoid(W_b x^): exactly
+  the discrete rule's (Qwen3.5's, fla's) beta = sigmoid(b). Unit keys are assumed, not measured:
+  with the eps above |k|^2 is 1 - O(eps / |k|^2), and using it would move alpha off the teacher's.
+- the decay above is Qwen3.5's g = -exp(A_log) * softplus(a + dt_bias), with a = decay_proj(x^);
+- hybrid_quasar_output_gate = "silu_z": W_o(RMSNorm(o) * SiLU(W_z x)) per value head (Qwen3.5's
+  z-gated RMSNorm), instead of the low-rank sigmoid gate.
 """
 from __future__ import annotations
 
@@ -20,6 +35,7 @@ from torch import nn
 from transformers import initialization as init
 
 from ..ops.delta_rule import delta_rule
+from ..ops.short_conv import short_conv
 from .norm import RMSNorm
 from .packing import flat
 
@@ -34,24 +50,39 @@ def continuous_time_step(beta: torch.Tensor, k_sq_norm: torch.Tensor) -> torch.T
 class QuasarBranch(nn.Module):
     def __init__(self, config, layer_idx: int):
         super().__init__()
-        H, d = config.num_attention_heads, config.head_dim
-        self.n_heads, self.head_dim, self.backend = H, d, config.kernel_backend
-        self.in_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, elementwise_affine=False)
-        self.qkv_proj = nn.Linear(config.hidden_size, 3 * H * d, bias=False)
-        self.beta_proj = nn.Linear(config.hidden_size, H, bias=False)
-        self.o_norm = RMSNorm(d, config.rms_norm_eps)
-        self.gate_down = nn.Linear(config.hidden_size, config.hybrid_quasar_gate_rank, bias=False)
-        self.gate_up = nn.Linear(config.hybrid_quasar_gate_rank, H * d, bias=True)
-        self.o_proj = nn.Linear(H * d, config.hidden_size, bias=False)
-        self.use_decay = bool(getattr(config, "hybrid_quasar_use_decay", False))
+        Hk, Hv, dk, dv = config.quasar_heads()
+        self.n_k_heads, self.n_heads, self.head_dim, self.v_dim = Hk, Hv, dk, dv
+        self.backend = config.kernel_backend
+        self.in_norm = (RMSNorm(config.hidden_size, config.rms_norm_eps, elementwise_affine=False)
+                        if config.hybrid_quasar_input_norm else None)
+        self.l2_eps = float(config.hybrid_quasar_l2norm_eps)
+        self.softplus_step = config.hybrid_quasar_step == "softplus"
+        self.split = [Hk * dk, Hk * dk, Hv * dv]  # rows of qkv_proj: [q; k; v]
+        self.qkv_proj = nn.Linear(config.hidden_size, sum(self.split), bias=False)
+        K = config.hybrid_quasar_conv_kernel
+        # [channels, taps], the last tap on the current token (nn.Conv1d's depthwise weight, squeezed)
+        self.conv_weight = nn.Parameter(torch.empty(sum(self.split), K)) if K else None
+        self.beta_proj = nn.Linear(config.hidden_size, Hv, bias=False)
+        self.o_norm = RMSNorm(dv, config.rms_norm_eps)
+        self.z_gate = config.hybrid_quasar_output_gate == "silu_z"
+        if self.z_gate:
+            self.z_proj = nn.Linear(config.hidden_size, Hv * dv, bias=False)
+        else:
+            self.gate_down = nn.Linear(config.hidden_size, config.hybrid_quasar_gate_rank, bias=False)
+            self.gate_up = nn.Linear(config.hybrid_quasar_gate_rank, Hv * dv, bias=True)
+        self.o_proj = nn.Linear(Hv * dv, config.hidden_size, bias=False)
+        self.use_decay = bool(config.hybrid_quasar_use_decay)
         if self.use_decay:  # no parameters at all when the decay is off
-            self.decay_proj = nn.Linear(config.hidden_size, H, bias=False)
-            self.A_log = nn.Parameter(torch.empty(H))
-            self.dt_bias = nn.Parameter(torch.empty(H))
-            self.reset_parameters()
+            self.decay_proj = nn.Linear(config.hidden_size, Hv, bias=False)
+            self.A_log = nn.Parameter(torch.empty(Hv))
+            self.dt_bias = nn.Parameter(torch.empty(Hv))
+        self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self):
+        if self.conv_weight is not None:  # nn.Conv1d's default for a depthwise kernel (fan-in = taps)
+            bound = self.conv_weight.shape[1] ** -0.5
+            init.uniform_(self.conv_weight, -bound, bound)
         if not self.use_decay:
             return
         # Mamba2 init as in the Raven branch: A ~ U(0, 16]; dt log-uniform in [1e-3, 0.1], stored as
@@ -64,26 +95,55 @@ class QuasarBranch(nn.Module):
         """x^ [B, T, hidden] -> psi [B, T, H] (fp32, <= 0)."""
         return -self.A_log.float().exp() * F.softplus(self.decay_proj(xh).float() + self.dt_bias.float())
 
+    def _l2norm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.l2_eps > 0:
+            return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + self.l2_eps)
+        return F.normalize(x, dim=-1)
+
     def forward(self, x, state=None, token_mask=None, cu_seqlens=None, **_):
-        # x [B, T, hidden] -> y [B, T, hidden], new state [B, H, d, d]
+        # x [B, T, hidden] -> y [B, T, hidden], new state: S [B, Hv, dk, dv], or (S, conv [B, K-1, C])
+        # with the convolution
         B, T, _ = x.shape
-        xh = self.in_norm(x)
-        q, k, v = F.silu(self.qkv_proj(xh)).view(B, T, 3, self.n_heads, self.head_dim).unbind(2)
-        q, k = F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1)
-        beta = torch.sigmoid(self.beta_proj(xh).float())  # [B, T, H]
-        alpha = continuous_time_step(beta, k.pow(2).sum(-1))
-        g = self.log_decay(xh) if self.use_decay else None  # [B, T, H] or None
+        S, conv_state = state if self.conv_weight is not None and state is not None else (state, None)
+        xh = x if self.in_norm is None else self.in_norm(x)
+        qkv = self.qkv_proj(xh)  # [B, T, C], C = 2 Hk dk + Hv dv
+        new_conv = None
+        if self.conv_weight is not None:
+            if token_mask is not None:  # a padded token is no one's neighbour in the convolution
+                qkv = qkv * token_mask[..., None].to(qkv.dtype)
+            qkv, new_conv = short_conv(flat(qkv, cu_seqlens), self.conv_weight, conv_state,
+                                       output_final_state=cu_seqlens is None, cu_seqlens=cu_seqlens)
+            qkv = qkv.reshape(B, T, -1)
+        q, k, v = F.silu(qkv).split(self.split, dim=-1)
+        q = q.reshape(B, T, self.n_k_heads, self.head_dim)
+        k = k.reshape(B, T, self.n_k_heads, self.head_dim)
+        v = v.reshape(B, T, self.n_heads, self.v_dim)
+        q, k = self._l2norm(q.float()), self._l2norm(k.float())
+        if self.n_heads != self.n_k_heads:  # each q/k head serves n_heads/n_k_heads consecutive value heads
+            q = q.repeat_interleave(self.n_heads // self.n_k_heads, dim=2)  # [B, T, Hv, dk]
+            k = k.repeat_interleave(self.n_heads // self.n_k_heads, dim=2)
+        b = self.beta_proj(xh).float()  # [B, T, Hv]
+        if self.softplus_step:  # unit keys: 1 - exp(-softplus(b)) = sigmoid(b) (module docstring)
+            alpha = -torch.expm1(-F.softplus(b))
+        else:
+            alpha = continuous_time_step(torch.sigmoid(b), k.pow(2).sum(-1))
+        g = self.log_decay(xh) if self.use_decay else None  # [B, T, Hv] or None
         if token_mask is not None:  # padding writes nothing (and, with the decay, forgets nothing)
             alpha = alpha * token_mask[..., None]
             if g is not None:
                 g = g * token_mask[..., None]
-        o, new_state = delta_rule(
+        o, new_S = delta_rule(
             flat(q.to(v.dtype), cu_seqlens), flat(k.to(v.dtype), cu_seqlens), flat(v, cu_seqlens),
-            flat(alpha.to(v.dtype), cu_seqlens), scale=self.head_dim ** -0.5, initial_state=state,
+            flat(alpha.to(v.dtype), cu_seqlens), scale=self.head_dim ** -0.5, initial_state=S,
             output_final_state=cu_seqlens is None, cu_seqlens=cu_seqlens,
             backend=None if self.backend == "auto" else self.backend,
             g=None if g is None else flat(g, cu_seqlens),
         )
-        o = self.o_norm(o.reshape(B, T, self.n_heads, self.head_dim)).reshape(B, T, -1)
-        o = o * torch.sigmoid(self.gate_up(self.gate_down(x)))
+        o = self.o_norm(o.reshape(B, T, self.n_heads, self.v_dim))  # [B, T, Hv, dv]
+        if self.z_gate:
+            o = (o * F.silu(self.z_proj(x).view(B, T, self.n_heads, self.v_dim).float()).to(o.dtype))
+            o = o.reshape(B, T, -1)
+        else:
+            o = o.reshape(B, T, -1) * torch.sigmoid(self.gate_up(self.gate_down(x)))
+        new_state = new_S if self.conv_weight is None else (new_S, new_conv)
         return self.o_proj(o), new_state
