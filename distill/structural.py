@@ -189,6 +189,7 @@ def _qwen35_fields(tc, attention_branches, cycle, replacement_mode) -> dict:
         hybrid_quasar_conv_kernel=tc.linear_conv_kernel_dim, hybrid_quasar_input_norm=False,
         hybrid_quasar_l2norm_eps=1e-6,  # fla's l2norm, as transformers computes it
         hybrid_quasar_step="softplus", hybrid_quasar_use_decay=True, hybrid_quasar_output_gate="silu_z",
+        hybrid_gla_nope=True,  # branches on its attention layers: GLA + NoPE, the Quasar-10B step
     )
 
 

@@ -91,6 +91,7 @@ class QuasarLongConfig(PreTrainedConfig):
     hybrid_raven_topk: int = 32
     hybrid_raven_decay_type: str = "Mamba2"
     hybrid_gla_data_dependent_gate: bool = False  # Quasar-10B style gate, off in preview
+    hybrid_gla_nope: bool = False  # GLA branches read no rotary embedding (Quasar-10B's GLA + NoPE)
     kernel_backend: str = "auto"
     # --- loop transformer ---
     num_loops: int = 1

@@ -106,6 +106,39 @@ def test_add_mode_student_reproduces_qwen35_and_decodes_with_the_hybrid_cache(tm
 
 
 @torch.no_grad()
+def test_replace_mode_swaps_the_attention_layers_for_gla_nope(tmp_path):
+    # the Quasar-10B step: every layer recurrent, the attention layers GLA + NoPE. Not exact by
+    # design (a linear recurrence is not softmax attention); a valid checkpoint that decodes.
+    teacher = qwen35()
+    student = init_student(teacher, replacement_mode="replace").eval()
+    cfg = student.config
+    assert cfg.hybrid_attention_layers == [0, 1, 2, 3, 4] and cfg.hybrid_gla_nope
+    assert [cfg.branch_kind(i) for i in range(5)] == ["quasar", "quasar", "gla", "quasar", "gla"]
+    assert all(cfg.is_replace_layer(i) for i in range(5))
+    attn, gla = teacher.model.layers[2].self_attn, student.model.layers[2].mixer.branch
+    per_head = attn.q_proj.weight.view(4, 32, 64)                       # per head [q_h; gate_h]
+    assert torch.equal(gla.q_proj.weight, per_head[:, :16].reshape(64, 64))
+    assert torch.equal(gla.g_proj.weight, per_head[:, 16:].reshape(64, 64))   # the output gate
+    assert torch.equal(gla.kv_proj.weight, torch.cat([attn.k_proj.weight, attn.v_proj.weight]))
+    torch.testing.assert_close(gla.q_norm.weight, 1 + attn.q_norm.weight)    # (1 + w) into w
+    x = ids()
+    hs = student(input_ids=x, use_cache=False, output_hidden_states=True).hidden_states
+    ths = teacher(input_ids=x, use_cache=False, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(hs[2], ths[2], atol=1e-4, rtol=0)      # layers 0-1 are the teacher's
+    assert (hs[3] - ths[3]).abs().max() > 1e-2                          # layer 2 is swapped
+    full = student(input_ids=x, use_cache=False).logits
+    assert torch.isfinite(full).all() and logit_gap(student, teacher, x) > 1e-2
+    cache = QuasarLongCache()
+    steps = [student(input_ids=x[:, :30], cache=cache).logits]
+    steps += [student(input_ids=x[:, t:t + 1], cache=cache).logits for t in range(30, 40)]
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, :40], atol=1e-4, rtol=0)
+    assert not any("k" in cache.entry(0, i) for i in range(5))          # no KV cache anywhere
+    student.save_pretrained(tmp_path / "s")
+    again = QuasarLongForCausalLM.from_pretrained(tmp_path / "s").eval()
+    torch.testing.assert_close(again(input_ids=x).logits, full)
+
+
+@torch.no_grad()
 def test_packed_documents_and_padding_in_the_gated_deltanet_branch():
     student = init_student(qwen35()).eval()
     x = ids(1, 50)
@@ -145,3 +178,27 @@ def test_qwen35_refusals_name_the_field():
         QuasarLongConfig.preset("tiny", hybrid_quasar_num_key_heads=3, hybrid_quasar_num_value_heads=4)
     with pytest.raises(ValueError, match="hybrid_replace_layers"):
         QuasarLongConfig.preset("tiny", hybrid_replace_layers=[0])
+
+
+def test_init_student_command_on_a_qwen35_checkpoint(tmp_path, capsys):
+    import json
+
+    from distill import corpus
+    from distill.cli import main as cli_main
+    from distill.tiny_teacher import train_tokenizer
+
+    teacher_dir = tmp_path / "qwen35"
+    qwen35().save_pretrained(teacher_dir)
+    train_tokenizer(corpus.local_split("train")[:20], 300).save_pretrained(teacher_dir)
+    for mode, flags in (("add", []), ("replace", ["--replace"])):
+        out = tmp_path / mode
+        assert cli_main(["init-student", "--teacher", str(teacher_dir), "--out", str(out), *flags]) == 0
+        report = json.loads((out / "structural_init.json").read_text())
+        assert report["hybrid_replacement_mode"] == mode
+        if mode == "add":
+            assert report["branches"] == {"0": "quasar", "1": "quasar", "3": "quasar"}
+            assert report["max_abs_logit_gap_to_teacher"] <= 1e-4
+        else:
+            assert report["branches"] == {"0": "quasar", "1": "quasar", "2": "gla", "3": "quasar", "4": "gla"}
+            assert report["max_abs_logit_gap_to_teacher"] > 1e-2
+    assert "max |logit - teacher logit|" in capsys.readouterr().out

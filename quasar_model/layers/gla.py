@@ -4,6 +4,8 @@ g_h = -slope_h * (1 - max(l-1, 0)/(L-1) + 1e-5), slope_h = 2^(-0.5 (h+1)): early
 fast, late layers remember long. S <- e^{g_h} S + k v^T, o = S^T q / sqrt(d).
 Output W_o(GroupRMSNorm(o) * sigmoid(W_g x)). With `hybrid_gla_data_dependent_gate` the decay is
 instead per key channel, logsigmoid(W x)/16 from a low-rank projection (as in Quasar-10B).
+With `hybrid_gla_nope` the branch ignores the rotary embedding at every position (Quasar-10B's
+GLA layers are NoPE: the decay alone carries order).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ class GLABranch(nn.Module):
         self.kv_proj = nn.Linear(config.hidden_size, 2 * Hkv * d, bias=False)
         self.q_norm, self.k_norm = RMSNorm(d, config.rms_norm_eps), RMSNorm(d, config.rms_norm_eps)
         self.data_dependent = config.hybrid_gla_data_dependent_gate
+        self.nope = config.hybrid_gla_nope
         if self.data_dependent:
             self.gk_down = nn.Linear(config.hidden_size, 16, bias=False)
             self.gk_up = nn.Linear(16, H * d, bias=True)
@@ -52,7 +55,7 @@ class GLABranch(nn.Module):
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim))
         k, v = self.kv_proj(x).view(B, T, 2, self.n_kv, self.head_dim).unbind(2)
         k = self.k_norm(k)
-        if rope is not None:
+        if rope is not None and not self.nope:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         rep = self.n_heads // self.n_kv
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
