@@ -143,10 +143,10 @@ def model_cost(config, counts: dict[str, int] | None = None) -> ModelCost:
 
         counts = parameter_counts(config)
     H, d = config.num_attention_heads, config.head_dim
-    replace = config.hybrid_replacement_mode == "replace"
-    attention_layers = sum(1 for i in range(config.num_hidden_layers)
-                           if not (replace and i in config.hybrid_attention_layers))
-    per_kind = {"quasar": 6 * H * d * d, "gla": 4 * H * d * d, "raven": 8 * H * d * config.hybrid_raven_slots}
+    # replace-mode layers (all hybrid layers in "replace", hybrid_replace_layers in "add") attend to nothing
+    attention_layers = sum(1 for i in range(config.num_hidden_layers) if not config.is_replace_layer(i))
+    _, Hv, dk, dv = config.quasar_heads()  # the quasar state is [Hv, dk, dv] (gated-DeltaNet form)
+    per_kind = {"quasar": 6 * Hv * dk * dv, "gla": 4 * H * d * d, "raven": 8 * H * d * config.hybrid_raven_slots}
     recurrent = sum(per_kind[config.branch_kind(i)] for i in config.hybrid_attention_layers)
     recurrent += 4 * config.latent_memory_slots * config.latent_memory_dim * len(config.latent_memory_layers)
     return ModelCost(layer_params=counts["active"] - counts["embeddings"],

@@ -99,6 +99,13 @@ def test_the_model_terms_of_the_tiny_preset_by_hand():
     # "replace" mode: the hybrid layers have no attention, only layer 0 does
     replaced = model_cost(QuasarLongConfig.preset("tiny", hybrid_replacement_mode="replace"))
     assert replaced.attention_width == H * d
+    # replace-mode layers inside an "add" model (a Qwen3.5 student's DeltaNet layers) attend to nothing,
+    # and a quasar state of Hv value heads is [Hv, dk, dv]
+    mixed = QuasarLongConfig.preset("tiny", hybrid_replace_layers=[1, 3], hybrid_quasar_num_key_heads=2,
+                                    hybrid_quasar_num_value_heads=4, hybrid_quasar_value_head_dim=8)
+    cost_mixed = model_cost(mixed)
+    assert cost_mixed.attention_width == 4 * H * d
+    assert cost_mixed.recurrent - cost.recurrent == 3 * 6 * 4 * d * (8 - d)   # three quasar layers in tiny
 
 
 def test_attention_is_quadratic_the_rest_linear():
