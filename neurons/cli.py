@@ -45,14 +45,35 @@ def cmd_demo(args) -> int:
     return 0 if same else 1
 
 
+def preflight(args, role: str):
+    """Preflight checks (neurons.preflight) before any training or evaluation: PreflightError, one
+    `error:` line, at the first failure; else the checks' chain, keypair and competition."""
+    from neurons.network import open_chain
+    from neurons.preflight import Preflight
+
+    pf = Preflight(args, role, open_chain=open_chain)
+    pf.run(stop_at_failure=True)
+    return pf
+
+
+def cmd_doctor(args) -> int:
+    """The miner's or validator's preflight checks alone, each result printed; 2 when one failed."""
+    from neurons.preflight import Preflight
+
+    results = Preflight(args, args.role).run(stop_at_failure=False, report=lambda r: print(r.line(), flush=True))
+    failed = [r.name for r in results if not r.ok and not r.skipped]
+    if failed:
+        print(f"quasar doctor: error: {len(failed)} check(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_miner(args) -> int:
-    from eval.competition import load_competition
     from neurons import logs
     from neurons.miner import Miner, MinerSettings
-    from neurons.network import open_chain
 
     logs.setup(f"miner:{args.wallet_name}")
-    chain, keypair = open_chain(args)
+    pf = preflight(args, "miner")
     settings = MinerSettings(
         work_dir=Path(args.work_dir), distill_config=args.config, overrides=args.override,
         steps_per_cycle=args.steps_per_cycle, eval_seed=args.eval_seed, min_improvement=args.min_improvement,
@@ -61,21 +82,19 @@ def cmd_miner(args) -> int:
         repo_id=args.hf_repo, hf_token=os.environ.get("HF_TOKEN"), device=args.device,
         copy_from=args.copy_from and Path(args.copy_from), serve_after_training=not args.exit_after_training,
         progress=not args.quiet)
-    miner = Miner(chain, keypair, load_competition(args.competition), settings)
+    miner = Miner(pf.chain, pf.keypair, pf.competition, settings)
     miner.install_signal_handlers()
     miner.run()
     return 0
 
 
 def cmd_validator(args) -> int:
-    from eval.competition import load_competition
     from neurons import logs
-    from neurons.network import open_chain
     from neurons.status import StatusServer
     from neurons.validator import Validator, ValidatorSettings
 
     log = logs.setup("validator")
-    chain, keypair = open_chain(args)
+    pf = preflight(args, "validator")
     settings = ValidatorSettings(
         work_dir=Path(args.work_dir), device=args.device, localnet=args.network == "local",
         storage_root=args.storage_root and Path(args.storage_root), poll_seconds=args.poll_seconds,
@@ -84,7 +103,7 @@ def cmd_validator(args) -> int:
         eval_timeout=args.eval_timeout, eval_time_scale=args.eval_time_scale, max_eval_attempts=args.max_eval_attempts,
         eval_memory_bytes=None if args.eval_memory_gb is None else int(args.eval_memory_gb * (1 << 30)),
         allow_stack_mismatch=args.allow_stack_mismatch)
-    validator = Validator(chain, keypair, load_competition(args.competition), settings)
+    validator = Validator(pf.chain, pf.keypair, pf.competition, settings)
     validator.install_signal_handlers()
     status = None
     if args.status_port >= 0:
@@ -106,29 +125,13 @@ def cmd_localnet(args) -> int:
                         fresh=not args.keep)
 
 
-def main(argv=None) -> int:
-    from distill.cli import add_commands as add_distill_commands
-    from eval.cli import add_commands as add_eval_commands
+def add_miner_args(p: argparse.ArgumentParser) -> None:
+    """`quasar miner`'s flags (also `quasar doctor miner`'s)."""
     from neurons.network import add_chain_args
-    from neurons.replay import replay_command
 
-    parser = argparse.ArgumentParser(prog="quasar", description="SN24 Quasar miner/validator toolkit")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("params", help="total and active parameter counts of the presets (meta device)")
-    p.add_argument("--preset", action="append", help="preset name (repeatable; default: all)")
-    p.set_defaults(func=cmd_params)
-    p = sub.add_parser("demo", help="build a preset, check cached decoding, generate a few tokens")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--prompt-len", type=int, default=48)
-    p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_demo)
-    add_distill_commands(sub)
-    add_eval_commands(sub, replay=replay_command)
-
-    p = sub.add_parser("miner", help="distil, self-evaluate, publish and commit improvements, serve them")
     add_chain_args(p)
-    p.add_argument("--competition", default="localnet", help="shipped competition name or a file")
+    p.add_argument("--competition", default=None,
+                   help="shipped competition name or a file (default: the network's own: localnet on local, sn24 on finney)")
     p.add_argument("--config", default=None, help="distill config file (see configs/)")
     p.add_argument("--override", action="append", default=[], help="distill config key=value (repeatable)")
     p.add_argument("--work-dir", default="miner")
@@ -149,11 +152,18 @@ def main(argv=None) -> int:
     p.add_argument("--copy-from", default=None, help=argparse.SUPPRESS)  # localnet's copier adversary
     p.add_argument("--exit-after-training", action="store_true")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_miner)
+    p.add_argument("--min-free-gb", type=float, default=None,
+                   help="free disk the preflight requires under --work-dir (default: 3 of the competition's "
+                        "largest bf16 checkpoints, at least 1 GiB)")
 
-    p = sub.add_parser("validator", help="score submissions every cadence and set weights")
+
+def add_validator_args(p: argparse.ArgumentParser) -> None:
+    """`quasar validator`'s flags (also `quasar doctor validator`'s)."""
+    from neurons.network import add_chain_args
+
     add_chain_args(p)
-    p.add_argument("--competition", default="localnet")
+    p.add_argument("--competition", default=None,
+                   help="shipped competition name or a file (default: the network's own: localnet on local, sn24 on finney)")
     p.add_argument("--work-dir", default="validator")
     p.add_argument("--device", default="cpu")
     p.add_argument("--storage-root", default=None, help="local storage root (localnet)")
@@ -179,7 +189,43 @@ def main(argv=None) -> int:
                    help="score although installed library versions differ from the competition's eval_stack "
                         "(recorded with every round)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--min-free-gb", type=float, default=None,
+                   help="free disk the preflight requires under --work-dir (default: 3 of the competition's "
+                        "largest bf16 checkpoints, at least 1 GiB)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from distill.cli import add_commands as add_distill_commands
+    from eval.cli import add_commands as add_eval_commands
+    from neurons.replay import replay_command
+
+    parser = argparse.ArgumentParser(prog="quasar", description="SN24 Quasar miner/validator toolkit")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("params", help="total and active parameter counts of the presets (meta device)")
+    p.add_argument("--preset", action="append", help="preset name (repeatable; default: all)")
+    p.set_defaults(func=cmd_params)
+    p = sub.add_parser("demo", help="build a preset, check cached decoding, generate a few tokens")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--prompt-len", type=int, default=48)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    add_distill_commands(sub)
+    add_eval_commands(sub, replay=replay_command)
+
+    p = sub.add_parser("miner", help="distil, self-evaluate, publish and commit improvements, serve them")
+    add_miner_args(p)
+    p.set_defaults(func=cmd_miner)
+
+    p = sub.add_parser("validator", help="score submissions every cadence and set weights")
+    add_validator_args(p)
     p.set_defaults(func=cmd_validator)
+
+    p = sub.add_parser("doctor", help="run the miner's or validator's preflight checks alone and print each result")
+    roles = p.add_subparsers(dest="role", required=True)
+    add_miner_args(roles.add_parser("miner", help="the miner's checks (takes the miner's flags)"))
+    add_validator_args(roles.add_parser("validator", help="the validator's checks (takes the validator's flags)"))
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("localnet", help="a whole subnet on this machine: chain, teacher, miners, validator")
     p.add_argument("--dir", default="localnet")
@@ -189,12 +235,17 @@ def main(argv=None) -> int:
     p.add_argument("--keep", action="store_true", help="continue the chain and state in --dir")
     p.set_defaults(func=cmd_localnet)
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     from distill.teacher_cache import TeacherCacheError
+    from neurons.chain import ChainError
 
     try:
         return args.func(args)
-    except (ValueError, TeacherCacheError) as e:
+    except (ValueError, TeacherCacheError, ChainError) as e:
         # bad configs, files, checkpoints and arguments: the message names the problem; a traceback
         # adds nothing for an operator (QUASAR_DEBUG=1 keeps it)
         if os.environ.get("QUASAR_DEBUG"):
