@@ -28,7 +28,7 @@ from pathlib import Path
 
 from eval.competition import Competition
 from eval.stack import check_stack
-from neurons.chain import Chain
+from neurons.chain import Chain, ChainError, InvalidSignature, InvalidWrite, NotPermitted
 from neurons.logs import event
 from neurons.shutdown import stop_on_signals
 
@@ -57,6 +57,10 @@ class MinerSettings:
     serve_after_training: bool = True
     poll_seconds: float = 1.0
     progress: bool = False
+    # a commit the chain failed (RPC error, a refusal that may pass) is retried after this many
+    # seconds, doubling up to the cap; it stays `pending` in miner.json, so a restart finishes it too
+    commit_retry_seconds: float = 2.0
+    commit_retry_max_seconds: float = 300.0
 
 
 class Miner:
@@ -126,6 +130,39 @@ class Miner:
             return commit_sealed(self.keypair, data, reveal_in_blocks=seal).block
         return self.chain.commit(self.keypair, data)
 
+    def _commit_retrying(self, data: str) -> int | None:
+        """`_commit`, retried with backoff while the chain fails (logged each time); None when stopped
+        first. A refusal no retry can change (unregistered hotkey, bad signature, malformed
+        commitment) is raised: the commitment stays pending in miner.json for a rerun."""
+        delay, attempt = self.s.commit_retry_seconds, 0
+        while True:
+            attempt += 1
+            try:
+                return self._commit(data)
+            except (NotPermitted, InvalidSignature, InvalidWrite) as e:
+                event(log, "commit refused", level=logging.ERROR, attempt=attempt, error=str(e),
+                      pending=str(self.state_path))
+                raise
+            except ChainError as e:
+                event(log, "commit failed", level=logging.WARNING, attempt=attempt, error=str(e),
+                      retry_in=round(delay, 3))
+            if self.stop_event.wait(delay):
+                return None
+            delay = min(delay * 2, self.s.commit_retry_max_seconds)
+            landed = self._landed(data)
+            if landed is not None:  # the failed RPC had landed it after all: do not commit twice
+                event(log, "commit had landed", block=landed)
+                return landed
+
+    def _landed(self, data: str) -> int | None:
+        """The block of this hotkey's readable commitment when it is `data` (a plain commit whose RPC
+        failed may have landed; a sealed one is unreadable until it opens and is simply sent again)."""
+        try:
+            record = self.chain.commitments().get(self.keypair.ss58_address)
+        except ChainError:
+            return None
+        return record.block if record is not None and record.data == data else None
+
     def publish(self, export: Path, score: float | None) -> bool:
         """Stage `export` in storage, commit it, and make it readable only once the block the commitment
         landed in is closed. False when rate-limited or stopped first.
@@ -159,7 +196,9 @@ class Miner:
         pending = self.state["pending"]
         data, target, score = pending["commitment"], Path(pending["published"]), pending["score"]
         commitment = parse_commitment(data, localnet=True)
-        block = self._commit(data)
+        block = self._commit_retrying(data)
+        if block is None:
+            return False  # stopped while retrying: still pending, the next start commits it
         while self.chain.block() <= block:  # until its block is closed: nothing else can land in it
             if self.stop_event.wait(min(self.s.poll_seconds, 0.25)):
                 return False  # still pending: the next start commits and releases
@@ -230,6 +269,8 @@ class Miner:
         self.start_server()
         try:
             if self.state.get("pending"):  # stopped between staging and releasing a checkpoint
+                event(log, "finishing pending commitment", commitment=self.state["pending"]["commitment"],
+                      checkpoint=self.state["pending"]["published"])
                 self._finish_pending()
             if self.s.copy_from is not None:
                 if not self.state.get("published"):
