@@ -19,6 +19,9 @@ def add_chain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--network", default="local", help="finney | test | ws://... | local (SQLite local chain)")
     p.add_argument("--chain.path", dest="chain_path", default="localnet/chain.db",
                    help="the local chain's SQLite file (network=local)")
+    p.add_argument("--chain.fallback", dest="chain_fallback", action="append", default=None, metavar="URL",
+                   help="another ws(s):// endpoint of the same network, tried when --network's is unreachable or "
+                        "drops (repeatable; default: the SDK's public pool for finney and test)")
     p.add_argument("--wallet.name", dest="wallet_name", default="default")
     p.add_argument("--wallet.hotkey", dest="wallet_hotkey", default="default")
     p.add_argument("--wallet.path", dest="wallet_path", default=None,
@@ -38,4 +41,6 @@ def open_chain(args):
     from neurons.subtensor_chain import SubtensorChain
 
     keys = load_wallet(args.wallet_name, args.wallet_hotkey, args.wallet_path or DEFAULT_WALLET_PATH)
-    return SubtensorChain(args.network, netuid=args.netuid, wallet=keys), keys.hotkey
+    chain = SubtensorChain(args.network, netuid=args.netuid, wallet=keys,
+                           fallback_endpoints=getattr(args, "chain_fallback", None))
+    return chain, keys.hotkey
