@@ -13,6 +13,9 @@ def cmd_params(args) -> int:
     from quasar_model.report import branch_layout, parameter_counts
 
     names = args.preset or list(PRESETS)
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown:  # before the table's header: nothing printed for a bad request
+        raise ValueError(f"unknown preset {unknown[0]!r}; known: {sorted(PRESETS)}")
     print(f"{'preset':<8} {'total':>14} {'active':>14}  hybrid layers")
     for name in names:
         cfg = QuasarLongConfig.preset(name)
@@ -24,6 +27,8 @@ def cmd_params(args) -> int:
 
 def cmd_demo(args) -> int:
     """Build a model from a preset, check cached decoding against the full forward, and generate."""
+    if args.prompt_len < 1 or args.new_tokens < 1:
+        raise ValueError(f"--prompt-len and --new-tokens must be >= 1, got {args.prompt_len} and {args.new_tokens}")
     import torch
 
     from quasar_model import QuasarLongConfig, QuasarLongForCausalLM
@@ -238,16 +243,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_teacher_cache_error(e: BaseException) -> bool:
+    """A distill.teacher_cache.TeacherCacheError, without importing that module (it imports torch: a
+    command that never loaded it cannot have raised one, and a bad flag must fail without torch)."""
+    module = sys.modules.get("distill.teacher_cache")
+    return module is not None and isinstance(e, module.TeacherCacheError)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from distill.teacher_cache import TeacherCacheError
     from neurons.chain import ChainError
 
     try:
         return args.func(args)
-    except (ValueError, TeacherCacheError, ChainError) as e:
-        # bad configs, files, checkpoints and arguments: the message names the problem; a traceback
-        # adds nothing for an operator (QUASAR_DEBUG=1 keeps it)
+    except Exception as e:
+        # bad configs, files, checkpoints and arguments, and chain refusals: the message names the
+        # problem; a traceback adds nothing for an operator (QUASAR_DEBUG=1 keeps it)
+        if not isinstance(e, (ValueError, ChainError)) and not _is_teacher_cache_error(e):
+            raise
         if os.environ.get("QUASAR_DEBUG"):
             raise
         print(f"quasar {args.command}: error: {e}", file=sys.stderr)

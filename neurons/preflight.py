@@ -16,6 +16,7 @@ seconds and, when it fails, says what to change. In order:
                  answers its block number within `timeout` seconds
     registered   the hotkey has a uid on --netuid
     permit       (validator) the hotkey holds a validator permit
+    status port  (validator) a fixed --status-port can be bound
 
 `quasar doctor miner|validator FLAGS` runs the same checks alone and prints each result; the roles
 stop at the first failure with one `error:` line (exit status 2).
@@ -119,6 +120,7 @@ class Preflight:
                 ("registered", self.check_registered)]
         if self.role == "validator":
             out.append(("permit", self.check_permit))
+            out.append(("status port", self.check_status_port))
         return out
 
     def run(self, stop_at_failure: bool = True, report: Callable[[Result], None] | None = None) -> list[Result]:
@@ -280,6 +282,23 @@ class Preflight:
                                  f"{self.args.netuid} (stake {mg.stakes[i]:g}): stake to it (btcli stake add) and "
                                  "wait for the next epoch")
         return f"validator permit (stake {mg.stakes[i]:g})"
+
+
+    def check_status_port(self) -> str:
+        a = self.args
+        if a.status_port < 0:
+            return "disabled (--status-port -1)"
+        if a.status_port == 0:
+            return f"a free port on {a.status_host}, picked at start"
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in a.status_host else socket.AF_INET) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the status server binds
+                s.bind((a.status_host, a.status_port))
+        except OSError as e:
+            raise PreflightError(f"--status-port {a.status_port} on {a.status_host} cannot be bound "
+                                 f"({e.strerror or e}): another process uses it; pick another port, 0 for a free one, "
+                                 "or -1 for no status server") from None
+        return f"{a.status_host}:{a.status_port} is free"
 
 
 def host_problem(host: str) -> str | None:

@@ -159,7 +159,8 @@ def test_doctor_prints_every_check(tmp_path, capsys, fake, pinned, monkeypatch):
     assert rc == 0 and err == "", err
     lines = out.splitlines()
     assert [line.split()[:2] for line in lines] == [["ok", "competition"], ["ok", "work"], ["ok", "disk"],
-                                                    ["ok", "chain"], ["ok", "registered"], ["ok", "permit"]]
+                                                    ["ok", "chain"], ["ok", "registered"], ["ok", "permit"],
+                                                    ["ok", "status"]]
     assert "finney at block 1000" in out and "uid 0" in out
     assert not (tmp_path / "work").exists()  # doctor changes nothing
     # everything wrong at once: each failure on its own line, the dependent checks skipped
