@@ -8,8 +8,9 @@
 The self-evaluation seed is fixed for a miner, so successive checkpoints are compared on the same
 items; validators use fresh seeds, so tuning on these items gains nothing there.
 State (best score, what was published and committed) is `miner.json` in the work directory,
-written atomically; training resumes from the trainer's own checkpoints. SIGTERM stops cleanly
-between steps of the loop.
+written atomically; training resumes from the trainer's own checkpoints. SIGTERM stops training at
+the next step boundary with a checkpoint there (or abandons a running self-evaluation, redone on
+the next start) and exits; a second signal exits at once (neurons.shutdown).
 
 `copy_from` makes this miner an adversary for localnet: it republishes another miner's
 published checkpoint under its own hotkey (what a weight copier does), which validators must
@@ -30,7 +31,7 @@ from eval.competition import Competition
 from eval.stack import check_stack
 from neurons.chain import Chain, ChainError, InvalidSignature, InvalidWrite, NotPermitted
 from neurons.logs import event
-from neurons.shutdown import stop_on_signals
+from neurons.shutdown import Interrupted, stop_on_signals
 
 log = logging.getLogger("miner")
 
@@ -72,12 +73,13 @@ class Miner:
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {
             "best": None, "published": None, "commitment": None, "commit_block": None, "history": []}
         self.stop_event = threading.Event()
+        self._abandonable = threading.Event()  # set while a stop signal may abandon the main thread's work
         self.server = None
         self._validators: tuple[float, set[str]] = (0.0, set())
 
     # ------------------------------------------------------------------ plumbing
     def install_signal_handlers(self) -> None:
-        stop_on_signals(self.stop_event, log)
+        stop_on_signals(self.stop_event, log, abandonable=self._abandonable)
 
     def _save_state(self) -> None:
         tmp = self.state_path.with_suffix(".tmp")
@@ -231,18 +233,42 @@ class Miner:
                      f"progress={str(self.s.progress).lower()}", *self.s.overrides]
         cfg = load_config(self.s.distill_config, overrides)
         trainer = Trainer(cfg)
-        while not self.stop_event.is_set() and trainer.step < cfg.steps:
-            trainer.train(until=min(trainer.step + self.s.steps_per_cycle, cfg.steps))
-            if trainer.step % self.s.steps_per_cycle and trainer.step < cfg.steps:
-                trainer.save_checkpoint()
-            export = trainer.export(self.work_dir / "exports" / f"step-{trainer.step:07d}")
+        cycle = self.s.steps_per_cycle
+        while not self.stop_event.is_set():
+            # every cycle boundary (and the last step) is self-evaluated once, also after a restart
+            # that stopped before or during its evaluation
+            boundary = trainer.step == cfg.steps or (trainer.step > 0 and trainer.step % cycle == 0)
+            if boundary and self.state.get("scored_step") != trainer.step and not self._score_and_publish(trainer):
+                return  # stopped during the self-evaluation
+            if trainer.step >= cfg.steps:
+                break
+            trainer.train(until=min((trainer.step // cycle + 1) * cycle, cfg.steps), should_stop=self.stop_event.is_set)
+            if self.stop_event.is_set() and trainer.step % cycle and trainer.step < cfg.steps:
+                trainer.save_checkpoint()  # stopped between boundaries: a restart resumes at this very step
+                event(log, "stopped training", step=trainer.step, checkpoint=str(trainer.latest_checkpoint()))
+
+    def _score_and_publish(self, trainer) -> bool:
+        """Export the trainer's model, self-evaluate it, publish it if it improves on the best; False
+        when a stop signal abandoned the self-evaluation (nothing recorded: the next start redoes it)."""
+        export = trainer.export(self.work_dir / "exports" / f"step-{trainer.step:07d}")
+        try:
+            self._abandonable.set()  # a stop signal raises Interrupted here instead of waiting for the end
             score = self.self_score(export)
-            best = self.state.get("best")
-            event(log, "self-evaluated", step=trainer.step, score=round(score, 5), best=best)
-            if best is None or score > best + self.s.min_improvement:
-                self.publish(export, score)
-            if str(export) != self.state.get("published"):
-                shutil.rmtree(export, ignore_errors=True)
+        except Interrupted:
+            shutil.rmtree(export, ignore_errors=True)
+            event(log, "self-evaluation abandoned", step=trainer.step)
+            return False
+        finally:
+            self._abandonable.clear()
+        best = self.state.get("best")
+        event(log, "self-evaluated", step=trainer.step, score=round(score, 5), best=best)
+        if best is None or score > best + self.s.min_improvement:
+            self.publish(export, score)
+        self.state["scored_step"] = trainer.step
+        self._save_state()
+        if str(export) != self.state.get("published"):
+            shutil.rmtree(export, ignore_errors=True)
+        return True
 
     def copy_loop(self) -> None:
         """Wait for the victim's published checkpoint, then republish it under this hotkey."""
