@@ -137,15 +137,40 @@ def cmd_teacher_generate(args) -> int:
     return 0
 
 
+def _check_counts(args, *names: str) -> None:
+    """Numeric flags that must be >= 1, refused before anything is loaded."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def _loading_teacher(fn):
+    """A command that loads a teacher: a name the Hub (or the cache, offline) does not have is one
+    line naming it, not transformers' traceback."""
+    def run(args):
+        try:
+            return fn(args)
+        except OSError as e:
+            if getattr(e, "filename", None):  # a file of ours (disk full, permissions): say which
+                raise ValueError(f"{e.strerror or type(e).__name__}: {e.filename}") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"teacher {getattr(args, 'teacher', None)!r} cannot be loaded: {first}") from None
+    return run
+
+
 def cmd_teacher_cache(args) -> int:
+    _check_counts(args, "k", "seq_len", "batch_size", "max_docs")
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
     if args.text_only:
         if not args.tokenizer:
-            raise SystemExit("teacher-cache --text-only needs --tokenizer (the student's tokenizer directory)")
+            raise ValueError("teacher-cache --text-only needs --tokenizer (the student's tokenizer directory)")
         print(text_cache_main(args.tokenizer, args.data, args.out, seq_len=args.seq_len, split=args.split,
                               text_field=args.text_field, max_docs=args.max_docs))
         return 0
     if not args.teacher:
-        raise SystemExit("teacher-cache needs --teacher (or --text-only --tokenizer for sequence-level KD)")
+        raise ValueError("teacher-cache needs --teacher (or --text-only --tokenizer for sequence-level KD)")
     path = teacher_cache_main(args.teacher, args.data, args.out, k=args.k, temperature=args.temperature,
                               seq_len=args.seq_len, split=args.split, text_field=args.text_field,
                               max_docs=args.max_docs, revision=args.revision, batch_size=args.batch_size,
@@ -158,9 +183,10 @@ def cmd_teacher_cache(args) -> int:
 
 def cmd_distill(args) -> int:
     from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # before torch: a bad file fails at once
     from .trainer import run
 
-    cfg = load_config(args.config, args.overrides)
     records = run(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         losses = [r["loss"] for r in records if "loss" in r]
@@ -259,7 +285,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--logprob-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--recapture", action="store_true", help="capture even if OUT already holds this cache")
-    p.set_defaults(func=cmd_teacher_cache)
+    p.set_defaults(func=_loading_teacher(cmd_teacher_cache))
 
     p = subparsers.add_parser("teacher-generate", help="teacher continuations as a jsonl text dataset "
                                                        "(sequence-level KD across tokenizers)")
@@ -276,7 +302,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--out", required=True, help="the .jsonl file to write")
-    p.set_defaults(func=cmd_teacher_generate)
+    p.set_defaults(func=_loading_teacher(cmd_teacher_generate))
 
     p = subparsers.add_parser("init-student", help="build a Quasar-Long student from a teacher's weights "
                                                    "(structural distillation, stage 1)")
@@ -308,7 +334,7 @@ def add_commands(subparsers) -> None:
                    help="teacher and student weights while building (bfloat16 halves the memory of large teachers; "
                         "the trainer keeps fp32 master weights either way)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
-    p.set_defaults(func=cmd_init_student)
+    p.set_defaults(func=_loading_teacher(cmd_init_student))
 
     p = subparsers.add_parser("distill", help="distill a teacher cache into a Quasar-Long student")
     p.add_argument("config", help="JSON or YAML config file (see distill/config.py)")
@@ -321,11 +347,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distill.cli", description=__doc__.split("\n")[0])
     add_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    from .teacher_cache import TeacherCacheError
+    from neurons.cli import _is_teacher_cache_error
 
     try:
         return args.func(args)
-    except (ValueError, TeacherCacheError) as e:   # config, data and cache errors: the message says it all
+    except Exception as e:   # config, data and cache errors: the message says it all
+        if not isinstance(e, ValueError) and not _is_teacher_cache_error(e):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
 

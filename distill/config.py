@@ -19,7 +19,6 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .losses import KINDS
 
 
 @dataclass
@@ -119,6 +118,8 @@ class DistillConfig:
                 fail(key, "must be in [0, 1)")
         if self.optim.engram_lr_multiplier is not None and not self.optim.engram_lr_multiplier > 0:
             fail("optim.engram_lr_multiplier", "must be > 0")
+        from .losses import KINDS  # here, not at the top: reading a config file must not import torch
+
         if self.loss.kind not in KINDS:
             fail("loss.kind", f"must be one of {KINDS}")
         if self.loss.kind == "jsd" and not 0 < self.loss.beta < 1:
@@ -290,7 +291,10 @@ def read_file(path: str | os.PathLike) -> dict:
         except ImportError as e:
             raise ValueError(f"config file {str(path)!r}: YAML needs pyyaml (pip install pyyaml), "
                              "or write the config as JSON") from e
-        d = yaml.safe_load(text)
+        try:
+            d = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {str(path)!r}: invalid YAML: {' '.join(str(e).split())}") from None
     else:
         try:
             d = json.loads(text)

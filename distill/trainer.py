@@ -343,8 +343,11 @@ class Trainer:
         return rec
 
     # ---------------------------------------------------------------- the loop
-    def train(self, until: int | None = None) -> list[dict]:
-        """Train to cfg.steps (or stop after step `until`, as a crash would: no extra checkpoint)."""
+    def train(self, until: int | None = None, should_stop=None) -> list[dict]:
+        """Train to cfg.steps (or stop after step `until`, as a crash would: no extra checkpoint).
+
+        `should_stop()`, checked after every step, ends training at that step boundary the same way (the
+        caller checkpoints: `save_checkpoint`)."""
         from tqdm import tqdm
 
         cfg = self.cfg
@@ -370,6 +373,8 @@ class Trainer:
                 records.append(self.log({"step": self.step, "heldout_kl": self.evaluate()}))
             if last or self.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
+            if should_stop is not None and should_stop():
+                break
         bar.close()
         if self.step == cfg_steps and until is None:
             self.export(self.out / "final")

@@ -19,10 +19,16 @@ import time
 
 def cmd_eval(args) -> int:
     from eval.competition import load_competition
+
+    comp = load_competition(args.competition)
+    check_checkpoint_files(args.checkpoint)  # before torch: a wrong path fails in a second, in one line
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     from eval.evaluate import evaluate_checkpoint
     from eval.report import format_summary, summarize, write_report
 
-    comp = load_competition(args.competition)
     print_plan(comp, args.checkpoint)
     t0 = time.perf_counter()
     result = evaluate_checkpoint(args.checkpoint, comp, args.seed, cache_root=args.cache_root, device=args.device,
@@ -31,6 +37,38 @@ def cmd_eval(args) -> int:
     print(format_summary(summarize(result, comp, args.seed)))
     print(f"evaluated in {time.perf_counter() - t0:.1f} s; wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def check_checkpoint_files(checkpoint) -> None:
+    """ValueError naming what makes `checkpoint` unreadable, found without torch: not a directory, no
+    or unparsable config.json, no *.safetensors, a weights file whose header or length is broken
+    (truncated). Only layout: the evaluation itself checks the contents."""
+    import json
+    from pathlib import Path
+
+    from neurons.checks import read_safetensors_header
+    from neurons.manifest import SubmissionRejected
+
+    d, shown = Path(checkpoint), repr(str(checkpoint))
+    if not d.is_dir():
+        raise ValueError(f"checkpoint {shown}: {'no such directory' if not d.exists() else 'not a directory'}")
+    config = d / "config.json"
+    if not config.is_file():
+        raise ValueError(f"checkpoint {shown}: no config.json (is this a checkpoint directory?)")
+    try:
+        raw = json.loads(config.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"checkpoint {shown}: config.json is not valid JSON ({e})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
+        raise ValueError(f"checkpoint {shown}: config.json has no model_type (is this a checkpoint directory?)")
+    weights = sorted(d.glob("*.safetensors"))
+    if not weights:
+        raise ValueError(f"checkpoint {shown}: no *.safetensors weights (model.safetensors is missing)")
+    for w in weights:
+        try:
+            read_safetensors_header(w, w.name)
+        except SubmissionRejected as e:
+            raise ValueError(f"checkpoint {shown}: {e.reason}") from None
 
 
 def print_plan(comp, checkpoint) -> None:
@@ -61,7 +99,7 @@ def add_commands(subparsers, replay=None) -> None:
     p.add_argument("--cache-root", default=None, help="teacher cache root (default: $QUASAR_CACHE/eval)")
     p.add_argument("--hotkey", default="local", help="hotkey recorded in the result")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_with_device(cmd_eval))
+    p.set_defaults(func=cmd_eval)
     if replay is None:
         return
     p.add_argument("--replay", type=int, default=None, metavar="ROUND",
@@ -71,25 +109,19 @@ def add_commands(subparsers, replay=None) -> None:
     def run(args):
         if (args.checkpoint is None) == (args.replay is None):
             p.error("give exactly one of CHECKPOINT (score a checkpoint) or --replay ROUND (replay a stored round)")
-        return replay(args) if args.replay is not None else _with_device(cmd_eval)(args)
+        return replay(args) if args.replay is not None else cmd_eval(args)
     p.set_defaults(func=run)
-
-
-def _with_device(fn):
-    def run(args):
-        if args.device is None:
-            import torch
-
-            args.device = "cuda" if torch.cuda.is_available() else "cpu"
-        return fn(args)
-    return run
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="quasar", description="SN24 evaluation")
     add_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValueError as e:  # a bad checkpoint, competition or flag: the message names it
+        print(f"quasar {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ def cmd_params(args) -> int:
     from quasar_model.report import branch_layout, parameter_counts
 
     names = args.preset or list(PRESETS)
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown:  # before the table's header: nothing printed for a bad request
+        raise ValueError(f"unknown preset {unknown[0]!r}; known: {sorted(PRESETS)}")
     print(f"{'preset':<8} {'total':>14} {'active':>14}  hybrid layers")
     for name in names:
         cfg = QuasarLongConfig.preset(name)
@@ -24,6 +27,8 @@ def cmd_params(args) -> int:
 
 def cmd_demo(args) -> int:
     """Build a model from a preset, check cached decoding against the full forward, and generate."""
+    if args.prompt_len < 1 or args.new_tokens < 1:
+        raise ValueError(f"--prompt-len and --new-tokens must be >= 1, got {args.prompt_len} and {args.new_tokens}")
     import torch
 
     from quasar_model import QuasarLongConfig, QuasarLongForCausalLM
@@ -45,14 +50,35 @@ def cmd_demo(args) -> int:
     return 0 if same else 1
 
 
+def preflight(args, role: str):
+    """Preflight checks (neurons.preflight) before any training or evaluation: PreflightError, one
+    `error:` line, at the first failure; else the checks' chain, keypair and competition."""
+    from neurons.network import open_chain
+    from neurons.preflight import Preflight
+
+    pf = Preflight(args, role, open_chain=open_chain)
+    pf.run(stop_at_failure=True)
+    return pf
+
+
+def cmd_doctor(args) -> int:
+    """The miner's or validator's preflight checks alone, each result printed; 2 when one failed."""
+    from neurons.preflight import Preflight
+
+    results = Preflight(args, args.role).run(stop_at_failure=False, report=lambda r: print(r.line(), flush=True))
+    failed = [r.name for r in results if not r.ok and not r.skipped]
+    if failed:
+        print(f"quasar doctor: error: {len(failed)} check(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_miner(args) -> int:
-    from eval.competition import load_competition
     from neurons import logs
     from neurons.miner import Miner, MinerSettings
-    from neurons.network import open_chain
 
     logs.setup(f"miner:{args.wallet_name}")
-    chain, keypair = open_chain(args)
+    pf = preflight(args, "miner")
     settings = MinerSettings(
         work_dir=Path(args.work_dir), distill_config=args.config, overrides=args.override,
         steps_per_cycle=args.steps_per_cycle, eval_seed=args.eval_seed, min_improvement=args.min_improvement,
@@ -62,21 +88,19 @@ def cmd_miner(args) -> int:
         copy_from=args.copy_from and Path(args.copy_from), adversary=args.adversary,
         serve_after_training=not args.exit_after_training,
         progress=not args.quiet)
-    miner = Miner(chain, keypair, load_competition(args.competition), settings)
+    miner = Miner(pf.chain, pf.keypair, pf.competition, settings)
     miner.install_signal_handlers()
     miner.run()
     return 0
 
 
 def cmd_validator(args) -> int:
-    from eval.competition import load_competition
     from neurons import logs
-    from neurons.network import open_chain
     from neurons.status import StatusServer
     from neurons.validator import Validator, ValidatorSettings
 
     log = logs.setup("validator")
-    chain, keypair = open_chain(args)
+    pf = preflight(args, "validator")
     settings = ValidatorSettings(
         work_dir=Path(args.work_dir), device=args.device, localnet=args.network == "local",
         storage_root=args.storage_root and Path(args.storage_root), poll_seconds=args.poll_seconds,
@@ -85,7 +109,7 @@ def cmd_validator(args) -> int:
         eval_timeout=args.eval_timeout, eval_time_scale=args.eval_time_scale, max_eval_attempts=args.max_eval_attempts,
         eval_memory_bytes=None if args.eval_memory_gb is None else int(args.eval_memory_gb * (1 << 30)),
         allow_stack_mismatch=args.allow_stack_mismatch)
-    validator = Validator(chain, keypair, load_competition(args.competition), settings)
+    validator = Validator(pf.chain, pf.keypair, pf.competition, settings)
     validator.install_signal_handlers()
     status = None
     if args.status_port >= 0:
@@ -107,29 +131,13 @@ def cmd_localnet(args) -> int:
                         fresh=not args.keep)
 
 
-def main(argv=None) -> int:
-    from distill.cli import add_commands as add_distill_commands
-    from eval.cli import add_commands as add_eval_commands
+def add_miner_args(p: argparse.ArgumentParser) -> None:
+    """`quasar miner`'s flags (also `quasar doctor miner`'s)."""
     from neurons.network import add_chain_args
-    from neurons.replay import replay_command
 
-    parser = argparse.ArgumentParser(prog="quasar", description="SN24 Quasar miner/validator toolkit")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("params", help="total and active parameter counts of the presets (meta device)")
-    p.add_argument("--preset", action="append", help="preset name (repeatable; default: all)")
-    p.set_defaults(func=cmd_params)
-    p = sub.add_parser("demo", help="build a preset, check cached decoding, generate a few tokens")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--prompt-len", type=int, default=48)
-    p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_demo)
-    add_distill_commands(sub)
-    add_eval_commands(sub, replay=replay_command)
-
-    p = sub.add_parser("miner", help="distil, self-evaluate, publish and commit improvements, serve them")
     add_chain_args(p)
-    p.add_argument("--competition", default="localnet", help="shipped competition name or a file")
+    p.add_argument("--competition", default=None,
+                   help="shipped competition name or a file (default: the network's own: localnet on local, sn24 on finney)")
     p.add_argument("--config", default=None, help="distill config file (see configs/)")
     p.add_argument("--override", action="append", default=[], help="distill config key=value (repeatable)")
     p.add_argument("--work-dir", default="miner")
@@ -152,11 +160,18 @@ def main(argv=None) -> int:
                    choices=["copy", "near-copy", "crash", "teacher"])
     p.add_argument("--exit-after-training", action="store_true")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_miner)
+    p.add_argument("--min-free-gb", type=float, default=None,
+                   help="free disk the preflight requires under --work-dir (default: 3 of the competition's "
+                        "largest bf16 checkpoints, at least 1 GiB)")
 
-    p = sub.add_parser("validator", help="score submissions every cadence and set weights")
+
+def add_validator_args(p: argparse.ArgumentParser) -> None:
+    """`quasar validator`'s flags (also `quasar doctor validator`'s)."""
+    from neurons.network import add_chain_args
+
     add_chain_args(p)
-    p.add_argument("--competition", default="localnet")
+    p.add_argument("--competition", default=None,
+                   help="shipped competition name or a file (default: the network's own: localnet on local, sn24 on finney)")
     p.add_argument("--work-dir", default="validator")
     p.add_argument("--device", default="cpu")
     p.add_argument("--storage-root", default=None, help="local storage root (localnet)")
@@ -182,7 +197,43 @@ def main(argv=None) -> int:
                    help="score although installed library versions differ from the competition's eval_stack "
                         "(recorded with every round)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--min-free-gb", type=float, default=None,
+                   help="free disk the preflight requires under --work-dir (default: 3 of the competition's "
+                        "largest bf16 checkpoints, at least 1 GiB)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from distill.cli import add_commands as add_distill_commands
+    from eval.cli import add_commands as add_eval_commands
+    from neurons.replay import replay_command
+
+    parser = argparse.ArgumentParser(prog="quasar", description="SN24 Quasar miner/validator toolkit")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("params", help="total and active parameter counts of the presets (meta device)")
+    p.add_argument("--preset", action="append", help="preset name (repeatable; default: all)")
+    p.set_defaults(func=cmd_params)
+    p = sub.add_parser("demo", help="build a preset, check cached decoding, generate a few tokens")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--prompt-len", type=int, default=48)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    add_distill_commands(sub)
+    add_eval_commands(sub, replay=replay_command)
+
+    p = sub.add_parser("miner", help="distil, self-evaluate, publish and commit improvements, serve them")
+    add_miner_args(p)
+    p.set_defaults(func=cmd_miner)
+
+    p = sub.add_parser("validator", help="score submissions every cadence and set weights")
+    add_validator_args(p)
     p.set_defaults(func=cmd_validator)
+
+    p = sub.add_parser("doctor", help="run the miner's or validator's preflight checks alone and print each result")
+    roles = p.add_subparsers(dest="role", required=True)
+    add_miner_args(roles.add_parser("miner", help="the miner's checks (takes the miner's flags)"))
+    add_validator_args(roles.add_parser("validator", help="the validator's checks (takes the validator's flags)"))
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("localnet", help="a whole subnet on this machine: chain, teacher, miners, validator")
     p.add_argument("--dir", default="localnet")
@@ -192,14 +243,27 @@ def main(argv=None) -> int:
     p.add_argument("--keep", action="store_true", help="continue the chain and state in --dir")
     p.set_defaults(func=cmd_localnet)
 
-    args = parser.parse_args(argv)
-    from distill.teacher_cache import TeacherCacheError
+    return parser
+
+
+def _is_teacher_cache_error(e: BaseException) -> bool:
+    """A distill.teacher_cache.TeacherCacheError, without importing that module (it imports torch: a
+    command that never loaded it cannot have raised one, and a bad flag must fail without torch)."""
+    module = sys.modules.get("distill.teacher_cache")
+    return module is not None and isinstance(e, module.TeacherCacheError)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from neurons.chain import ChainError
 
     try:
         return args.func(args)
-    except (ValueError, TeacherCacheError) as e:
-        # bad configs, files, checkpoints and arguments: the message names the problem; a traceback
-        # adds nothing for an operator (QUASAR_DEBUG=1 keeps it)
+    except Exception as e:
+        # bad configs, files, checkpoints and arguments, and chain refusals: the message names the
+        # problem; a traceback adds nothing for an operator (QUASAR_DEBUG=1 keeps it)
+        if not isinstance(e, (ValueError, ChainError)) and not _is_teacher_cache_error(e):
+            raise
         if os.environ.get("QUASAR_DEBUG"):
             raise
         print(f"quasar {args.command}: error: {e}", file=sys.stderr)

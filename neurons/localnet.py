@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from neurons.shutdown import die_with_parent
+
 HONEST = {
     # name: (total steps, steps per self-evaluation cycle), best first: their composites must keep this order
     "miner-long": (400, 400),
@@ -69,8 +71,9 @@ def train_cache(progress: bool = True) -> Path:
 
 def _spawn(name: str, argv: list[str], logs: Path, env: dict) -> subprocess.Popen:
     out = open(logs / f"{name}.log", "wb")
+    # SIGTERM to the child when localnet dies in any way (SIGKILL too): no neuron outlives it
     return subprocess.Popen([sys.executable, "-m", "neurons.cli", *argv], stdout=out, stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
+                            env=env, start_new_session=True, preexec_fn=die_with_parent(signal.SIGTERM))
 
 
 def _tail(path: Path, n: int = 15) -> str:

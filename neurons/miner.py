@@ -8,8 +8,9 @@
 The self-evaluation seed is fixed for a miner, so successive checkpoints are compared on the same
 items; validators use fresh seeds, so tuning on these items gains nothing there.
 State (best score, what was published and committed) is `miner.json` in the work directory,
-written atomically; training resumes from the trainer's own checkpoints. SIGTERM stops cleanly
-between steps of the loop.
+written atomically; training resumes from the trainer's own checkpoints. SIGTERM stops training at
+the next step boundary with a checkpoint there (or abandons a running self-evaluation, redone on
+the next start) and exits; a second signal exits at once (neurons.shutdown).
 
 `adversary` makes this miner one of localnet's attackers (neurons.adversaries): instead of
 training, it makes one checkpoint (a copy or near-copy of the miner whose work directory is
@@ -29,9 +30,9 @@ from pathlib import Path
 
 from eval.competition import Competition
 from eval.stack import check_stack
-from neurons.chain import Chain
+from neurons.chain import Chain, ChainError, InvalidSignature, InvalidWrite, NotPermitted
 from neurons.logs import event
-from neurons.shutdown import stop_on_signals
+from neurons.shutdown import Interrupted, stop_on_signals
 
 log = logging.getLogger("miner")
 
@@ -59,6 +60,10 @@ class MinerSettings:
     serve_after_training: bool = True
     poll_seconds: float = 1.0
     progress: bool = False
+    # a commit the chain failed (RPC error, a refusal that may pass) is retried after this many
+    # seconds, doubling up to the cap; it stays `pending` in miner.json, so a restart finishes it too
+    commit_retry_seconds: float = 2.0
+    commit_retry_max_seconds: float = 300.0
 
 
 class Miner:
@@ -70,12 +75,13 @@ class Miner:
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {
             "best": None, "published": None, "commitment": None, "commit_block": None, "history": []}
         self.stop_event = threading.Event()
+        self._abandonable = threading.Event()  # set while a stop signal may abandon the main thread's work
         self.server = None
         self._validators: tuple[float, set[str]] = (0.0, set())
 
     # ------------------------------------------------------------------ plumbing
     def install_signal_handlers(self) -> None:
-        stop_on_signals(self.stop_event, log)
+        stop_on_signals(self.stop_event, log, abandonable=self._abandonable)
 
     def _save_state(self) -> None:
         tmp = self.state_path.with_suffix(".tmp")
@@ -128,6 +134,39 @@ class Miner:
             return commit_sealed(self.keypair, data, reveal_in_blocks=seal).block
         return self.chain.commit(self.keypair, data)
 
+    def _commit_retrying(self, data: str) -> int | None:
+        """`_commit`, retried with backoff while the chain fails (logged each time); None when stopped
+        first. A refusal no retry can change (unregistered hotkey, bad signature, malformed
+        commitment) is raised: the commitment stays pending in miner.json for a rerun."""
+        delay, attempt = self.s.commit_retry_seconds, 0
+        while True:
+            attempt += 1
+            try:
+                return self._commit(data)
+            except (NotPermitted, InvalidSignature, InvalidWrite) as e:
+                event(log, "commit refused", level=logging.ERROR, attempt=attempt, error=str(e),
+                      pending=str(self.state_path))
+                raise
+            except ChainError as e:
+                event(log, "commit failed", level=logging.WARNING, attempt=attempt, error=str(e),
+                      retry_in=round(delay, 3))
+            if self.stop_event.wait(delay):
+                return None
+            delay = min(delay * 2, self.s.commit_retry_max_seconds)
+            landed = self._landed(data)
+            if landed is not None:  # the failed RPC had landed it after all: do not commit twice
+                event(log, "commit had landed", block=landed)
+                return landed
+
+    def _landed(self, data: str) -> int | None:
+        """The block of this hotkey's readable commitment when it is `data` (a plain commit whose RPC
+        failed may have landed; a sealed one is unreadable until it opens and is simply sent again)."""
+        try:
+            record = self.chain.commitments().get(self.keypair.ss58_address)
+        except ChainError:
+            return None
+        return record.block if record is not None and record.data == data else None
+
     def publish(self, export: Path, score: float | None) -> bool:
         """Stage `export` in storage, commit it, and make it readable only once the block the commitment
         landed in is closed. False when rate-limited or stopped first.
@@ -161,7 +200,9 @@ class Miner:
         pending = self.state["pending"]
         data, target, score = pending["commitment"], Path(pending["published"]), pending["score"]
         commitment = parse_commitment(data, localnet=True)
-        block = self._commit(data)
+        block = self._commit_retrying(data)
+        if block is None:
+            return False  # stopped while retrying: still pending, the next start commits it
         while self.chain.block() <= block:  # until its block is closed: nothing else can land in it
             if self.stop_event.wait(min(self.s.poll_seconds, 0.25)):
                 return False  # still pending: the next start commits and releases
@@ -194,18 +235,42 @@ class Miner:
                      f"progress={str(self.s.progress).lower()}", *self.s.overrides]
         cfg = load_config(self.s.distill_config, overrides)
         trainer = Trainer(cfg)
-        while not self.stop_event.is_set() and trainer.step < cfg.steps:
-            trainer.train(until=min(trainer.step + self.s.steps_per_cycle, cfg.steps))
-            if trainer.step % self.s.steps_per_cycle and trainer.step < cfg.steps:
-                trainer.save_checkpoint()
-            export = trainer.export(self.work_dir / "exports" / f"step-{trainer.step:07d}")
+        cycle = self.s.steps_per_cycle
+        while not self.stop_event.is_set():
+            # every cycle boundary (and the last step) is self-evaluated once, also after a restart
+            # that stopped before or during its evaluation
+            boundary = trainer.step == cfg.steps or (trainer.step > 0 and trainer.step % cycle == 0)
+            if boundary and self.state.get("scored_step") != trainer.step and not self._score_and_publish(trainer):
+                return  # stopped during the self-evaluation
+            if trainer.step >= cfg.steps:
+                break
+            trainer.train(until=min((trainer.step // cycle + 1) * cycle, cfg.steps), should_stop=self.stop_event.is_set)
+            if self.stop_event.is_set() and trainer.step % cycle and trainer.step < cfg.steps:
+                trainer.save_checkpoint()  # stopped between boundaries: a restart resumes at this very step
+                event(log, "stopped training", step=trainer.step, checkpoint=str(trainer.latest_checkpoint()))
+
+    def _score_and_publish(self, trainer) -> bool:
+        """Export the trainer's model, self-evaluate it, publish it if it improves on the best; False
+        when a stop signal abandoned the self-evaluation (nothing recorded: the next start redoes it)."""
+        export = trainer.export(self.work_dir / "exports" / f"step-{trainer.step:07d}")
+        try:
+            self._abandonable.set()  # a stop signal raises Interrupted here instead of waiting for the end
             score = self.self_score(export)
-            best = self.state.get("best")
-            event(log, "self-evaluated", step=trainer.step, score=round(score, 5), best=best)
-            if best is None or score > best + self.s.min_improvement:
-                self.publish(export, score)
-            if str(export) != self.state.get("published"):
-                shutil.rmtree(export, ignore_errors=True)
+        except Interrupted:
+            shutil.rmtree(export, ignore_errors=True)
+            event(log, "self-evaluation abandoned", step=trainer.step)
+            return False
+        finally:
+            self._abandonable.clear()
+        best = self.state.get("best")
+        event(log, "self-evaluated", step=trainer.step, score=round(score, 5), best=best)
+        if best is None or score > best + self.s.min_improvement:
+            self.publish(export, score)
+        self.state["scored_step"] = trainer.step
+        self._save_state()
+        if str(export) != self.state.get("published"):
+            shutil.rmtree(export, ignore_errors=True)
+        return True
 
     def _victim_checkpoint(self) -> Path | None:
         """The victim's published checkpoint once its commitment is on chain in an earlier block."""
@@ -244,6 +309,8 @@ class Miner:
         self.start_server()
         try:
             if self.state.get("pending"):  # stopped between staging and releasing a checkpoint
+                event(log, "finishing pending commitment", commitment=self.state["pending"]["commitment"],
+                      checkpoint=self.state["pending"]["published"])
                 self._finish_pending()
             if self.s.copy_from is not None or self.s.adversary is not None:
                 if not self.state.get("published"):

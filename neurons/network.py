@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from neurons.keys import DEFAULT_WALLET_PATH, load_wallet, local_keypair
+# bittensor's default (bittensor.wallet.DEFAULT_WALLET_PATH); not imported here so that parsing the
+# command line costs no bittensor import (~0.8 s): a bad flag fails at once
+DEFAULT_WALLET_PATH = "~/.bittensor/wallets"
 
 
 def add_chain_args(p: argparse.ArgumentParser) -> None:
@@ -17,6 +19,9 @@ def add_chain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--network", default="local", help="finney | test | ws://... | local (SQLite local chain)")
     p.add_argument("--chain.path", dest="chain_path", default="localnet/chain.db",
                    help="the local chain's SQLite file (network=local)")
+    p.add_argument("--chain.fallback", dest="chain_fallback", action="append", default=None, metavar="URL",
+                   help="another ws(s):// endpoint of the same network, tried when --network's is unreachable or "
+                        "drops (repeatable; default: the SDK's public pool for finney and test)")
     p.add_argument("--wallet.name", dest="wallet_name", default="default")
     p.add_argument("--wallet.hotkey", dest="wallet_hotkey", default="default")
     p.add_argument("--wallet.path", dest="wallet_path", default=None,
@@ -25,6 +30,8 @@ def add_chain_args(p: argparse.ArgumentParser) -> None:
 
 def open_chain(args):
     """(chain, hotkey keypair) for the parsed flags."""
+    from neurons.keys import load_wallet, local_keypair
+
     if args.network == "local":
         from neurons.localchain import LocalChain
 
@@ -34,4 +41,6 @@ def open_chain(args):
     from neurons.subtensor_chain import SubtensorChain
 
     keys = load_wallet(args.wallet_name, args.wallet_hotkey, args.wallet_path or DEFAULT_WALLET_PATH)
-    return SubtensorChain(args.network, netuid=args.netuid, wallet=keys), keys.hotkey
+    chain = SubtensorChain(args.network, netuid=args.netuid, wallet=keys,
+                           fallback_endpoints=getattr(args, "chain_fallback", None))
+    return chain, keys.hotkey

@@ -74,6 +74,7 @@ class SubtensorChain:
         wallet: Any = None,
         version_key: int = 0,
         wait_for_finalization: bool = True,
+        fallback_endpoints: list[str] | None = None,
     ) -> None:
         if isinstance(netuid, bool) or not isinstance(netuid, int) or netuid < 0:
             raise ValueError(f"bad netuid {netuid!r}")
@@ -83,6 +84,9 @@ class SubtensorChain:
         self._wallet = wallet.wallet if isinstance(wallet, WalletKeys) else wallet
         self._version_key = int(version_key)
         self._finalize = bool(wait_for_finalization)
+        # None: the SDK's public pool for a known network; the client rotates through them when the
+        # endpoint is unreachable or drops
+        self._fallback = None if fallback_endpoints is None else list(fallback_endpoints)
         self._lock = threading.Lock()
         self._sdk: tuple[int, bt.SyncClient] | None = None
 
@@ -101,7 +105,8 @@ class SubtensorChain:
         with self._lock:
             if self._sdk is None or self._sdk[0] != os.getpid():
                 with self._errors(f"connecting to {self.network}"):
-                    client = bt.SyncClient(self.network, substrate=self._substrate)
+                    client = bt.SyncClient(self.network, substrate=self._substrate,
+                                           fallback_endpoints=self._fallback)
                     client.connect()  # under the lock: two threads must not both open the socket
                 self._sdk = (os.getpid(), client)
             return self._sdk[1]
@@ -111,6 +116,15 @@ class SubtensorChain:
             sdk, self._sdk = self._sdk, None
         if sdk is not None and sdk[0] == os.getpid():
             sdk[1].close()
+
+    def _drop_client(self) -> None:
+        """Forget a client whose connection failed (no lock: called from inside _client's)."""
+        sdk, self._sdk = self._sdk, None
+        if sdk is not None and sdk[0] == os.getpid():
+            try:
+                sdk[1].close()
+            except Exception:  # noqa: BLE001  it is already broken; closing is a courtesy
+                log.debug("closing a failed client", exc_info=True)
 
     def __enter__(self) -> SubtensorChain:
         return self
@@ -136,6 +150,7 @@ class SubtensorChain:
         except ChainError:
             raise
         except bt.RpcConnectionError as exc:
+            self._drop_client()  # the next call connects afresh (through the fallbacks) instead of reusing it
             raise ChainRpcError(f"{action} on {self.network}: RPC connection failed: {exc}") from exc
         except bt.BittensorError as exc:
             raise ChainRpcError(f"{action} on {self.network} failed: {exc}") from exc

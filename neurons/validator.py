@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Mapping
 from eval.budget import plan
 from eval.competition import Competition
 from eval.stack import check_stack
-from neurons.chain import Chain
+from neurons.chain import Chain, ChainError
 from neurons.checks import StudentLimits
 from neurons.isolation import EvalLimits, EvaluationFailed, EvaluationStopped, evaluate_isolated, save_round_inputs
 from neurons.logs import event
@@ -121,6 +121,9 @@ class ValidatorSettings:
     # crash) before it is rejected; a stop by SIGTERM does not count
     max_eval_attempts: int = 2
     allow_stack_mismatch: bool = False   # score on library versions other than the competition's eval_stack
+    # a chain error (dropped connection, RPC failure, a refused write) inside a round is logged and the
+    # round retried from its stored phase after poll_seconds, doubling up to this cap
+    chain_retry_max_seconds: float = 300.0
 
     def __post_init__(self):
         if self.fetch_concurrency < 1:
@@ -183,15 +186,30 @@ class Validator:
     def run(self, max_rounds: int | None = None) -> int:
         """Run rounds until stopped (SIGTERM) or `max_rounds` rounds scored something; returns that count.
 
-        A round with no eligible submission still closes (nothing to weigh) but is not counted."""
-        done = 0
+        A round with no eligible submission still closes (nothing to weigh) but is not counted.
+
+        A chain error does not end it: the error is logged, and after a backoff (poll_seconds,
+        doubling up to chain_retry_max_seconds, reset by the next success) the round continues from
+        the phase its state stored; a weights write whose outcome was unknown is read back before it
+        is sent again (_weights_phase)."""
+        done, failures = 0, 0
         while not self.stop_event.is_set() and (max_rounds is None or done < max_rounds):
-            r = self.next_round()
-            if r is None:
-                self.stop_event.wait(self.settings.poll_seconds)
-                continue
-            if self.run_round(r) and self.state.scores(r.id):
-                done += 1
+            try:
+                r = self.next_round()
+                if r is None:
+                    failures = 0
+                    self.stop_event.wait(self.settings.poll_seconds)
+                    continue
+                if self.run_round(r) and self.state.scores(r.id):
+                    done += 1
+                failures = 0
+            except ChainError as e:
+                failures += 1
+                wait = min(self.settings.poll_seconds * 2 ** (failures - 1), self.settings.chain_retry_max_seconds)
+                unfinished = self.state.unfinished_round()
+                event(log, "chain error", level=logging.WARNING, error=f"{type(e).__name__}: {e}", failures=failures,
+                      retry_in=round(wait, 3), round=unfinished and unfinished.id, phase=unfinished and unfinished.phase)
+                self.stop_event.wait(wait)
         return done
 
     def run_round(self, r: Round) -> bool:

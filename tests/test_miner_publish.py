@@ -3,6 +3,7 @@ chain can), release only once the commitment has landed; a restart in between fi
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -118,3 +119,91 @@ def test_a_miner_stopped_between_commit_and_release_finishes_on_restart(tmp_path
     assert len(chain.commitment_history(kp.ss58_address)) == 2  # committed again: harmless, same model
     token = parse_commitment(state["commitment"], localnet=True).revision
     assert token in [p.name for p in storage.glob("*/*/*")]
+
+
+class Failing(Watched):
+    """Commits fail with an RPC error `fails` times (a dropped connection; `landed` ones land anyway)."""
+
+    def __init__(self, *a, fails, landed=(), **kw):
+        super().__init__(*a, **kw)
+        self.fails, self.landed, self.attempts = fails, set(landed), 0
+
+    def _attempt(self, send):
+        from neurons.subtensor_chain import ChainRpcError
+
+        self.attempts += 1
+        if self.attempts <= self.fails:
+            if self.attempts in self.landed:
+                send()
+            raise ChainRpcError("committing on finney: RPC failed (websocket closed); the write may or may not have landed")
+        return send()
+
+    def commit(self, keypair, data):
+        return self._attempt(lambda: super(Failing, self).commit(keypair, data))
+
+    def commit_sealed(self, keypair, data, *, reveal_in_blocks):
+        return self._attempt(lambda: super(Failing, self).commit_sealed(keypair, data, reveal_in_blocks=reveal_in_blocks))
+
+
+def failing(setup, **kw) -> Failing:
+    """The same chain file as `setup`'s, reached through a failing connection."""
+    return Failing(setup[0].path, readable=setup[0].readable, **kw)
+
+
+def test_a_failed_commit_is_logged_and_retried_with_backoff(tmp_path, setup, caplog):
+    chain, kp, storage, export = setup
+    flaky = failing(setup, fails=2)
+    m = miner(tmp_path, flaky, kp, storage, commit_retry_seconds=0.01)
+    with caplog.at_level("WARNING", logger="miner"):
+        assert m.publish(export, 0.5)
+    failed = [r for r in caplog.records if r.getMessage() == "commit failed"]
+    assert [r.fields["attempt"] for r in failed] == [1, 2]
+    assert [r.fields["retry_in"] for r in failed] == [0.01, 0.02]  # doubling
+    assert "websocket closed" in failed[0].fields["error"]
+    assert json.loads((tmp_path / "work" / "miner.json").read_text())["pending"] is None
+    assert flaky.attempts == 3 and len(chain.commitment_history(kp.ss58_address)) == 1
+
+
+def test_a_plain_commit_whose_rpc_failed_but_landed_is_not_sent_twice(tmp_path, setup):
+    chain, kp, storage, export = setup
+    flaky = failing(setup, fails=1, landed={1})
+    m = miner(tmp_path, flaky, kp, storage, seal_blocks=0, commit_retry_seconds=0.01)
+    assert m.publish(export, 0.5)
+    assert flaky.attempts == 1 and len(chain.commitment_history(kp.ss58_address)) == 1
+    state = json.loads((tmp_path / "work" / "miner.json").read_text())
+    assert state["pending"] is None and state["commit_block"] == chain.commitments()[kp.ss58_address].block
+
+
+def test_a_commit_still_failing_when_stopped_is_finished_by_a_rerun(tmp_path, setup, monkeypatch, caplog):
+    chain, kp, storage, export = setup
+    down = failing(setup, fails=10 ** 6)
+    m = miner(tmp_path, down, kp, storage, commit_retry_seconds=0.01)
+    threading.Timer(0.3, m.stop_event.set).start()  # the operator stops it while the chain is down
+    assert m.publish(export, 0.5) is False
+    assert down.attempts >= 2
+    state = json.loads((tmp_path / "work" / "miner.json").read_text())
+    assert state["pending"]["score"] == 0.5 and state["commitment"] is None  # not lost: pending
+    assert kp.ss58_address not in chain.commitments()
+    # the rerun on the same work dir finishes the commitment (and says so) before training anything
+    order = []
+    monkeypatch.setattr(Miner, "train_loop", lambda self: order.append(("train", self.state["pending"])))
+    again = miner(tmp_path, chain, kp, storage, serve_after_training=False)
+    with caplog.at_level("INFO", logger="miner"):
+        again.run()
+    assert order == [("train", None)]
+    assert [r.getMessage() for r in caplog.records if r.getMessage() in (
+        "finishing pending commitment", "committed")] == ["finishing pending commitment", "committed"]
+    state = json.loads((tmp_path / "work" / "miner.json").read_text())
+    assert state["pending"] is None and state["best"] == 0.5 and state["commit_block"] is not None
+    assert len(chain.commitment_history(kp.ss58_address)) == 1
+
+
+def test_a_refusal_no_retry_can_change_is_raised_and_stays_pending(tmp_path, setup):
+    from neurons.chain import NotPermitted
+
+    chain, kp, storage, export = setup
+    stranger = local_keypair("stranger", tmp_path / "keys")  # never registered
+    m = miner(tmp_path, chain, stranger, storage, commit_retry_seconds=0.01)
+    with pytest.raises(NotPermitted):
+        m.publish(export, 0.5)
+    assert json.loads((tmp_path / "work" / "miner.json").read_text())["pending"]["score"] == 0.5

@@ -545,3 +545,13 @@ def test_pickles_without_its_connection(chain, fake):
     assert copy.block() == 1000  # reconnects on first use (to its own copy of the fake here)
     copy.close()
 
+
+
+def test_a_dropped_connection_is_reopened_on_the_next_call(chain, fake):
+    assert chain.block() == 1000
+    first = chain._client()
+    fake.fail = bt.RpcConnectionError("websocket closed by peer")
+    with pytest.raises(ChainRpcError, match="websocket closed"):
+        chain.metagraph()
+    fake.fail = None
+    assert chain.block() == 1000 and chain._client() is not first  # a fresh client, not the broken one
