@@ -3,17 +3,24 @@
 The tests run tiny models whose ops take microseconds; with more than one intra-op thread, any
 other load on a 2-core machine makes OpenMP's spinning threads wait on each other and the same
 ops take milliseconds. One thread keeps the suite's run time independent of the machine's load.
+The same goes for every process a test starts (the validator's evaluation children above all: one
+per submission per round): OMP_NUM_THREADS=1 in the environment they inherit. Under load a child
+with two spinning threads took 110 s of wall time for what one thread does in 17 s.
 
 Shared fixtures: `pristine`, a valid `tiny` submission directory (weights, config, manifest) made
 once per module, and `ckpt`, a fresh copy of it for a test to damage.
 """
+import os
 import shutil
 
-import pytest
-import torch
+os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported here, and inherited by every child
+os.environ["MKL_NUM_THREADS"] = "1"
 
-from neurons.manifest import write_manifest
-from quasar_model import QuasarLongConfig, QuasarLongForCausalLM
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from neurons.manifest import write_manifest  # noqa: E402
+from quasar_model import QuasarLongConfig, QuasarLongForCausalLM  # noqa: E402
 
 torch.set_num_threads(1)
 
