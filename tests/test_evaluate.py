@@ -65,12 +65,10 @@ def random_student(seed=0, **overrides):
 
 
 @pytest.fixture(scope="session")
-def trained_student(teacher, round_inputs, tmp_path_factory):
-    """A tiny student distilled (full-vocabulary forward KL) from the tiny teacher on the train split."""
-    from distilled import distill, train_stream
-
-    stream = train_stream(round_inputs.tokenizer.hf)
-    model = distill(random_student(0, num_loops=1, use_looped_injection=False), teacher, stream, 100, 1e-2, 0)
+def trained_student(distilled_student, tmp_path_factory):
+    """A tiny student distilled (full-vocabulary forward KL) from the tiny teacher on the train split
+    (conftest's `distilled_student`: random_student(0, num_loops=1, use_looped_injection=False), 100 steps)."""
+    model = distilled_student
     path = tmp_path_factory.mktemp("student") / "ckpt"
     model.save_pretrained(path)
     return model, path

@@ -33,13 +33,13 @@ from neurons.status import MAX_REJECTIONS, REJECTIONS_PER_HOTKEY, StatusServer
 from neurons.storage import FetchLimits, publish
 from neurons.validator import Validator, ValidatorSettings, student_limits
 from test_storage import MINER, VALIDATOR, VALIDATORS, FakeHub, Rogue, real_files, running
-from test_validator import Subnet, plant, small_competition, student
+from test_validator import Subnet, plant, quick_competition, student
 
 WEIGHTS = "model.safetensors"
 
 
 def redteam_competition() -> dict:
-    raw = small_competition()
+    raw = quick_competition()  # 2 held-out documents: these rounds check rejections and a sole scorer's weight
     raw["score"]["degenerate_max_repeat"] = 1.0
     return raw
 

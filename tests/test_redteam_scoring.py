@@ -53,11 +53,12 @@ def fresh(seed):
 
 
 @pytest.fixture(scope="module")
-def students(teacher, tmp_path_factory):
-    """honest: distilled 100 steps; copies of it a copier could make in seconds; the teacher as a student."""
+def students(teacher, tmp_path_factory, distilled_student):
+    """honest: distilled 100 steps (conftest's `distilled_student`, the same as distill(fresh(0), teacher,
+    stream, 100, 1e-2, seed=0)); copies of it a copier could make in seconds; the teacher as a student."""
     model, tok = teacher
     stream = train_stream(tok)
-    honest = distill(fresh(0), model, stream, 100, 1e-2, seed=0)
+    honest = distilled_student
     rows = copy.deepcopy(honest)
     with torch.no_grad():  # only the rows the old fingerprint read, by a row's spread: logits elsewhere untouched
         w = rows.get_output_embeddings().weight

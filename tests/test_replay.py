@@ -9,7 +9,7 @@ import shutil
 import sqlite3
 
 import pytest
-from test_validator import _subnet_with_copier, models  # noqa: F401  models: the module fixture
+from test_validator import _subnet_with_copier, models, quick_competition  # noqa: F401  models: the module fixture
 
 from eval.cli import main as eval_main
 from eval.competition import load_competition
@@ -20,7 +20,7 @@ from neurons.validator import Validator
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory, models):  # noqa: F811
     tmp = tmp_path_factory.mktemp("replay")
-    net, owners = _subnet_with_copier(tmp, models)
+    net, owners = _subnet_with_copier(tmp, models, competition=quick_competition())  # replays check equality, not values
     work = tmp / "v"
     (work / "submissions").mkdir(parents=True, exist_ok=True)  # fetch wants the destination's parent to exist
     v = Validator(net.chain, net.validator, net.competition, net.settings(work))

@@ -41,6 +41,16 @@ def small_competition() -> dict:
     return raw
 
 
+def quick_competition() -> dict:
+    """small_competition with 2 held-out documents, for rounds whose assertions do not read score
+    values (a rejection and its reason, a gate, a sole scorer's weight, results equal to a reference
+    run's): each evaluation child scores about twice as fast (greedy continuations, one per held-out
+    document up to eval.evaluate.CONTINUATIONS, are most of a tiny model's evaluation)."""
+    raw = small_competition()
+    raw["heldout"].update(documents=2)
+    return raw
+
+
 def student(d: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     QuasarLongForCausalLM(QuasarLongConfig.preset("tiny", vocab_size=VOCAB)).save_pretrained(d)
@@ -230,7 +240,7 @@ def _validator_cmd(net: Subnet, work: Path, *extra: str) -> list[str]:
 @pytest.mark.slow
 def test_sigkill_at_random_points_loses_and_double_counts_nothing(tmp_path, models):
     # more submissions than the other tests: a round long enough to be killed in ten times
-    net, owners = _subnet_with_copier(tmp_path, models, extra_seeds=range(4, 10))
+    net, owners = _subnet_with_copier(tmp_path, models, extra_seeds=range(4, 10), competition=quick_competition())
     # the reference: the same round, never interrupted, on a copy of the chain as it is now
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
@@ -285,7 +295,7 @@ def test_sigkill_at_random_points_loses_and_double_counts_nothing(tmp_path, mode
 
 @pytest.mark.slow
 def test_sigterm_stops_cleanly_and_the_round_resumes(tmp_path, models):
-    net, owners = _subnet_with_copier(tmp_path, models)
+    net, owners = _subnet_with_copier(tmp_path, models, competition=quick_competition())
     work = tmp_path / "v"
     p = subprocess.Popen(_validator_cmd(net, work), env=dict(os.environ, OMP_NUM_THREADS="1"),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
