@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 ROUNDS=(tests/test_validator.py tests/test_replay.py tests/test_redteam_scoring.py tests/test_evaluate.py
         tests/test_redteam_isolation.py tests/test_stack.py)
 LOGS=.test-logs
-rm -rf "$LOGS" .pytest-tmp && mkdir -p "$LOGS"
+rm -rf "$LOGS" .pytest-tmp && mkdir -p "$LOGS" .pytest-tmp  # pytest makes --basetemp, not its parent
 
 python -m pytest -q -m "slow or not slow" -p no:cacheprovider --basetemp=.pytest-tmp/rounds \
     "${ROUNDS[@]}" >"$LOGS/rounds.log" 2>&1 &
