@@ -450,6 +450,9 @@ class Trainer:
             tmp.mkdir(parents=True)
         self.env.barrier()
         torch.save(rng_state(), tmp / f"rng_rank{self.env.rank}.pt")
+        # every rank's file is written before rank 0 renames the directory: without this a slow
+        # rank wrote into a .tmp- directory that had just become step-N (seen under load in CI)
+        self.env.barrier()
         if self.env.is_main:
             weights = {k: v.detach().cpu().contiguous().clone() for k, v in _strip(model_sd, "student.").items()}
             save_file(weights, str(tmp / "model.safetensors"))
