@@ -417,13 +417,15 @@ class LocalChain:
         )
         return count
 
-    def _apply_commit(self, conn: sqlite3.Connection, write: SignedWrite, block: int) -> int:
-        check_commitment(write.payload)
+    def _apply_commit(self, conn: sqlite3.Connection, write: SignedWrite, block: int,
+                      data: str | None = None, reveal_block: int | None = None) -> int:
+        data = write.payload if data is None else data
+        check_commitment(data)
         if self._registration(conn, write.hotkey) is None:
             raise NotPermitted(f"hotkey {write.hotkey} is not registered on netuid {self._netuid}")
         conn.execute(
-            "INSERT INTO commitments (hotkey, data, block, signature) VALUES (?, ?, ?, ?)",
-            (write.hotkey, write.payload, block, write.signature),
+            "INSERT INTO commitments (hotkey, data, block, signature, reveal_block) VALUES (?, ?, ?, ?, ?)",
+            (write.hotkey, data, block, write.signature, reveal_block),
         )
         return block
 
@@ -435,14 +437,7 @@ class LocalChain:
             raise InvalidWrite(f"bad sealed commitment: {exc}") from None
         if isinstance(delay, bool) or not isinstance(delay, int) or delay <= 0:
             raise InvalidWrite(f"reveal_in_blocks must be a positive int, got {delay!r}")
-        check_commitment(data)
-        if self._registration(conn, write.hotkey) is None:
-            raise NotPermitted(f"hotkey {write.hotkey} is not registered on netuid {self._netuid}")
-        conn.execute(
-            "INSERT INTO commitments (hotkey, data, block, signature, reveal_block) VALUES (?, ?, ?, ?, ?)",
-            (write.hotkey, data, block, write.signature, block + delay),
-        )
-        return block
+        return self._apply_commit(conn, write, block, data=data, reveal_block=block + delay)
 
     def _apply_weights(self, conn: sqlite3.Connection, write: SignedWrite, block: int) -> bool:
         reg = self._registration(conn, write.hotkey)
