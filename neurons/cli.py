@@ -145,7 +145,7 @@ def add_miner_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-seed", type=int, default=1)
     p.add_argument("--min-improvement", type=float, default=0.0, help="composite gain needed to publish again")
     p.add_argument("--min-commit-interval", type=int, default=0, help="blocks between two commitments")
-    p.add_argument("--seal-blocks", type=int, default=None,
+    p.add_argument("--seal-blocks", type=_blocks, default=None,
                    help="keep each commitment timelocked (unreadable) this many blocks; 0: plain commitments "
                         "(default: half the competition's eval_delay_blocks)")
     p.add_argument("--storage", choices=["http", "local", "hf"], default="http")
@@ -200,6 +200,17 @@ def add_validator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-free-gb", type=float, default=None,
                    help="free disk the preflight requires under --work-dir (default: 3 of the competition's "
                         "largest bf16 checkpoints, at least 1 GiB)")
+
+
+def _blocks(text: str) -> int:
+    """A block count: an int >= 0 (argparse turns the error into one `error:` line, rc 2)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of blocks") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n} blocks: give 0 (off) or more")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:

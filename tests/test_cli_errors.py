@@ -164,3 +164,9 @@ def test_validator_status_port_in_use(tmp_path):
                  "--wallet.name", "v", "--work-dir", str(tmp_path / "v"), "--min-free-gb", "0.01",
                  "--status-port", str(port)], match=f"--status-port {port} on 127.0.0.1 cannot be bound")
     assert not (tmp_path / "v").exists()  # refused before validator.db or anything else
+
+
+def test_miner_seal_blocks_must_be_a_block_count(tmp_path):
+    for value, words in (("-1", "give 0 (off) or more"), ("soon", "not a whole number of blocks")):
+        refused(["miner", f"--seal-blocks={value}", "--work-dir", str(tmp_path / "w")], match=words, cwd=tmp_path)
+    assert not (tmp_path / "w").exists()
