@@ -1,9 +1,10 @@
 """Benchmark the validator's isolation: one submission scored in a child process
 (neurons.isolation) vs in the validator's own process, on the same round inputs.
 
-The child pays for a fresh interpreter, importing torch/transformers and loading the round's
-inputs; the in-process baseline reuses everything. Runs alternate so background load skews both
-alike; prints medians, the overhead per submission and whether the two results are identical.
+Two kinds of child: a fresh interpreter (CUDA validators: it imports torch/transformers and loads
+the round's inputs) and a fork of the zygote (CPU validators: imports already done). The
+in-process baseline reuses everything. Runs alternate so background load skews all alike; prints
+medians, the overhead per submission and whether the results are identical.
 
     python benchmarks/bench_isolation.py                          # localnet competition, CPU
     python benchmarks/bench_isolation.py --competition sn24 --device cuda --checkpoint DIR
@@ -50,35 +51,43 @@ def main() -> None:
         with torch.no_grad():
             return json.loads(json.dumps(score_model(model, inputs, model_hash="x", device=args.device).to_dict()))
 
-    def child():
-        return evaluate_isolated(ckpt, path, "x", device=args.device)
+    def child(fresh):
+        return evaluate_isolated(ckpt, path, "x", device=args.device, fresh=fresh)
 
-    def startup():  # the child's fixed cost: interpreter, imports, round inputs; it stops at the missing checkpoint
+    def startup(fresh):  # the child's fixed cost: interpreter, imports, round inputs; it stops at the missing checkpoint
         try:
-            evaluate_isolated(tmp / "missing", path, "x", device=args.device)
+            evaluate_isolated(tmp / "missing", path, "x", device=args.device, fresh=fresh)
         except EvaluationFailed:
             pass
 
     in_process()  # warm-up: first-call costs belong to neither side
-    starts = []
+    startup(False)  # starts the zygote (once per validator)
+    kinds = {"fresh": True, "zygote": False}
+    starts = {kind: [] for kind in kinds}
     for _ in range(args.iters):
-        t0 = time.perf_counter()
-        startup()
-        starts.append(time.perf_counter() - t0)
-    times = {"in-process": [], "child": []}
+        for kind, fresh in kinds.items():
+            t0 = time.perf_counter()
+            startup(fresh)
+            starts[kind].append(time.perf_counter() - t0)
+    times = {"in-process": [], **{f"child ({kind})": [] for kind in kinds}}
+    runs = {"in-process": in_process, **{f"child ({kind})": (lambda f=fresh: child(f)) for kind, fresh in kinds.items()}}
     same = True
     for _ in range(args.iters):
         results = {}
-        for name, fn in (("in-process", in_process), ("child", child)):
+        for name, fn in runs.items():
             t0 = time.perf_counter()
             results[name] = fn()
             times[name].append(time.perf_counter() - t0)
-        same &= results["in-process"] == results["child"]
-    a, b = statistics.median(times["in-process"]), statistics.median(times["child"])
+        same &= all(r == results["in-process"] for r in results.values())
+    a = statistics.median(times["in-process"])
     print(f"competition {comp.name}, device {args.device}, {args.iters} runs each (median):")
-    print(f"  in-process  {a:7.2f} s")
-    print(f"  child       {b:7.2f} s   overhead {b - a:+.2f} s per submission ({b / a:.2f}x)")
-    print(f"  child start-up alone (interpreter, imports, round inputs): {statistics.median(starts):.2f} s")
+    print(f"  in-process      {a:7.2f} s")
+    for name in runs:
+        if name != "in-process":
+            b = statistics.median(times[name])
+            print(f"  {name:14s}  {b:7.2f} s   overhead {b - a:+.2f} s per submission ({b / a:.2f}x)")
+    f, z = statistics.median(starts["fresh"]), statistics.median(starts["zygote"])
+    print(f"  child start-up alone (to a missing checkpoint): fresh {f:.2f} s, zygote {z:.2f} s ({f / z:.1f}x faster)")
     print(f"  round inputs written once per round: {save_s:.2f} s, {path.stat().st_size / 1e6:.1f} MB")
     print(f"  identical results: {same}")
 

@@ -4,15 +4,23 @@ A miner controls its model's compute, memory and outputs, and through them how a
 ends: it can run for hours, allocate until the OOM killer picks a process, or produce non-finite
 numbers. So the validator never loads a submission into its own process. It saves the round's
 inputs once (`save_round_inputs`: documents, teacher outputs, recall items, probes), then for each
-submission starts a fresh interpreter (`python -m neurons.isolation`, not a fork: a forked child of
-a process that has used CUDA cannot use it) that
+submission starts a child that
 
-    dies with the validator (Linux parent-death signal: no orphan keeps a GPU busy after a kill),
+    dies with the validator (no orphan keeps a GPU busy after a kill: see _watch_validator),
     caps its own memory (address space on CPU, its share of the GPU on CUDA),
     builds the model with the validator's kernel backend, never the checkpoint's,
     checks that its logits on the round's fingerprint probes are finite (a model with finite but
     huge weights fails here, in a fraction of a second, instead of after a whole evaluation),
     scores it and writes the result as JSON, or the error that stopped it.
+
+Where the child comes from depends on the device. On CUDA it is a fresh interpreter
+(`python -m neurons.isolation`): a forked child of a process that has initialised CUDA cannot use
+it, and importing the kernel libraries can initialise it. On CPU it is forked from a zygote, a
+clean interpreter started once (multiprocessing's forkserver, never the validator itself, so no
+state of the validator or of an earlier submission leaks in) that has already imported torch,
+transformers and the evaluation code: each evaluation then skips seconds of imports
+(benchmarks/bench_isolation.py measures both). The zygote dies with the validator, and its
+children with it.
 
 The parent waits at most `timeout` seconds and then kills the child's whole process group. Every
 way an evaluation can end other than a finite result is an `EvaluationFailed` whose reason the
@@ -23,16 +31,22 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+import multiprocessing
 import os
+import select
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 MAX_REASON = 300  # reasons end up on the status page; a miner's exception text is not a channel
+PROCESS_NAME = b"quasar-eval"  # the child's /proc/PID/comm: how operators (and tests) find it
+# what the zygote imports once; none of it touches CUDA or runs a parallel op (fork-safe)
+ZYGOTE_PRELOAD = ["torch", "transformers", "eval.evaluate", "eval.gates", "neurons.isolation"]
 
 
 class EvaluationStopped(Exception):
@@ -82,30 +96,30 @@ def first_non_finite(value, where: str = "result") -> str | None:
 
 
 def evaluate_isolated(checkpoint: Path, inputs_path: Path, model_hash: str, *, device: str = "cpu",
-                      limits: EvalLimits = EvalLimits(), stop=None, python: str = sys.executable) -> dict:
+                      limits: EvalLimits = EvalLimits(), stop=None, fresh: bool | None = None) -> dict:
     """The submission's result dict (eval.results.SubmissionResult.to_dict), or EvaluationFailed;
-    EvaluationStopped when `stop` (a threading.Event) is set first."""
+    EvaluationStopped when `stop` (a threading.Event) is set first. `fresh`: a fresh interpreter
+    (True) or a fork of the zygote (False); by default fresh exactly when the device is CUDA."""
+    if fresh is None:
+        fresh = device.startswith("cuda")
     with tempfile.TemporaryDirectory(prefix="quasar-eval-") as tmp:
         job, out = Path(tmp) / "job.json", Path(tmp) / "out.json"
         job.write_text(json.dumps({
             "checkpoint": str(checkpoint), "inputs": str(inputs_path), "model_hash": model_hash, "device": device,
             "memory_bytes": limits.memory_bytes, "gpu_memory_fraction": limits.gpu_memory_fraction,
-            "kernel_backend": limits.kernel_backend, "out": str(out)}))
-        log_path = Path(tmp) / "child.log"
-        with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen([python, "-m", "neurons.isolation", str(job)], stdout=log_file,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-            deadline = time.monotonic() + limits.timeout
-            try:
-                while (code := proc.poll()) is None:
-                    if stop is not None and stop.is_set():
-                        raise EvaluationStopped()
-                    if time.monotonic() > deadline:
-                        raise EvaluationFailed(f"timed out: evaluation took longer than {limits.timeout:g} s")
-                    time.sleep(0.1)
-            except BaseException:  # timed out, or the validator is stopping: take the child down with it
-                _kill_group(proc)
-                raise
+            "kernel_backend": limits.kernel_backend, "out": str(out), "validator_pid": os.getpid()}))
+        child = (_FreshChild if fresh else _ZygoteChild)(job, Path(tmp) / "child.log")
+        deadline = time.monotonic() + limits.timeout
+        try:
+            while (code := child.poll()) is None:
+                if stop is not None and stop.is_set():
+                    raise EvaluationStopped()
+                if time.monotonic() > deadline:
+                    raise EvaluationFailed(f"timed out: evaluation took longer than {limits.timeout:g} s")
+                time.sleep(0.05)
+        except BaseException:  # timed out, or the validator is stopping: take the child down with it
+            child.kill()
+            raise
         report = json.loads(out.read_text()) if out.exists() else None
     if report is not None and "error" in report:
         raise EvaluationFailed(report["error"])
@@ -121,22 +135,70 @@ def evaluate_isolated(checkpoint: Path, inputs_path: Path, model_hash: str, *, d
     return result
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+class _FreshChild:
+    """`python -m neurons.isolation JOB` in a session of its own."""
+
+    def __init__(self, job: Path, log: Path):
+        with open(log, "wb") as log_file:
+            self.proc = subprocess.Popen([sys.executable, "-m", "neurons.isolation", str(job)], stdout=log_file,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def kill(self) -> None:
+        _kill_group(self.proc.pid)
+        self.proc.wait()
+
+
+_zygote_context = None
+
+
+def _zygote():
+    global _zygote_context
+    if _zygote_context is None:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(ZYGOTE_PRELOAD)
+        _zygote_context = ctx
+    return _zygote_context
+
+
+class _ZygoteChild:
+    """A fork of the zygote running `_forked_main(JOB, LOG)` (which starts a session of its own)."""
+
+    def __init__(self, job: Path, log: Path):
+        self.proc = _zygote().Process(target=_forked_main, args=(str(job), str(log)), name="quasar-eval")
+        self.proc.start()
+
+    def poll(self) -> int | None:
+        return self.proc.exitcode
+
+    def kill(self) -> None:
+        _kill_group(self.proc.pid)
+        self.proc.join()
+
+
+def _kill_group(pid: int) -> None:
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:  # not yet in a session of its own (a forked child's first instant)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 # ----------------------------------------------------------------------------- the child
 
 def _die_with_parent() -> None:
+    """The parent: the validator for a fresh child, the zygote (which dies with the validator) for a fork."""
     if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() == 1:  # the parent died before the line above took effect
             os._exit(1)
+        libc.prctl(PR_SET_NAME, ctypes.c_char_p(PROCESS_NAME))
 
 
 def _child(job: dict) -> dict:
@@ -188,6 +250,31 @@ def main(argv: list[str]) -> int:
     tmp.write_text(json.dumps(report))
     os.replace(tmp, out)
     return 0
+
+
+def _watch_validator(pid: int) -> None:
+    """A fork's parent is the zygote, which lives on while any fork holds its liveness pipe (each
+    does): so a fork watches the validator itself and exits the moment it is gone."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(1)
+
+    def watch():
+        select.select([fd], [], [])
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="watch-validator").start()
+
+
+def _forked_main(job: str, log: str) -> None:
+    os.setsid()  # a process group of its own: a timeout kills it and anything it started
+    _watch_validator(json.loads(Path(job).read_text())["validator_pid"])
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.exit(main([job]))
 
 
 if __name__ == "__main__":

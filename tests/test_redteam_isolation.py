@@ -42,21 +42,37 @@ def with_config(src: Path, dst: Path, **fields) -> Path:
     return dst
 
 
+def _stat(pid: int) -> tuple[str, str, int] | None:
+    """(comm, state, ppid) of a live process, None once it is gone or a zombie."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    comm = text[text.index("(") + 1:text.rindex(")")]
+    state, ppid = text[text.rindex(")") + 2:].split()[:2]
+    return None if state in "ZX" else (comm, state, int(ppid))
+
+
 def isolation_children(parent: int | None = None) -> set[int]:
-    """Pids of evaluation children (of `parent` only, when given): other processes on the machine
-    may run evaluations of their own."""
-    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
-    found = set()
-    for line in out.splitlines()[1:]:
-        pid, ppid, args = line.split(None, 2)
-        if "-m neurons.isolation" in args and (parent is None or int(ppid) == parent):
-            found.add(int(pid))
-    return found
+    """Pids of running evaluation children (named quasar-eval; descendants of `parent` only, when
+    given: a CPU child's parent is the zygote, itself a child of the validator; other processes on
+    the machine may run evaluations of their own)."""
+    procs = {int(d): st for d in os.listdir("/proc") if d.isdigit() and (st := _stat(int(d)))}
+
+    def descends(pid: int) -> bool:
+        for _ in range(64):
+            if pid == parent:
+                return True
+            if pid not in procs:
+                return False
+            pid = procs[pid][2]
+        return False
+
+    return {pid for pid, (comm, _, _) in procs.items() if comm == "quasar-eval" and (parent is None or descends(pid))}
 
 
 def alive(pids: set[int]) -> set[int]:
-    return {pid for pid in pids if os.path.exists(f"/proc/{pid}")
-            and "neurons.isolation" in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")}
+    return {pid for pid in pids if (st := _stat(pid)) and st[0] == "quasar-eval"}
 
 
 @pytest.mark.slow
@@ -109,8 +125,10 @@ def test_the_child_result_equals_the_in_process_evaluation(round_inputs, models)
 
     inputs = torch.load(round_inputs, weights_only=False)
     here = score_model(load_student(models["honest"], inputs.competition), inputs, model_hash="h" * 64).to_dict()
-    child = evaluate_isolated(models["honest"], round_inputs, "h" * 64)
-    assert child == json.loads(json.dumps(here))
+    forked = evaluate_isolated(models["honest"], round_inputs, "h" * 64)  # CPU: a fork of the zygote
+    assert forked == json.loads(json.dumps(here))
+    # the fresh interpreter CUDA validators use: same result
+    assert evaluate_isolated(models["honest"], round_inputs, "h" * 64, fresh=True) == forked
 
 
 def test_a_model_with_overflowing_logits_fails_before_the_whole_evaluation(tmp_path, round_inputs, models):
