@@ -213,6 +213,21 @@ def _layer_list(text: str) -> list[int]:
     return out
 
 
+def _refuse_early(teacher: str, revision: str | None) -> None:
+    """A teacher whose config does not map is refused before its weights are read (a 9B teacher
+    takes minutes to load). The text config: AutoModelForCausalLM loads the text model of a
+    vision-language checkpoint (Qwen3.5's), and that is the teacher."""
+    from transformers import AutoConfig
+
+    from .structural import check_teacher
+
+    try:
+        tc = AutoConfig.from_pretrained(teacher, revision=revision)
+    except (OSError, ValueError):
+        return  # load_teacher says what is wrong with it
+    check_teacher(tc.get_text_config())
+
+
 def cmd_init_student(args) -> int:
     """A Quasar-Long student holding a teacher's weights, saved with the teacher's tokenizer."""
     import json
@@ -231,6 +246,7 @@ def cmd_init_student(args) -> int:
             raise ValueError(f"--set {item!r}: expected key=value (a QuasarLongConfig field)")
         overrides[key] = json_or_text(value)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    _refuse_early(teacher, args.revision)
     model, tok = load_teacher(teacher, revision=args.revision, dtype=dtype, device=args.device)
     torch.manual_seed(args.seed)         # what is not copied from the teacher (gates, routers) is seeded
     student = init_student(
@@ -307,8 +323,8 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("init-student", help="build a Quasar-Long student from a teacher's weights "
                                                    "(structural distillation, stage 1)")
     p.add_argument("--teacher", required=True,
-                   help="qwen3/llama/mistral or Qwen3.5 text (qwen3_5_text) checkpoint (Hub name or local); "
-                        "'tiny' = the project's tiny teacher")
+                   help="qwen3/llama/mistral, Qwen3.5 or Qwen3.5-MoE (text model), GLM-4 or GLM-4.5 (glm4_moe) "
+                        "checkpoint (Hub name or local); 'tiny' = the project's tiny teacher")
     p.add_argument("--revision", default=None)
     p.add_argument("--out", required=True, help="directory for the student (save_pretrained + tokenizer)")
     p.add_argument("--hybrid-layers", type=_layer_list, default=None,

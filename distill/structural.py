@@ -44,22 +44,54 @@ branches alone too (default GLA: the Quasar-10B step), from the attention's q/k/
 and its output gate (GLA's g_proj), which is not exact by design. The MTP head of the released
 checkpoints is not part of transformers' model and is not carried over.
 
-Refused with a message naming the reason: attention or MLP biases, rope scaling (only plain-theta
-RoPE is representable), sliding-window attention, activations other than SiLU, other families
-(GLM's fused, interleaved-rotary layers and MoE teachers, qwen3_5_moe among them, do not map onto
-these shapes exactly).
+GLM-4 (`glm4`), GLM-4.5 (`glm4_moe`) and Qwen3.5-MoE (`qwen3_5_moe_text`) map exactly as well
+(structural_families.py reads each layout into one form):
+
+    glm4      q/k/v biases                      ->  attention_qkv_bias (qkv_proj's bias)
+              RoPE on interleaved pairs          ->  q/k rows permuted into the student's half layout
+              post_self_attn / post_mlp norms    ->  sandwich_norm (mixer_out_norm, ffn_out_norm)
+              fused gate_up_proj                 ->  gate_proj, up_proj
+    glm4_moe  sigmoid router, group-limited      ->  the student's MoE: gate, n_group/topk_group,
+              (n_group, topk_group), correction      expert_bias (selection only, as the teacher's),
+              bias, routed_scaling_factor,           routed_scaling_factor, moe_norm_topk_prob,
+              norm_topk_prob, shared experts,        shared_experts, first_k_dense_replace
+              first_k_dense_replace
+    qwen3_5_moe_text  the Qwen3.5 layers above   ->  as for qwen3_5_text
+              softmax top-k router (renormalised)->  moe_router_score="softmax"
+              shared expert (own width) x sigmoid ->  moe_shared_expert_intermediate_size,
+              (shared_expert_gate)                   moe_shared_expert_gate
+
+A MoE teacher's experts are carried over as they are (no --experts upcycling on top); its balancing
+bias keeps moving under the student's moe_balancing rule once training starts. The MTP layers of
+the released GLM-4.5 checkpoints are not part of transformers' model and are not carried over.
+
+Refused with a message naming the field: attention biases other than GLM's q/k/v ones, MLP biases,
+rope scaling (only plain-theta RoPE is representable), sliding-window attention, activations other
+than SiLU, GLM-4.5 groups of fewer than two experts, vision-language wrappers (their text model is
+the teacher), and other families.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-SUPPORTED_FAMILIES = ("qwen3", "llama", "mistral", "qwen3_5_text")
+from .structural_families import (
+    MOE_FAMILIES, SANDWICH_NORM, attention_weights, is_moe_block, mlp_weights, moe_fields, moe_weights,
+)
+
+SUPPORTED_FAMILIES = ("qwen3", "llama", "mistral", "qwen3_5_text", "qwen3_5_moe_text", "glm4", "glm4_moe")
 QWEN35_LAYER_TYPES = ("linear_attention", "full_attention")
+VL_WRAPPERS = {"qwen3_5": "Qwen3_5ForCausalLM, model_type 'qwen3_5_text'",
+               "qwen3_5_moe": "Qwen3_5MoeForCausalLM, model_type 'qwen3_5_moe_text'"}
+QKV_BIAS_FAMILIES = ("glm4", "glm4_moe")  # attention_bias: q/k/v only, o_proj has none
 
 
 def is_qwen35(tc) -> bool:
-    return getattr(tc, "model_type", None) == "qwen3_5_text"
+    return getattr(tc, "model_type", None) in ("qwen3_5_text", "qwen3_5_moe_text")
+
+
+def is_moe_teacher(tc) -> bool:
+    return getattr(tc, "model_type", None) in MOE_FAMILIES
 
 
 # -----------------------------------------------------------------------------
@@ -68,17 +100,19 @@ def is_qwen35(tc) -> bool:
 def check_teacher(tc) -> None:
     """Raise ValueError naming the first property of the teacher config that does not map exactly."""
     family = getattr(tc, "model_type", None)
-    if family == "qwen3_5":
-        raise ValueError("teacher model_type 'qwen3_5' is the vision-language wrapper: load its text model "
-                         "(Qwen3_5ForCausalLM, model_type 'qwen3_5_text') as the teacher")
+    if family in VL_WRAPPERS:
+        raise ValueError(f"teacher model_type {family!r} is the vision-language wrapper: load its text model "
+                         f"({VL_WRAPPERS[family]}) as the teacher")
     if family not in SUPPORTED_FAMILIES:
         raise ValueError(f"teacher model_type {family!r}: structural init maps {SUPPORTED_FAMILIES} decoders "
                          "(q/k/v/o attention + SwiGLU MLP); distill other teachers from a teacher cache instead")
     if getattr(tc, "hidden_act", "silu") != "silu":
         raise ValueError(f"teacher hidden_act={tc.hidden_act!r}: the student's SwiGLU uses SiLU")
-    for flag in ("attention_bias", "mlp_bias"):
-        if getattr(tc, flag, False):
-            raise ValueError(f"teacher {flag}=True: the student's projections have no biases")
+    if getattr(tc, "attention_bias", False) and family not in QKV_BIAS_FAMILIES:
+        raise ValueError("teacher attention_bias=True: the student's attention has q/k/v biases only "
+                         f"(attention_qkv_bias), which {family} does not restrict itself to")
+    if getattr(tc, "mlp_bias", False):
+        raise ValueError("teacher mlp_bias=True: the student's MLP projections have no biases")
     rope = getattr(tc, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"teacher rope_type={rope.get('rope_type')!r}: only plain-theta RoPE maps onto the "
@@ -96,6 +130,11 @@ def check_teacher(tc) -> None:
         if tc.linear_num_value_heads % tc.linear_num_key_heads:
             raise ValueError(f"teacher linear_num_value_heads={tc.linear_num_value_heads} is not a multiple of "
                              f"linear_num_key_heads={tc.linear_num_key_heads}")
+    if family == "glm4_moe":
+        per_group = tc.n_routed_experts // max(tc.n_group, 1)
+        if tc.n_group < 1 or tc.n_routed_experts % tc.n_group or per_group < 2:
+            raise ValueError(f"teacher n_group={tc.n_group}: must split n_routed_experts={tc.n_routed_experts} "
+                             "into groups of >= 2 experts (a group is scored by its best two)")
 
 
 def head_dim_of(tc) -> int:
@@ -122,14 +161,22 @@ def student_config(tc, *, hybrid_layers: list[int] | None = None, cycle: list[st
     from quasar_model import QuasarLongConfig
 
     check_teacher(tc)
-    L, I = tc.num_hidden_layers, tc.intermediate_size
-    rope_theta = float((getattr(tc, "rope_parameters", None) or {}).get("rope_theta", getattr(tc, "rope_theta", 1e4)))
+    if num_experts > 0 and is_moe_teacher(tc):
+        raise ValueError(f"num_experts={num_experts}: the {tc.model_type} teacher is a MoE already, its own "
+                         "experts and router are carried over (leave --experts at 0)")
+    L = tc.num_hidden_layers
+    I = getattr(tc, "intermediate_size", None) or 1  # MoE-only teachers (qwen3_5_moe) set it in moe_fields
+    rope = getattr(tc, "rope_parameters", None) or {}
+    rope_theta = float(rope.get("rope_theta", getattr(tc, "rope_theta", 1e4)))
     kw = dict(
         vocab_size=tc.vocab_size, hidden_size=tc.hidden_size, num_hidden_layers=L,
         num_attention_heads=tc.num_attention_heads, num_key_value_heads=tc.num_key_value_heads,
         head_dim=head_dim_of(tc), intermediate_size=I, rms_norm_eps=tc.rms_norm_eps,
-        use_qk_norm=tc.model_type == "qwen3", tie_word_embeddings=bool(tc.tie_word_embeddings),
-        partial_rotary_factor=1.0, rope_theta=rope_theta,
+        use_qk_norm=tc.model_type == "qwen3" or bool(getattr(tc, "use_qk_norm", False)),
+        tie_word_embeddings=bool(tc.tie_word_embeddings),
+        partial_rotary_factor=float(rope.get("partial_rotary_factor", 1.0)),
+        attention_qkv_bias=bool(getattr(tc, "attention_bias", False)) and tc.model_type in QKV_BIAS_FAMILIES,
+        sandwich_norm=tc.model_type in SANDWICH_NORM, rope_theta=rope_theta,
         # RoPE inside the teacher's trained window, NoPE past it (the Quasar long-context rule)
         long_context_mode="rope_short_nope_long", use_nope=True,
         nope_after_position=int(tc.max_position_embeddings),
@@ -141,7 +188,9 @@ def student_config(tc, *, hybrid_layers: list[int] | None = None, cycle: list[st
         kw["hybrid_layerwise_cycle"] = list(cycle)
     if is_qwen35(tc):
         kw.update(_qwen35_fields(tc, hybrid_layers, cycle, replacement_mode))
-    if num_experts > 0:
+    if is_moe_teacher(tc):
+        kw.update(moe_fields(tc))
+    elif num_experts > 0:
         moe_i = moe_intermediate_size or I // 4
         if moe_i < 1 or I % moe_i:
             raise ValueError(f"moe_intermediate_size={moe_i} must divide the teacher's intermediate_size={I} "
@@ -208,44 +257,36 @@ def _repeat_heads(w: torch.Tensor, n_kv: int, rep: int) -> torch.Tensor:
     return w.view(n_kv, d, -1).repeat_interleave(rep, dim=0).reshape(n_kv * rep * d, -1)
 
 
-def _query_and_gate(attn, gated: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Qwen3.5's q_proj holds per head [q_h; gate_h] ([H*2d, hidden]): split into q and gate [H*d, hidden]."""
-    w = attn.q_proj.weight
-    if not gated:
-        return w, None
-    d = attn.head_dim
-    per_head = w.view(-1, 2 * d, w.shape[-1])  # [H, 2d, hidden]
-    return per_head[:, :d].reshape(-1, w.shape[-1]), per_head[:, d:].reshape(-1, w.shape[-1])
+def _attention_into(gqa, w) -> None:
+    """w: the teacher attention's AttentionWeights (structural_families)."""
+    _copy(gqa.qkv_proj.weight, torch.cat([w.q, w.k, w.v] + ([w.gate] if gqa.gated else [])), "qkv_proj")
+    if (gqa.qkv_proj.bias is None) != (w.q_bias is None):
+        raise ValueError("qkv_proj: the teacher's q/k/v biases and the student's attention_qkv_bias disagree")
+    if w.q_bias is not None:
+        gate_bias = [torch.zeros_like(w.q_bias)] if gqa.gated else []  # no teacher has both: the gate's stays 0
+        _copy(gqa.qkv_proj.bias, torch.cat([w.qkv_bias] + gate_bias), "qkv_proj.bias")
+    _copy(gqa.o_proj.weight, w.o, "o_proj")
+    if w.q_norm is not None:
+        _copy(gqa.q_norm.weight, w.q_norm, "q_norm")
+        _copy(gqa.k_norm.weight, w.k_norm, "k_norm")
 
 
-def _attention_into(gqa, attn) -> None:
-    q, gate = _query_and_gate(attn, gqa.gated)
-    _copy(gqa.qkv_proj.weight, torch.cat([q, attn.k_proj.weight, attn.v_proj.weight]
-                                         + ([gate] if gate is not None else [])), "qkv_proj")
-    _copy(gqa.o_proj.weight, attn.o_proj.weight, "o_proj")
-    if hasattr(attn, "q_norm"):
-        _copy(gqa.q_norm.weight, attn.q_norm.weight, "q_norm")
-        _copy(gqa.k_norm.weight, attn.k_norm.weight, "k_norm")
-
-
-def _branch_from_attention(branch, kind: str, attn, n_kv: int, rep: int, gated: bool = False,
-                           norm_offset: float = 0.0) -> None:
-    """gated: the teacher's q_proj carries an output gate (Qwen3.5), which becomes GLA's g_proj;
-    norm_offset: 1.0 when the teacher's q/k norms scale by (1 + w) and the branch's by w."""
-    q, gate = _query_and_gate(attn, gated)
-    k, v, o = attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight
+def _branch_from_attention(branch, kind: str, w, n_kv: int, rep: int, norm_offset: float = 0.0) -> None:
+    """w: AttentionWeights; the gate (Qwen3.5's) becomes GLA's g_proj; q/k biases have no place in
+    a branch and are left out (the branch is trained anyway). norm_offset: 1.0 when the teacher's
+    q/k norms scale by (1 + w) and the branch's by w."""
     if kind == "quasar":          # one q/k/v per head: the KV heads repeated across their group
-        _copy(branch.qkv_proj.weight, torch.cat([q, _repeat_heads(k, n_kv, rep), _repeat_heads(v, n_kv, rep)]),
+        _copy(branch.qkv_proj.weight, torch.cat([w.q, _repeat_heads(w.k, n_kv, rep), _repeat_heads(w.v, n_kv, rep)]),
               "branch.qkv_proj")
     else:                         # gla, raven: GQA-shaped q and kv projections
-        _copy(branch.q_proj.weight, q, "branch.q_proj")
-        _copy(branch.kv_proj.weight, torch.cat([k, v]), "branch.kv_proj")
-        if hasattr(attn, "q_norm"):
-            _copy(branch.q_norm.weight, attn.q_norm.weight + norm_offset, "branch.q_norm")
-            _copy(branch.k_norm.weight, attn.k_norm.weight + norm_offset, "branch.k_norm")
-        if gate is not None and kind == "gla":  # both gate the read-out by sigmoid(W x) per channel
-            _copy(branch.g_proj.weight, gate, "branch.g_proj")
-    _copy(branch.o_proj.weight, o, "branch.o_proj")
+        _copy(branch.q_proj.weight, w.q, "branch.q_proj")
+        _copy(branch.kv_proj.weight, torch.cat([w.k, w.v]), "branch.kv_proj")
+        if w.q_norm is not None:
+            _copy(branch.q_norm.weight, w.q_norm + norm_offset, "branch.q_norm")
+            _copy(branch.k_norm.weight, w.k_norm + norm_offset, "branch.k_norm")
+        if w.gate is not None and kind == "gla":  # both gate the read-out by sigmoid(W x) per channel
+            _copy(branch.g_proj.weight, w.gate, "branch.g_proj")
+    _copy(branch.o_proj.weight, w.o, "branch.o_proj")
 
 
 def _deltanet_into(branch, la) -> None:
@@ -261,23 +302,35 @@ def _deltanet_into(branch, la) -> None:
     _copy(branch.o_proj.weight, la.out_proj.weight, "branch.o_proj")
 
 
-def _mlp_into(ffn, mlp) -> None:
+def _mlp_into(ffn, mlp, layer: int) -> None:
     from quasar_model.layers.moe import MoE
 
+    if is_moe_block(mlp):  # a MoE teacher's layer: router, experts and shared expert as they are
+        if not isinstance(ffn, MoE):
+            raise ValueError(f"layer {layer}: the teacher's layer is MoE, the student's is dense "
+                             "(first_k_dense_replace differs)")
+        targets = dict(ffn.named_parameters()) | dict(ffn.named_buffers())
+        for name, t in moe_weights(mlp).items():
+            if name not in targets:
+                raise ValueError(f"layer {layer}: the teacher's MoE has {name}, the student's has none "
+                                 "(moe_shared_expert_gate / num_shared_experts differ)")
+            _copy(targets[name], t, f"layers.{layer}.ffn.{name}")
+        return
+    gate, up, down = mlp_weights(mlp)
     if not isinstance(ffn, MoE):
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            _copy(getattr(ffn, name).weight, getattr(mlp, name).weight, f"ffn.{name}")
+        for name, t in zip(("gate_proj", "up_proj", "down_proj"), (gate, up, down)):
+            _copy(getattr(ffn, name).weight, t, f"ffn.{name}")
         return
     shared = ffn.shared_experts
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        _copy(getattr(shared, name).weight, getattr(mlp, name).weight, f"ffn.shared_experts.{name}")
+    for name, t in zip(("gate_proj", "up_proj", "down_proj"), (gate, up, down)):
+        _copy(getattr(shared, name).weight, t, f"ffn.shared_experts.{name}")
     # Routed expert e starts as slice e mod (I / I_moe) of the teacher's MLP, writing nothing
     # (down = 0): the layer's output is the teacher's, and the experts grow from known features.
     I_moe = ffn.moe_intermediate_size
-    n_slices = mlp.gate_proj.weight.shape[0] // I_moe
+    n_slices = gate.shape[0] // I_moe
     for e in range(ffn.num_experts):
         rows = slice((e % n_slices) * I_moe, (e % n_slices + 1) * I_moe)
-        gate_up = torch.cat([mlp.gate_proj.weight[rows], mlp.up_proj.weight[rows]])   # [2I, hidden]
+        gate_up = torch.cat([gate[rows], up[rows]])   # [2I, hidden]
         _copy(ffn.gate_up_proj[e], gate_up.t(), f"ffn.gate_up_proj[{e}]")
     ffn.down_proj.zero_()
 
@@ -296,7 +349,7 @@ def init_student(teacher: nn.Module, config=None, *, dtype: torch.dtype = torch.
     check_teacher(tc)
     for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "intermediate_size"):
-        if getattr(config, field) != getattr(tc, field):
+        if getattr(tc, field, None) is not None and getattr(config, field) != getattr(tc, field):
             raise ValueError(f"student {field}={getattr(config, field)} differs from the teacher's "
                              f"{getattr(tc, field)}: structural init copies the trunk as it is")
     student = QuasarLongForCausalLM(config).to(dtype)
@@ -306,27 +359,34 @@ def init_student(teacher: nn.Module, config=None, *, dtype: torch.dtype = torch.
     _copy(student.model.norm.weight, t_model.norm.weight, "norm")
     if not config.tie_word_embeddings:
         _copy(student.lm_head.weight, teacher.get_output_embeddings().weight, "lm_head")
-    gated, zc = config.attention_output_gate, config.zero_centered_rms_norm
-    if is_qwen35(tc) and not (gated and zc):
-        raise ValueError("a Qwen3.5 student needs attention_output_gate and zero_centered_rms_norm "
-                         "(student_config sets them)")
+    gated_teacher, zc = is_qwen35(tc), config.zero_centered_rms_norm
+    if config.attention_output_gate != gated_teacher or (gated_teacher and not zc):
+        raise ValueError("attention_output_gate and zero_centered_rms_norm are on for Qwen3.5 teachers "
+                         "only, whose attention has that gate and whose norms scale by (1 + w) (student_config sets them)")
+    if config.sandwich_norm != (tc.model_type in SANDWICH_NORM):
+        raise ValueError(f"student sandwich_norm={config.sandwich_norm} but the {tc.model_type} teacher "
+                         f"{'has' if tc.model_type in SANDWICH_NORM else 'has no'} post-sublayer norms")
     for i, (s_layer, t_layer) in enumerate(zip(student.model.layers, t_model.layers)):
         _copy(s_layer.input_norm.weight, t_layer.input_layernorm.weight, f"layers.{i}.input_norm")
         _copy(s_layer.post_norm.weight, t_layer.post_attention_layernorm.weight, f"layers.{i}.post_norm")
+        if config.sandwich_norm:   # GLM-4's norms of the attention's and the MLP's outputs
+            _copy(s_layer.mixer_out_norm.weight, t_layer.post_self_attn_layernorm.weight, f"layers.{i}.mixer_out_norm")
+            _copy(s_layer.ffn_out_norm.weight, t_layer.post_mlp_layernorm.weight, f"layers.{i}.ffn_out_norm")
         if hasattr(t_layer, "linear_attn"):  # Qwen3.5's gated DeltaNet: a replace-mode quasar layer
             if not (s_layer.is_hybrid and s_layer.mixer.replace and s_layer.mixer.kind == "quasar"):
                 raise ValueError(f"layer {i}: the teacher's gated DeltaNet maps onto a replace-mode quasar "
                                  "layer only (hybrid_replace_layers, cycle 'quasar')")
             _deltanet_into(s_layer.mixer.branch, t_layer.linear_attn)
         elif s_layer.is_hybrid:
+            w = attention_weights(t_layer.self_attn, tc, gated=gated_teacher)
             if s_layer.mixer.attn is not None:
-                _attention_into(s_layer.mixer.attn, t_layer.self_attn)
+                _attention_into(s_layer.mixer.attn, w)
             if branch_from_attention:
-                _branch_from_attention(s_layer.mixer.branch, s_layer.mixer.kind, t_layer.self_attn,
-                                       config.num_key_value_heads, rep, gated=gated, norm_offset=1.0 if zc else 0.0)
+                _branch_from_attention(s_layer.mixer.branch, s_layer.mixer.kind, w,
+                                       config.num_key_value_heads, rep, norm_offset=1.0 if zc else 0.0)
         else:
-            _attention_into(s_layer.mixer, t_layer.self_attn)
-        _mlp_into(s_layer.ffn, t_layer.mlp)
+            _attention_into(s_layer.mixer, attention_weights(t_layer.self_attn, tc, gated=gated_teacher))
+        _mlp_into(s_layer.ffn, t_layer.mlp, i)
     if config.tie_word_embeddings:
         student.tie_weights()
     return student

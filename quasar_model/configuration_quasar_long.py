@@ -13,6 +13,7 @@ from transformers import PreTrainedConfig
 BRANCH_KINDS = ("quasar", "raven", "gla")
 LONG_CONTEXT_MODES = ("rope_short_nope_long", "rope", "nope")
 BALANCING_METHODS = ("smebu", "sign", "none")
+ROUTER_SCORES = ("sigmoid", "softmax")
 REPLACEMENT_MODES = ("add", "replace")  # "replace": the branch alone (see layers/hybrid.py)
 QUASAR_STEPS = ("sigmoid", "softplus")  # the continuous-time beta's parameterisation (layers/quasar.py)
 QUASAR_OUTPUT_GATES = ("low_rank", "silu_z")
@@ -39,6 +40,11 @@ class QuasarLongConfig(PreTrainedConfig):
     # attention output gate: o *= sigmoid(W_g x) per channel before o_proj, W_g's rows appended to
     # qkv_proj as [q; k; v; gate] (Qwen3.5's full-attention layers); off in every preset
     attention_output_gate: bool = False
+    # biases on q, k and v (not o) in qkv_proj: GLM-4's attention; off in every preset
+    attention_qkv_bias: bool = False
+    # RMSNorms on the mixer's and the FFN's outputs before each residual add (GLM-4's
+    # post_self_attn / post_mlp norms, a "sandwich"); off in every preset
+    sandwich_norm: bool = False
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
     use_cache: bool = True
@@ -59,6 +65,14 @@ class QuasarLongConfig(PreTrainedConfig):
     topk_group: int = 4
     routed_scaling_factor: float = 2.5  # (choice; 1.0 is the other value seen)
     moe_balancing: str = "smebu"
+    # Router and shared expert variants (the defaults are the spec's router): expert scores by
+    # "sigmoid" or "softmax" (over all experts, Qwen3.5-MoE's router); the picked weights renormalised
+    # to sum to one or not; the shared expert's width (None: num_shared_experts * moe_intermediate_size)
+    # and a per-token sigmoid gate on its output (Qwen3.5-MoE's shared_expert_gate)
+    moe_router_score: str = "sigmoid"
+    moe_norm_topk_prob: bool = True
+    moe_shared_expert_intermediate_size: int | None = None
+    moe_shared_expert_gate: bool = False
     smebu_kappa: float = 2.0
     smebu_lambda: float = 2e-3
     smebu_beta: float = 0.5
@@ -153,6 +167,12 @@ class QuasarLongConfig(PreTrainedConfig):
         return self.branch_kind(layer_idx) is not None and (
             self.hybrid_replacement_mode == "replace" or layer_idx in self.hybrid_replace_layers)
 
+    def shared_expert_width(self) -> int:
+        """The shared expert's intermediate width (0: no shared expert)."""
+        if self.num_shared_experts < 1:
+            return 0
+        return self.moe_shared_expert_intermediate_size or self.num_shared_experts * self.moe_intermediate_size
+
     def quasar_heads(self) -> tuple[int, int, int, int]:
         """(key heads, value heads, key head dim, value head dim) of the quasar branch."""
         hk = self.hybrid_quasar_num_key_heads or self.num_attention_heads
@@ -204,6 +224,17 @@ class QuasarLongConfig(PreTrainedConfig):
                 fail("moe_intermediate_size", "must be a positive integer")
             if self.num_shared_experts < 0:
                 fail("num_shared_experts", "must be >= 0")
+            width = self.moe_shared_expert_intermediate_size
+            if width is not None:
+                if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+                    fail("moe_shared_expert_intermediate_size", "must be a positive integer or None")
+                if self.num_shared_experts < 1:
+                    fail("moe_shared_expert_intermediate_size", "sets the shared expert's width: needs "
+                         "num_shared_experts >= 1")
+            if self.moe_shared_expert_gate and self.num_shared_experts < 1:
+                fail("moe_shared_expert_gate", "gates the shared expert: needs num_shared_experts >= 1")
+        if self.moe_router_score not in ROUTER_SCORES:
+            fail("moe_router_score", f"must be one of {ROUTER_SCORES}")
         if self.moe_balancing not in BALANCING_METHODS:
             fail("moe_balancing", f"must be one of {BALANCING_METHODS}")
         if len(set(self.hybrid_attention_layers)) != len(self.hybrid_attention_layers):

@@ -5,6 +5,7 @@
             h += engram(h)                        (engram layers)
             h += Mixer(RMSNorm(h))                (GQA, or GQA + gated branch on hybrid layers)
             h += FFN(RMSNorm(h))                  (dense SwiGLU first, MoE after)
+    (sandwich_norm: each sublayer's output passes one more RMSNorm before its add, as in GLM-4)
 """
 from __future__ import annotations
 
@@ -63,10 +64,17 @@ class QuasarLongDecoderLayer(nn.Module):
                 config.hidden_size, config.moe_intermediate_size, config.num_experts, config.num_experts_per_tok,
                 config.num_shared_experts, config.n_group, config.topk_group, config.routed_scaling_factor,
                 balancing=config.moe_balancing, smebu_kappa=config.smebu_kappa, smebu_lambda=config.smebu_lambda,
-                smebu_beta=config.smebu_beta, sign_gamma=config.sign_gamma,
+                smebu_beta=config.smebu_beta, sign_gamma=config.sign_gamma, score=config.moe_router_score,
+                norm_topk_prob=config.moe_norm_topk_prob,
+                shared_intermediate_size=config.moe_shared_expert_intermediate_size,
+                shared_gate=config.moe_shared_expert_gate,
             )
         else:
             self.ffn = SwiGLU(config.hidden_size, config.intermediate_size)
+        # sandwich: the sublayers' outputs normalised before each residual add (GLM-4)
+        sandwich = (lambda: RMSNorm(config.hidden_size, config.rms_norm_eps, zero_centered=zc)) if config.sandwich_norm else None
+        self.mixer_out_norm = sandwich() if sandwich else None
+        self.ffn_out_norm = sandwich() if sandwich else None
         self.engram = Engram(config, layer_idx) if layer_idx in config.engram_layers else None
         self.memory = LatentMemory(config) if layer_idx in config.latent_memory_layers else None
 
@@ -81,9 +89,14 @@ class QuasarLongDecoderLayer(nn.Module):
             m = self.mixer(x, ctx.rope, ctx.attn_mask, state)
         if self.memory is not None:
             m = m + self.memory(x, None if state is None else state.setdefault("memory", {}))
+        if self.mixer_out_norm is not None:
+            m = self.mixer_out_norm(m)
         h = h + m
         x = self.post_norm(h)
-        return h + (self.ffn(x, token_mask=ctx.token_mask) if isinstance(self.ffn, MoE) else self.ffn(x))
+        f = self.ffn(x, token_mask=ctx.token_mask) if isinstance(self.ffn, MoE) else self.ffn(x)
+        if self.ffn_out_norm is not None:
+            f = self.ffn_out_norm(f)
+        return h + f
 
 
 class QuasarLongPreTrainedModel(PreTrainedModel):

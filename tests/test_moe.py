@@ -274,8 +274,28 @@ def test_padding_not_counted_and_not_mixed():
         (dict(routed_scaling_factor=0.0), "routed_scaling_factor"),
         (dict(smebu_beta=1.0), "smebu_beta"),
         (dict(dispatch="magic"), "dispatch"),
+        (dict(score="tanh"), "score"),
+        (dict(num_shared_experts=0, shared_gate=True), "shared_gate"),
+        (dict(num_shared_experts=0, shared_intermediate_size=8), "shared_intermediate_size"),
     ],
 )
 def test_invalid_args(kw, name):
     with pytest.raises(ValueError, match=name):
         make_moe(**kw)
+
+
+def test_softmax_router_without_renormalisation_hand_example():
+    # Qwen-MoE style: softmax over all experts, the picked probabilities used as they are
+    moe = make_moe(n_group=1, topk_group=1, num_experts_per_tok=2, score="softmax", norm_topk_prob=False,
+                   routed_scaling_factor=1.0, num_shared_experts=0)
+    torch.manual_seed(0)
+    x = torch.randn(1, 5, moe.hidden_size)
+    probs = torch.softmax(x.reshape(5, -1) @ moe.gate.weight.t(), dim=-1)
+    top = probs.topk(2, dim=-1)
+    ref = torch.zeros(5, moe.hidden_size)
+    for n in range(5):
+        for w, e in zip(top.values[n], top.indices[n]):
+            g, u = (x.reshape(5, -1)[n] @ moe.gate_up_proj[e]).chunk(2)
+            ref[n] += w * ((F.silu(g) * u) @ moe.down_proj[e])
+    torch.testing.assert_close(moe(x).reshape(5, -1), ref, atol=1e-7, rtol=1e-5)
+    assert float(top.values.sum(-1).max()) < 0.99         # unnormalised indeed: the test can tell

@@ -2,6 +2,7 @@
 
 With `attention_output_gate` (Qwen3.5's full-attention layers) the fused projection also yields a
 per-channel gate, o <- o * sigmoid(W_g x) before o_proj; its rows follow q, k, v in qkv_proj.
+With `attention_qkv_bias` (GLM-4) qkv_proj has a bias (the gate rows' part of it is that of the gate).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ class GQAttention(nn.Module):
         self.gated = config.attention_output_gate
         # [q; k; v] (+ [gate], as many channels as q) rows of the fused projection
         self.split = [self.n_heads, self.n_kv, self.n_kv] + ([self.n_heads] if self.gated else [])
-        self.qkv_proj = nn.Linear(config.hidden_size, sum(self.split) * self.head_dim, bias=False)
+        self.qkv_proj = nn.Linear(config.hidden_size, sum(self.split) * self.head_dim, bias=config.attention_qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
         zc = config.zero_centered_rms_norm
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, zero_centered=zc) if config.use_qk_norm else nn.Identity()

@@ -7,6 +7,12 @@ Routing (DeepSeek-V3 style):
     weight = s[pick] / sum(s[pick]) * routed_scaling_factor      (unbiased!)
     y      = sum_j weight_j * Expert_{pick_j}(x)  +  SharedExpert(x)
 
+Variants, for teachers routed otherwise (default off): score="softmax" takes
+s = softmax(W_gate x) over all experts (Qwen-MoE); norm_topk_prob=False keeps
+weight = s[pick] * routed_scaling_factor unnormalised; shared_gate multiplies
+the shared expert's output by sigmoid(w_g . x), one scalar per token; and
+shared_intermediate_size sets the shared expert's width directly.
+
 The bias b only decides *which* experts a token goes to, never how much they
 count, so it balances the load without distorting the function the model
 computes and without a gradient-carrying auxiliary loss. b is a buffer, moved
@@ -30,6 +36,7 @@ Parameters (names matter for init / checkpoint code):
     gate_up_proj      [E, hidden, 2 * I]   per-expert [gate | up], x @ W layout
     down_proj         [E, I, hidden]       per-expert down, x @ W layout
     shared_experts.*  SwiGLU(hidden, I * num_shared_experts), or None
+    shared_expert_gate.weight [1, hidden]  with shared_gate only
 Buffers:
     expert_bias       [E] fp32, persistent  (b)
     bias_momentum     [E] fp32, persistent  (m, smebu only)
@@ -45,6 +52,7 @@ import torch.nn.functional as F
 from .mlp import SwiGLU
 
 BALANCING = ("smebu", "sign", "none")
+SCORES = ("sigmoid", "softmax")
 DISPATCH = ("auto", "grouped_mm", "padded", "loop")
 
 
@@ -55,7 +63,7 @@ DISPATCH = ("auto", "grouped_mm", "padded", "loop")
 def route(scores, bias, top_k, n_group, topk_group):
     """Pick experts by biased score inside the best groups.
 
-    scores: [N, E] fp32 sigmoid scores; bias: [E].
+    scores: [N, E] fp32 expert scores (sigmoid or softmax); bias: [E].
     Returns (topk_idx [N, k] int64, topk_weight [N, k] fp32) where the weight is
     the *unbiased* score of each chosen expert, not yet normalised.
     """
@@ -222,6 +230,10 @@ class MoE(nn.Module):
         smebu_beta=0.5,
         sign_gamma=1e-3,
         dispatch="auto",
+        score="sigmoid",
+        norm_topk_prob=True,
+        shared_intermediate_size=None,
+        shared_gate=False,
     ):
         super().__init__()
         for name, value, low in (
@@ -259,6 +271,15 @@ class MoE(nn.Module):
             raise ValueError(f"sign_gamma must be >= 0, got {sign_gamma!r}")
         if dispatch not in DISPATCH:
             raise ValueError(f"dispatch must be one of {DISPATCH}, got {dispatch!r}")
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        if shared_intermediate_size is not None and (
+            not isinstance(shared_intermediate_size, int) or shared_intermediate_size < 1 or num_shared_experts < 1
+        ):
+            raise ValueError(f"shared_intermediate_size must be an int >= 1 with num_shared_experts >= 1, "
+                             f"got {shared_intermediate_size!r}")
+        if shared_gate and num_shared_experts < 1:
+            raise ValueError("shared_gate needs num_shared_experts >= 1")
 
         self.hidden_size = hidden_size
         self.moe_intermediate_size = moe_intermediate_size
@@ -274,13 +295,17 @@ class MoE(nn.Module):
         self.smebu_beta = float(smebu_beta)
         self.sign_gamma = float(sign_gamma)
         self.dispatch = dispatch
+        self.score = score
+        self.norm_topk_prob = bool(norm_topk_prob)
 
         E, H, I = num_experts, hidden_size, moe_intermediate_size
         self.gate = nn.Linear(H, E, bias=False)  # router
         # stacked expert weights, x @ W layout so grouped_mm/bmm need no transpose
         self.gate_up_proj = nn.Parameter(torch.empty(E, H, 2 * I))  # [E, H, 2I] = [gate | up]
         self.down_proj = nn.Parameter(torch.empty(E, I, H))  # [E, I, H]
-        self.shared_experts = SwiGLU(H, I * num_shared_experts) if num_shared_experts > 0 else None
+        shared_width = shared_intermediate_size or I * num_shared_experts
+        self.shared_experts = SwiGLU(H, shared_width) if num_shared_experts > 0 else None
+        self.shared_expert_gate = nn.Linear(H, 1, bias=False) if shared_gate else None
 
         # balancing state: buffers, so no optimizer or autograd ever touches them
         self.register_buffer("expert_bias", torch.zeros(E), persistent=True)
@@ -325,9 +350,12 @@ class MoE(nn.Module):
         N = xr.shape[0]
 
         if N > 0:
-            scores = torch.sigmoid(F.linear(xr.float(), self.gate.weight.float()))  # [N, E] fp32
+            logits = F.linear(xr.float(), self.gate.weight.float())  # [N, E] fp32
+            scores = torch.sigmoid(logits) if self.score == "sigmoid" else torch.softmax(logits, dim=-1)
             topk_idx, topk_w = route(scores, self.expert_bias, self.top_k, self.n_group, self.topk_group)
-            topk_w = topk_w / (topk_w.sum(dim=-1, keepdim=True) + 1e-20) * self.routed_scaling_factor
+            if self.norm_topk_prob:
+                topk_w = topk_w / (topk_w.sum(dim=-1, keepdim=True) + 1e-20)
+            topk_w = topk_w * self.routed_scaling_factor
             counts = torch.bincount(topk_idx.reshape(-1), minlength=self.num_experts)  # [E]
 
             with torch.no_grad():
@@ -353,7 +381,10 @@ class MoE(nn.Module):
             y = torch.zeros(B * T, H, device=x.device, dtype=torch.float32)
 
         if self.shared_experts is not None:
-            y = y + self.shared_experts(xf).float()
+            shared = self.shared_experts(xf).float()
+            if self.shared_expert_gate is not None:
+                shared = shared * torch.sigmoid(self.shared_expert_gate(xf).float())  # [B*T, 1]
+            y = y + shared
         return y.to(x.dtype).view(B, T, H)
 
     # ---- balancing -----------------------------------------------------------
@@ -414,6 +445,6 @@ class MoE(nn.Module):
     def extra_repr(self):
         return (
             f"experts={self.num_experts}, top_k={self.top_k}, groups={self.topk_group}/{self.n_group}, "
-            f"shared={self.num_shared_experts}, scale={self.routed_scaling_factor}, "
+            f"shared={self.num_shared_experts}, scale={self.routed_scaling_factor}, score={self.score}, "
             f"balancing={self.balancing}, dispatch={self.dispatch}"
         )
