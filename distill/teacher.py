@@ -91,9 +91,36 @@ def load_teacher(name_or_path: str | os.PathLike, *, revision: str | None = None
     model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     if place is not None:
         model.to(place)
+    if place == "cpu":
+        pytorch_kernels_on_cpu(model)
     model.eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     return model, tokenizer
+
+
+def pytorch_kernels_on_cpu(model) -> list[str]:
+    """Point the model's modeling module at its own PyTorch functions where transformers bound a
+    GPU-only kernel package instead (Qwen3.5's gated delta rule is bound to fla's Triton kernels
+    whenever fla is importable, whatever the device, and Triton cannot run on a CPU). Process-wide,
+    which is harmless: no process runs those kernels on a CPU. Returns the names it rebound."""
+    import sys
+
+    rebound = []
+    for module_name in {type(m).__module__ for m in model.modules()}:
+        module = sys.modules.get(module_name)
+        if module is None or not module_name.startswith("transformers.models."):
+            continue
+        for name, fn in list(vars(module).items()):
+            torch_fn = getattr(fn, "__wrapped__", None)
+            # transformers' hub-kernel wrapper around a `torch_*` reference function
+            if callable(fn) and callable(torch_fn) and fn.__code__.co_filename.endswith("hub_kernels.py"):
+                setattr(module, name, torch_fn)
+                REBOUND_ON_CPU[(module_name, name)] = fn
+                rebound.append(f"{module_name}.{name}")
+    return rebound
+
+
+REBOUND_ON_CPU: dict[tuple[str, str], object] = {}  # (module, name) -> the kernel-bound function it replaced
 
 
 # -----------------------------------------------------------------------------
