@@ -101,7 +101,8 @@ def _teacher_identity(competition: Competition, location: str) -> dict:
 
 def recall_items(competition: Competition, seed: int, tokenizer) -> list[TaskItem]:
     r = competition.recall
-    return generate_items(seed, tokenizer, r.context_len, r.families, r.lengths, r.depth_bins, r.items_per_cell)
+    return generate_items(seed, tokenizer, r.context_len, r.families, r.lengths, r.depth_bins, r.items_per_cell,
+                          forms=r.forms)
 
 
 def default_cache_root() -> Path:
@@ -220,7 +221,7 @@ def score_model(model, inputs: RoundInputs, *, hotkey: str = "local", model_hash
     r = comp.recall
     for o in run_recall(model, inputs.items, prefill_chunk=r.prefill_chunk, max_answer_tokens=r.max_answer_tokens,
                         device=device, progress=progress):
-        items.append(ItemResult("recall", f"recall/{o.item_id}", 1.0 if o.correct else 0.0))
+        items.append(ItemResult("recall", f"recall/{o.item_id}", 1.0 if o.correct else 0.0, truncated=o.truncated))
     raw = logit_fingerprint(model, inputs.probes, inputs.fp_ids)
     conts = continuations(model, inputs.heldout, prefill_chunk=r.prefill_chunk, device=device)
     if torch.isfinite(raw).all():
