@@ -209,7 +209,9 @@ def continuations(model, heldout: HeldoutSet, *, prefill_chunk: int, device=None
 
 
 def score_model(model, inputs: RoundInputs, *, hotkey: str = "local", model_hash: str | None = None,
-                commit_block: int = 0, device=None, progress: bool = False) -> SubmissionResult:
+                commit_block: int = 0, device=None, progress: bool = False, recall_batch: int = 1) -> SubmissionResult:
+    """recall_batch: recall items of equal length run this many per forward (eval.recall); the
+    outcomes do not depend on it, only speed and memory do."""
     comp = inputs.competition
     model.eval()
     items: list[ItemResult] = []
@@ -220,7 +222,7 @@ def score_model(model, inputs: RoundInputs, *, hotkey: str = "local", model_hash
         items.append(ItemResult("ce", f"heldout/{i}", s.ce, None if tce is None else tce[i]))
     r = comp.recall
     for o in run_recall(model, inputs.items, prefill_chunk=r.prefill_chunk, max_answer_tokens=r.max_answer_tokens,
-                        device=device, progress=progress):
+                        device=device, progress=progress, batch_size=recall_batch):
         items.append(ItemResult("recall", f"recall/{o.item_id}", 1.0 if o.correct else 0.0, truncated=o.truncated))
     raw = logit_fingerprint(model, inputs.probes, inputs.fp_ids)
     conts = continuations(model, inputs.heldout, prefill_chunk=r.prefill_chunk, device=device)

@@ -301,6 +301,7 @@ def _round_forms(seed: int) -> dict:
         wording=wording, relations=relations,
         assoc=dict(header=rng.choice(_AQ_HEADERS), number=rng.choice(_AQ_NUMBERS)), var=var,
         key_re=_key_regex(key), val_re=r"[\w-]+",
+        exact_length=True,  # every prompt of a length bin has exactly its target length: batchable
     )
 
 

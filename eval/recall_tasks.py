@@ -312,6 +312,36 @@ def _continuation(tokenizer: TextTokenizer, prompt: str, prompt_ids: list[int], 
     return full[len(prompt_ids):]
 
 
+EXACT_SPARES = 48  # spare filler sentences drawn to swap in when fitting a prompt to its exact length
+
+
+def _exact_fit(rng, grammar, count, used, filler, assemble, target, built):
+    """Swap filler sentences for unused ones `gap` tokens longer until the prompt is exactly `target`
+    tokens, so every prompt of a length bin has one length and the evaluator can batch them
+    (eval.recall). Gives up after a few swaps (the prompt then stays at most `target`)."""
+    spare: dict[int, list[str]] = {}
+    for _ in range(EXACT_SPARES):
+        s = haystack.sentence(rng, grammar)
+        if s not in used and all(s not in v for v in spare.values()):
+            spare.setdefault(count(s), []).append(s)
+    best = (list(filler), built)
+    for _ in range(4):
+        gap = target - len(built[2])
+        if gap == 0:
+            break
+        j = next((j for j in range(len(filler) - 1, -1, -1) if spare.get(filler[j][1] + gap)), None)
+        if j is None:
+            break
+        n = filler[j][1] + gap
+        s = spare[n].pop()
+        used.add(s)
+        filler = filler[:j] + [(s, n)] + filler[j + 1:]
+        built = assemble(filler)
+        if len(built[2]) <= target:
+            best = (list(filler), built)
+    return best
+
+
 def generate_item(seed: int, tokenizer: TextTokenizer, context_len: int, family: str, length_bin: int,
                   depth_bin: int, index: int = 0, depth_bins: int = 10, forms="fixed") -> TaskItem:
     """One item. forms: "fixed" (the public default forms), "round" (drawn from `seed`,
@@ -338,14 +368,18 @@ def generate_item(seed: int, tokenizer: TextTokenizer, context_len: int, family:
     if budget < 0.2 * target:
         raise ValueError(f"context_len {context_len} x {length_bin} is too short for {family}: "
                          f"{target - budget} tokens of instructions and needles")
-    filler = haystack.fill(rng, count, budget, grammar=f["filler"])
+    used: set[str] = set()
+    filler = haystack.fill(rng, count, budget, used, grammar=f["filler"])
+
+    def assemble(filler):
+        units = _interleave(filler, needles)
+        prompt = head + " ".join(u[0] for u in units) + tail
+        return units, prompt, tokenizer.encode(prompt)
 
     # the budget adds per-sentence counts; merges at sentence joins can make the real prompt a
     # token or two longer, so trim filler from the end until it fits (usually zero iterations)
     while True:
-        units = _interleave(filler, needles)
-        prompt = head + " ".join(u[0] for u in units) + tail
-        prompt_ids = tokenizer.encode(prompt)
+        units, prompt, prompt_ids = assemble(filler)
         over = len(prompt_ids) - target
         if over <= 0:
             break
@@ -353,6 +387,9 @@ def generate_item(seed: int, tokenizer: TextTokenizer, context_len: int, family:
             raise ValueError(f"cannot fit {family} into {target} tokens")
         while over > 0 and filler:
             over -= filler.pop()[1]
+    if f.get("exact_length"):
+        filler, (units, prompt, prompt_ids) = _exact_fit(rng, f["filler"], count, used, filler, assemble, target,
+                                                         (units, prompt, prompt_ids))
 
     if spec.answer_parts is None:  # multivalue: values in the order their needles landed
         spec.answer_parts = [nd.value for _, _, nd in units if nd and nd.role in ("primary", "answer")]

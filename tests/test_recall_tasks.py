@@ -123,6 +123,8 @@ def test_grid_covers_every_cell_and_is_exactly_gradable(qwen, any_grid):
     assert {(it.family, it.length_bin, it.depth_bin) for it in any_grid} == \
         {(f, L, d) for f in FAMILIES for L in (1, 2, 4) for d in range(10)}
     check_items(any_grid, qwen, CTX)
+    if any_grid[0].meta.get("forms"):  # round forms fit every prompt to its exact length: batchable
+        assert all(len(it.prompt_ids) == it.length_bin * CTX for it in any_grid)
 
 
 def test_answers_unique_and_distractors_present(qwen, any_grid):
