@@ -19,11 +19,16 @@ Families (the primary needle of every family sits at depth (d + 0.5) / depth_bin
   variable_tracking  chains "VAR A = 12345." "VAR B = VAR A." ... plus distractor chains;
                      answer: every variable holding the value, in order of assignment
 
+The wording, alphabets, filler and delimiters above are the public default forms (`forms="fixed"`).
+With `forms="round"` they are drawn from the seed (eval.recall_forms), so a model cannot learn the
+templates instead of recall; such prompts are also fitted to exactly `length_bin * context_len`
+tokens, so the evaluator can batch the items of a length bin (eval.recall).
+
 Every item is a pure function of (seed, family, length_bin, depth_bin, index, tokenizer,
-context_len, depth_bins): its random stream is seeded from a sha256 of the first five, so
+context_len, depth_bins, forms): its random stream is seeded from a sha256 of the first five, so
 requesting fewer families or bins never changes the items that are generated.
-`oracle_answer(item, tokenizer)` re-derives the answer from the decoded prompt alone, proving it
-is recoverable.
+`oracle_answer(item, tokenizer)` re-derives the answer from the decoded prompt and the item's
+forms alone, proving it is recoverable.
 """
 
 import hashlib

@@ -246,3 +246,26 @@ def test_qwen_adapter_reads_special_tokens_as_text(qwen):
     assert isinstance(qwen, TextTokenizer)
     ids = qwen.encode("a <|im_end|> b")
     assert qwen.decode(ids) == "a <|im_end|> b" and len(ids) > 3  # not the single control token
+
+
+# ---- the competition's recall.forms ----------------------------------------------------------------
+
+def test_competition_forms_key_keeps_old_digests():
+    import hashlib
+    import dataclasses as dc
+
+    from eval.competition import CompetitionError, load_competition, parse_competition
+
+    comp = load_competition("localnet")
+    assert comp.recall.forms == "round"
+    raw = comp.to_dict()
+    del raw["recall"]["forms"]  # a file from before the key: the public default forms, and its old digest
+    old = parse_competition(raw)
+    assert old.recall.forms == "fixed"
+    legacy = {k: v for k, v in dc.asdict(old).items() if k != "eval_stack"}
+    del legacy["recall"]["forms"]
+    assert old.digest == hashlib.sha256(json.dumps(legacy, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert old.digest != comp.digest  # other forms are other rules
+    raw["recall"]["forms"] = "random"
+    with pytest.raises(CompetitionError, match="recall.forms"):
+        parse_competition(raw)
