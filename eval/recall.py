@@ -15,12 +15,15 @@ With `batch_size` > 1, items whose prompts have the same length (a round's forms
 of a length bin to exactly its target length, eval.recall_tasks) run together: one [B, chunk]
 forward per prefill chunk and one [B, 1] forward per decode step, no padding, so each row computes
 what it computes alone; a row stops being graded at its first wrong token, and the batch stops when
-no row is still matching. Outcomes equal the one-at-a-time path (tests/test_evaluate.py). Items do
-not share a haystack (each item is an independent draw, which is what the paired bootstrap over
-items assumes), so there is no common prefill to share beyond the batch.
+no row is still matching. Outcomes equal the one-at-a-time path (tests/test_evaluate.py) as far as
+the kernels round alike: a batched matmul may round differently from a single row, which can only
+flip a greedy token at a near-tie, so score_model keeps batch 1 unless the evaluator asks (a replay
+should use the batch size of the round it replays). Items do not share a haystack (each item is an
+independent draw, which is what the paired bootstrap over items assumes; assoc_recall already asks
+several questions of one haystack inside one item), so there is no common prefill to share.
 
-The model is anything called as `model(input_ids=[1, t], cache=cache, use_cache=True,
-logits_to_keep=1)` returning `.logits` [1, 1, V] and `.cache` (the cache to pass next; Hugging
+The model is anything called as `model(input_ids=[B, t], cache=cache, use_cache=True,
+logits_to_keep=1)` returning `.logits` [B, 1, V] and `.cache` (B = 1 unless batching) (the cache to pass next; Hugging
 Face's names since transformers 5.24): a QuasarLongForCausalLM, a Hugging Face decoder (a teacher
 used as a reference), or a test double. The first call passes cache=None and the model makes its
 own cache.
