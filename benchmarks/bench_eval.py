@@ -8,7 +8,12 @@
    cache itself (attention K/V; the branches' recurrent states are fixed-size), printed beside.
    CUDA: torch's peak allocated bytes. CPU: each point runs in a fresh process and reports its
    peak RSS growth during the prefill (after a warm-up forward).
-3. --e2e: one submission fully scored as a validator does (eval.evaluate: held-out set + teacher
+3. recall evaluation at 1x/2x/4x of --recall-context: `--recall-items` prompts per length (equal
+   length, as a round's exact-length forms make them), graded by eval.recall.run_recall one item at
+   a time (the baseline) and `--batch` items per forward; tokens/s, peak memory (as in 2.) and the
+   ratios batched / one at a time. Answers are random tokens, so most rows stop after one decode
+   step: prefill dominates, as it does for the validator.
+4. --e2e: one submission fully scored as a validator does (eval.evaluate: held-out set + teacher
    cache, recall items, KL/CE, recall, fingerprint, continuations) on a localnet round resized by
    --context/--docs/--depth-bins; the teacher is the tiny teacher (trained on first use), so no
    download is needed and any preset can be the student (its vocabulary only has to cover 1024 ids).
@@ -31,7 +36,8 @@ from types import SimpleNamespace
 import torch
 
 from eval.heldout import score_document
-from eval.recall import greedy_decode, prefill
+from eval.recall import greedy_decode, prefill, run_recall
+from eval.recall_tasks import TaskItem
 from quasar_model import QuasarLongConfig, QuasarLongForCausalLM
 
 
@@ -140,6 +146,63 @@ def measure_peak(preset: str, device: str, ctx: int, chunk: int, threads: int) -
 
 
 # -----------------------------------------------------------------------------
+# recall evaluation: one item at a time vs batched
+
+def _recall_items(V: int, ctx: int, n: int) -> list[TaskItem]:
+    g = torch.Generator().manual_seed(ctx)
+    return [TaskItem("passkey", 1, 0, torch.randint(0, V, (ctx,), generator=g).tolist(),
+                     torch.randint(0, V, (4,), generator=g).tolist(), " ?") for _ in range(n)]
+
+
+@torch.no_grad()
+def recall_point(preset: str, device: str, ctx: int, n: int, batch: int, chunk: int) -> tuple[float, int]:
+    """(prompt tokens/s of run_recall over n items of ctx tokens at this batch size, peak bytes it adds)."""
+    model = build(preset, device)
+    items = _recall_items(model.config.vocab_size, ctx, n)
+    run_recall(model, _recall_items(model.config.vocab_size, 64, batch), prefill_chunk=chunk, max_answer_tokens=4,
+               device=device, batch_size=batch)   # warm-up: lazy allocations belong to the baseline
+    sync(device)
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_bytes()
+    t0 = time.perf_counter()
+    run_recall(model, items, prefill_chunk=chunk, max_answer_tokens=4, device=device, batch_size=batch)
+    sync(device)
+    dt = time.perf_counter() - t0
+    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return n * ctx / dt, max(0, peak - base)
+
+
+def measure_recall(args, ctx: int, batch: int) -> tuple[float, int]:
+    if args.device.startswith("cuda"):
+        return recall_point(args.preset, args.device, ctx, args.recall_items, batch, args.chunk)
+    cmd = [sys.executable, __file__, "--child-recall", args.preset, str(ctx), str(args.recall_items), str(batch),
+           str(args.chunk), "--threads", str(args.threads)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return tuple(json.loads(res.stdout.strip().splitlines()[-1]))
+
+
+def recall_batching(args) -> None:
+    mib = 1 << 20
+    print(f"\nrecall evaluation (run_recall), {args.recall_items} items per length, chunk {args.chunk}: "
+          f"one at a time vs --batch {args.batch}")
+    print(f"  {'context':>8}{'1 at a time':>16}{f'batch {args.batch}':>16}{'speed':>8}"
+          f"{'peak, 1 at a time':>20}{f'peak, batch {args.batch}':>16}{'memory':>8}")
+    out = {}
+    for m in (1, 2, 4):
+        ctx = m * args.recall_context
+        (t1, p1), (tb, pb) = measure_recall(args, ctx, 1), measure_recall(args, ctx, args.batch)
+        out[f"{m}x"] = dict(tokens_per_s_1=t1, tokens_per_s_batch=tb, peak_1=p1, peak_batch=pb)
+        print(f"  {f'{m}x {ctx}':>8}{t1:>11,.0f} tok/s{tb:>11,.0f} tok/s{tb / t1:>7.2f}x"
+              f"{p1 / mib:>16.1f} MiB{pb / mib:>12.1f} MiB{pb / max(p1, 1):>7.2f}x")
+    print(json.dumps(out))
+
+
+# -----------------------------------------------------------------------------
 # one submission, end to end
 
 def end_to_end(args) -> None:
@@ -181,11 +244,25 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256, help="held-out document length")
     ap.add_argument("--docs", type=int, default=8)
     ap.add_argument("--depth-bins", type=int, default=10)
+    ap.add_argument("--recall-context", type=int, default=512, help="1x context of the recall batching comparison")
+    ap.add_argument("--recall-items", type=int, default=8, help="recall items per length in that comparison")
+    ap.add_argument("--batch", type=int, default=4, help="recall items per forward in that comparison")
     ap.add_argument("--e2e", action="store_true", help="also score one submission end to end")
     ap.add_argument("--cache-root", default=None)
     ap.add_argument("--child-peak", nargs=3, metavar=("PRESET", "CTX", "CHUNK"), help=argparse.SUPPRESS)
+    ap.add_argument("--child-recall", nargs=5, metavar=("PRESET", "CTX", "N", "BATCH", "CHUNK"), help=argparse.SUPPRESS)
+    ap.add_argument("--skip-prefill", action="store_true", help="only the recall batching comparison (and --e2e)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.child_recall:
+        preset, ctx, n, batch, chunk = args.child_recall
+        print(json.dumps(recall_point(preset, "cpu", int(ctx), int(n), int(batch), int(chunk))))
+        return
+    if args.skip_prefill:
+        recall_batching(args)
+        if args.e2e:
+            end_to_end(args)
+        return
     if args.child_peak:
         preset, ctx, chunk = args.child_peak
         print(json.dumps(prefill_peak(preset, "cpu", int(ctx), int(chunk))))
@@ -216,6 +293,7 @@ def main():
     u, c = peaks[("unchunked", c4)][0], peaks[("chunked", c4)][0]
     print(f"  peak unchunked / chunked at {c4} tokens: {u / max(c, 1):.2f}x")
     print(json.dumps({f"{m}@{n}": list(v) for (m, n), v in peaks.items()}))
+    recall_batching(args)
 
     if args.e2e:
         end_to_end(args)

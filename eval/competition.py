@@ -100,6 +100,10 @@ class RecallSpec:
     items_per_cell: int = 1
     prefill_chunk: int = 1024  # tokens per forward during prefill (memory flat in context length)
     max_answer_tokens: int = 16
+    # surface forms of the items (eval.recall_forms): "round" draws wording, alphabets, filler and
+    # delimiters from the round seed, so a model trained on the public defaults gains nothing;
+    # "fixed" (what a file without the key means) is the public defaults, as every round before had
+    forms: str = "fixed"
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,8 @@ class Competition:
         raw = self.to_dict()
         if not raw["eval_stack"]:  # files from before eval_stack keep their digest (stored rounds resume)
             del raw["eval_stack"]
+        if raw["recall"]["forms"] == "fixed":  # likewise files from before recall.forms
+            del raw["recall"]["forms"]
         blob = json.dumps(raw, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -210,6 +216,8 @@ class Competition:
         unknown = set(self.recall.families) - set(FAMILIES)
         need(not unknown and len(self.recall.families) > 0, "recall.families",
              f"unknown {sorted(unknown)}; known: {list(FAMILIES)}" if unknown else "empty")
+        need(self.recall.forms in ("fixed", "round"), "recall.forms",
+             f"must be 'fixed' (the public default forms) or 'round' (drawn per round), got {self.recall.forms!r}")
         need(len(self.recall.lengths) > 0 and all(m >= 1 for m in self.recall.lengths), "recall.lengths",
              f"need multiples >= 1, got {list(self.recall.lengths)}")
         axes = {"kl", "ce", "recall"}

@@ -101,7 +101,8 @@ def _teacher_identity(competition: Competition, location: str) -> dict:
 
 def recall_items(competition: Competition, seed: int, tokenizer) -> list[TaskItem]:
     r = competition.recall
-    return generate_items(seed, tokenizer, r.context_len, r.families, r.lengths, r.depth_bins, r.items_per_cell)
+    return generate_items(seed, tokenizer, r.context_len, r.families, r.lengths, r.depth_bins, r.items_per_cell,
+                          forms=r.forms)
 
 
 def default_cache_root() -> Path:
@@ -208,7 +209,9 @@ def continuations(model, heldout: HeldoutSet, *, prefill_chunk: int, device=None
 
 
 def score_model(model, inputs: RoundInputs, *, hotkey: str = "local", model_hash: str | None = None,
-                commit_block: int = 0, device=None, progress: bool = False) -> SubmissionResult:
+                commit_block: int = 0, device=None, progress: bool = False, recall_batch: int = 1) -> SubmissionResult:
+    """recall_batch: recall items of equal length run this many per forward (eval.recall); the
+    outcomes do not depend on it, only speed and memory do."""
     comp = inputs.competition
     model.eval()
     items: list[ItemResult] = []
@@ -219,8 +222,8 @@ def score_model(model, inputs: RoundInputs, *, hotkey: str = "local", model_hash
         items.append(ItemResult("ce", f"heldout/{i}", s.ce, None if tce is None else tce[i]))
     r = comp.recall
     for o in run_recall(model, inputs.items, prefill_chunk=r.prefill_chunk, max_answer_tokens=r.max_answer_tokens,
-                        device=device, progress=progress):
-        items.append(ItemResult("recall", f"recall/{o.item_id}", 1.0 if o.correct else 0.0))
+                        device=device, progress=progress, batch_size=recall_batch):
+        items.append(ItemResult("recall", f"recall/{o.item_id}", 1.0 if o.correct else 0.0, truncated=o.truncated))
     raw = logit_fingerprint(model, inputs.probes, inputs.fp_ids)
     conts = continuations(model, inputs.heldout, prefill_chunk=r.prefill_chunk, device=device)
     if torch.isfinite(raw).all():

@@ -5,12 +5,17 @@ Recall tasks hide a few facts ("needles") in a long irrelevant text. Repeating o
 into "same line again" and makes the needle trivially salient, so every sentence here is drawn
 from templates x word lists and kept unique within a haystack.
 
-The vocabulary is deliberately narrow (village life) and contains no digits runs of 5+, no
-people's names and none of the words used for keys/values in recall_tasks.py, so a needle's
-answer can never appear by accident in the filler. Tests check that these lists stay disjoint.
+There are several grammars (`GRAMMARS`: village life, a workshop, a sea voyage, an observatory
+log), each with its own word lists over the same slots; a round's surface forms
+(eval.recall_forms) pick one, so the filler's topic and vocabulary are not a constant a model
+could learn to skip. `village` is the public default. Every vocabulary is deliberately narrow and
+contains no digit runs of 5+, no people's names and none of the words used for keys/values in
+eval.recall_forms, so a needle's answer can never appear by accident in the filler. Tests check
+that these lists stay disjoint.
 """
 
 import random
+from dataclasses import dataclass
 from typing import Callable
 
 SUBJECTS = [
@@ -95,32 +100,141 @@ TEMPLATES = [
 ]
 
 
+@dataclass(frozen=True)
+class Grammar:
+    subjects: list[str]
+    verbs: list[str]
+    objects: list[str]
+    places: list[str]
+    times: list[str]
+    intransitive: list[str]
+    adjectives: list[str]
+    scenes: list[str]
+    plurals: list[str]
+    reasons: list[str]
+    templates: list[str]
+
+
+# the other grammars share the sentence shapes; their own templates carry their own wording
+_SHARED_TEMPLATES = ["{S} {V} {O} {P}.", "{T}, {S} {V} {O}.", "{S} {I} {P}.", "{S} {V} {O} {R}.",
+                     "{S} {I}.", "{S} {V} {O}.", "{C} was {A}.", "{S} counted {N} {L}.",
+                     "{T}, {S} {I}.", "{S} and {S2} {V} {O}.", "{C} was {A} {T}."]
+VILLAGE = Grammar(SUBJECTS, VERBS, OBJECTS, PLACES, TIMES, INTRANSITIVE, ADJECTIVES, SCENES, PLURALS, REASONS,
+                  TEMPLATES)
+WORKSHOP = Grammar(
+    subjects=["the foreman", "an engineer", "the welder", "the night shift", "a trainee", "the inspector",
+              "the machinist", "the supervisor", "the crane operator", "the storekeeper", "a technician",
+              "the electrician", "the plumber", "the quality team", "the driver", "the cleaner",
+              "the draughtsman", "a contractor", "the safety officer", "the apprentices"],
+    verbs=["calibrated", "assembled", "dismantled", "tightened", "oiled", "tested", "replaced", "adjusted",
+           "labelled", "stored", "checked", "ground", "welded", "drilled", "sanded", "bolted", "cut",
+           "rewired", "unpacked", "sealed"],
+    objects=["the lathe", "a gearbox", "the conveyor belt", "several pipes", "the main valve", "a steel beam",
+             "the control panel", "a spare motor", "the loading ramp", "the drill press", "a pallet of bricks",
+             "the boiler", "the fuse box", "a coil of wire", "the forklift", "the workbench", "a toolbox",
+             "the ventilation duct", "the pressure gauge", "a drum of oil"],
+    places=["in the workshop", "on the factory floor", "in the storeroom", "by the loading dock",
+            "near the furnace", "in hall two", "behind the warehouse", "at the assembly line", "in the basement",
+            "under the gantry", "beside the generator", "on the mezzanine"],
+    times=["before the shift change", "during the night shift", "after the inspection", "on monday",
+           "at the end of the week", "before the audit", "during the break", "after the power cut",
+           "first thing in the morning", "late on friday", "after the delivery"],
+    intransitive=["clocked in", "took a break", "worked overtime", "waited for parts", "filled in forms",
+                  "went home early", "stood by", "kept going", "checked the schedule", "reported sick"],
+    adjectives=["noisy", "greasy", "hot", "dim", "cramped", "tidy", "cluttered", "draughty", "loud",
+                "spotless", "humid", "freezing"],
+    scenes=["the workshop", "the storeroom", "the canteen", "the yard", "the office", "the loading bay",
+            "the changing room", "the stairwell"],
+    plurals=["bolts", "crates", "pallets", "gloves", "helmets", "ladders", "hammers", "spanners", "drums",
+             "fuses", "tyres", "screws"],
+    reasons=["because the order was late", "to meet the deadline", "after a complaint", "as instructed",
+             "for the annual check", "without any fuss", "to save time", "on advice"],
+    templates=_SHARED_TEMPLATES + ["The log lists {N} {L} {P}.", "{T}, {C} felt {A} and {A2}.",
+                                   "According to the report, {S} {V} {O}.", "{S} noted that {C} was {A}.",
+                                   "It took {D} hours before {S} {V} {O}."])
+VOYAGE = Grammar(
+    subjects=["the captain", "the first mate", "the navigator", "a deckhand", "the cook", "the bosun",
+              "the lookout", "the purser", "the crew", "a passenger", "the helmsman", "the radio officer",
+              "the cabin boy", "the quartermaster", "the harbour pilot", "the surgeon", "the stoker",
+              "the sailmaker"],
+    verbs=["hoisted", "lowered", "secured", "coiled", "scrubbed", "patched", "inspected", "stowed", "hauled",
+           "untangled", "tarred", "signalled", "sounded", "lashed", "rigged", "emptied"],
+    objects=["the mainsail", "the anchor chain", "the lifeboat", "a barrel of water", "the rudder",
+             "the deck", "a length of rope", "the hatch", "the compass", "the signal lamp", "the cargo nets",
+             "the galley stove", "a spare oar", "the foremast", "the bilge pump", "the charts"],
+    places=["on deck", "below deck", "in the hold", "at the stern", "near the bow", "in the galley",
+            "by the rail", "on the bridge", "up in the rigging", "beside the capstan"],
+    times=["at first light", "during the squall", "after the watch changed", "before the tide turned",
+           "in the calm", "at dusk", "on the third day", "during the night watch", "as the wind rose",
+           "after supper"],
+    intransitive=["kept the watch", "rested below", "sang a shanty", "stayed at the wheel", "grumbled",
+                  "slept in a hammock", "watched the horizon", "held on tight", "waited for orders"],
+    adjectives=["rough", "calm", "grey", "salty", "misty", "stormy", "still", "choppy", "wet", "bleak"],
+    scenes=["the sea", "the deck", "the horizon", "the hold", "the galley", "the cabin", "the bay", "the shore"],
+    plurals=["gulls", "waves", "ropes", "sacks", "lanterns", "buckets", "planks", "sails", "oars", "crates"],
+    reasons=["because the wind changed", "as the captain ordered", "to keep the ship dry",
+             "before the storm arrived", "with cold hands", "in silence", "as the log required"],
+    templates=_SHARED_TEMPLATES + ["The log records {N} {L} {P}.", "{T}, {C} looked {A} and {A2}.",
+                                   "Nobody aboard knew why {S} {V} {O}.", "{S} wrote that {C} was {A}.",
+                                   "It was {D} days before {S} {V} {O}."])
+OBSERVATORY = Grammar(
+    subjects=["the astronomer", "the duty observer", "a graduate student", "the director", "the technician",
+              "the visiting professor", "the archivist", "the night assistant", "the engineer on call",
+              "the survey team", "the telescope operator", "a volunteer"],
+    verbs=["aligned", "focused", "cooled", "logged", "photographed", "cleaned", "recalibrated", "archived",
+           "measured", "plotted", "rotated", "covered", "uncovered", "examined"],
+    objects=["the main mirror", "the dome", "a spectrograph", "the star charts", "the finder scope",
+             "the cooling unit", "a box of plates", "the clock drive", "the eyepiece", "the weather station",
+             "the logbook", "the filter wheel", "the tracking motor"],
+    places=["in the dome", "at the control desk", "in the plate archive", "on the catwalk", "in the library",
+            "near the coude room", "by the entrance", "on the roof"],
+    times=["after midnight", "before dawn", "during twilight", "while the sky cleared", "on a cloudy night",
+           "after the rain", "before the moon rose", "in the small hours", "at the start of the run"],
+    intransitive=["waited for clear skies", "drank coffee", "took notes", "dozed off", "checked the humidity",
+                  "stayed up late", "went to bed", "wrote a memo"],
+    adjectives=["dark", "clear", "cloudy", "chilly", "silent", "hazy", "steady", "humid", "starry", "dim"],
+    scenes=["the sky", "the dome", "the control room", "the archive", "the valley below", "the ridge"],
+    plurals=["plates", "frames", "exposures", "clouds", "notes", "readings", "cables", "lenses"],
+    reasons=["to reduce the noise", "as planned", "because the seeing was poor", "for the survey",
+             "after a long delay", "out of habit"],
+    templates=_SHARED_TEMPLATES + ["The night log shows {N} {L} {P}.", "{T}, {C} stayed {A} and {A2}.",
+                                   "It is unclear why {S} {V} {O}.", "{S} remarked that {C} was {A}.",
+                                   "It took {D} nights before {S} {V} {O}."])
+GRAMMARS = {"village": VILLAGE, "workshop": WORKSHOP, "voyage": VOYAGE, "observatory": OBSERVATORY}
+
+
 def _capitalize(s: str) -> str:
     return s[0].upper() + s[1:]
 
 
-def sentence(rng: random.Random) -> str:
+def sentence(rng: random.Random, grammar: str = "village") -> str:
     """One random filler sentence (not necessarily unique)."""
-    s1, s2 = rng.sample(SUBJECTS, 2)
-    a1, a2 = rng.sample(ADJECTIVES, 2)
+    g = GRAMMARS[grammar]
+    s1, s2 = rng.sample(g.subjects, 2)
+    a1, a2 = rng.sample(g.adjectives, 2)
     fields = dict(
-        S=s1, S2=s2, V=rng.choice(VERBS), O=rng.choice(OBJECTS), P=rng.choice(PLACES),
-        T=rng.choice(TIMES), I=rng.choice(INTRANSITIVE), A=a1, A2=a2, C=rng.choice(SCENES),
+        S=s1, S2=s2, V=rng.choice(g.verbs), O=rng.choice(g.objects), P=rng.choice(g.places),
+        T=rng.choice(g.times), I=rng.choice(g.intransitive), A=a1, A2=a2, C=rng.choice(g.scenes),
         N=rng.randint(2, 999), Y=rng.randint(1700, 1999), D=rng.randint(2, 30),
-        L=rng.choice(PLURALS), R=rng.choice(REASONS),
+        L=rng.choice(g.plurals), R=rng.choice(g.reasons),
     )
-    return _capitalize(rng.choice(TEMPLATES).format(**fields))
+    return _capitalize(rng.choice(g.templates).format(**fields))
 
 
-def vocabulary() -> set[str]:
-    """Every lower-cased word the filler can produce (for disjointness checks)."""
-    lists = SUBJECTS + VERBS + OBJECTS + PLACES + TIMES + INTRANSITIVE + ADJECTIVES + SCENES
-    lists += PLURALS + REASONS + [t.replace("{", " ").replace("}", " ") for t in TEMPLATES]
-    return {w.strip(".,").lower() for phrase in lists for w in phrase.split()}
+def vocabulary(grammar: str | None = None) -> set[str]:
+    """Every lower-cased word a grammar (default: any of them) can produce, for disjointness checks."""
+    out: set[str] = set()
+    for name, g in GRAMMARS.items():
+        if grammar not in (None, name):
+            continue
+        lists = g.subjects + g.verbs + g.objects + g.places + g.times + g.intransitive + g.adjectives
+        lists += g.scenes + g.plurals + g.reasons + [t.replace("{", " ").replace("}", " ") for t in g.templates]
+        out |= {w.strip(".,").lower() for phrase in lists for w in phrase.split()}
+    return out
 
 
 def fill(rng: random.Random, count_tokens: Callable[[str], int], budget: int,
-         used: set[str] | None = None, max_misses: int = 80) -> list[tuple[str, int]]:
+         used: set[str] | None = None, max_misses: int = 80, grammar: str = "village") -> list[tuple[str, int]]:
     """Unique sentences whose token counts sum to at most `budget`, and close to it.
 
     count_tokens(s) is the cost of s as it sits in the haystack (callers pass ' ' + s through the
@@ -131,7 +245,7 @@ def fill(rng: random.Random, count_tokens: Callable[[str], int], budget: int,
     used = set() if used is None else used
     out, left, misses = [], budget, 0
     while left > 0 and misses < max_misses:
-        s = sentence(rng)
+        s = sentence(rng, grammar)
         if s in used:  # duplicates are rare; just draw again
             misses += 1
             continue

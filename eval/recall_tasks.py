@@ -19,11 +19,16 @@ Families (the primary needle of every family sits at depth (d + 0.5) / depth_bin
   variable_tracking  chains "VAR A = 12345." "VAR B = VAR A." ... plus distractor chains;
                      answer: every variable holding the value, in order of assignment
 
+The wording, alphabets, filler and delimiters above are the public default forms (`forms="fixed"`).
+With `forms="round"` they are drawn from the seed (eval.recall_forms), so a model cannot learn the
+templates instead of recall; such prompts are also fitted to exactly `length_bin * context_len`
+tokens, so the evaluator can batch the items of a length bin (eval.recall).
+
 Every item is a pure function of (seed, family, length_bin, depth_bin, index, tokenizer,
-context_len, depth_bins): its random stream is seeded from a sha256 of the first five, so
+context_len, depth_bins, forms): its random stream is seeded from a sha256 of the first five, so
 requesting fewer families or bins never changes the items that are generated.
-`oracle_answer(item, tokenizer)` re-derives the answer from the decoded prompt alone, proving it
-is recoverable.
+`oracle_answer(item, tokenizer)` re-derives the answer from the decoded prompt and the item's
+forms alone, proving it is recoverable.
 """
 
 import hashlib
@@ -34,14 +39,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
 from eval import haystack
+from eval.recall_forms import (  # noqa: F401  the word lists are re-exported: tests and callers read them here
+    DEFAULT_FORMS, FIRST_NAMES, FORMS_KINDS, INTROS, KEY_ADJECTIVES, KEY_NOUNS, LAST_NAMES, RELATIONS, VALUE_WORDS,
+    WORDING, resolve_forms)
 from eval.tokenizer import TextTokenizer
 
 FAMILIES = ("passkey", "niah_multikey", "multivalue", "assoc_recall", "variable_tracking")
 # families whose every answer part is stated exactly once in the prompt (a variable name in
 # variable_tracking also appears in the next hop, "VAR B = VAR A.")
 UNIQUE_ANSWER_FAMILIES = ("passkey", "niah_multikey", "multivalue", "assoc_recall")
-ANSWER_CUE = "\nAnswer:"
-JOIN = ", "  # separator of multi-part answers
+# the default forms' answer cue and separator of multi-part answers (a round's forms may differ)
+ANSWER_CUE = DEFAULT_FORMS["cue"]
+JOIN = DEFAULT_FORMS["join"]
 
 
 @dataclass
@@ -69,144 +78,68 @@ def item_seed(seed: int, family: str, length_bin: int, depth_bin: int, index: in
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "big")
 
 
-# ---- words for keys and values (disjoint from the filler vocabulary; tests check it) ----------
-
-KEY_ADJECTIVES = ["silver", "golden", "crimson", "azure", "ivory", "scarlet", "emerald", "violet",
-                  "indigo", "bronze", "jade", "onyx", "coral", "cobalt", "amber", "ochre", "teal",
-                  "maroon", "pearl", "russet"]
-KEY_NOUNS = ["falcon", "heron", "otter", "lynx", "badger", "raven", "panther", "walrus", "gecko",
-             "marmot", "ibis", "jackal", "puffin", "condor", "osprey", "weasel", "bison", "tapir",
-             "ermine", "hornet"]
-FIRST_NAMES = ["Alma", "Bruno", "Clara", "Dmitri", "Elena", "Farid", "Greta", "Hugo", "Ingrid",
-               "Jonas", "Kiran", "Lena", "Marco", "Nadia", "Oscar", "Priya", "Quentin", "Rosa",
-               "Stefan", "Tamsin", "Umar", "Vera", "Wendell", "Xenia", "Yusuf", "Zora", "Anika",
-               "Bastian", "Celine", "Dario", "Esme", "Felix", "Gideon", "Hana", "Ivo", "Juno"]
-LAST_NAMES = ["Reyes", "Novak", "Lindqvist", "Okafor", "Moreau", "Tanaka", "Brennan", "Castillo",
-              "Petrov", "Haddad", "Kowalski", "Fischer", "Adeyemi", "Larsen", "Romano", "Schultz",
-              "Nakamura", "Dubois", "Varga", "Sorensen", "Quinlan", "Ortega", "Halloran", "Weiss",
-              "Bianchi", "Horvat", "Jansen", "Keller", "Lindgren", "Pereira", "Silva", "Vasquez"]
-VALUE_WORDS = ["mango", "papaya", "saffron", "nutmeg", "cardamom", "lychee", "quince", "apricot",
-               "fennel", "oregano", "violin", "cello", "oboe", "banjo", "harp", "tuba", "ukulele",
-               "accordion", "clarinet", "mandolin", "glacier", "canyon", "tundra", "lagoon",
-               "volcano", "prairie", "geyser", "fjord", "atoll", "mesa", "comet", "nebula",
-               "pulsar", "meteor", "galaxy", "eclipse", "zenith", "tornado", "blizzard", "monsoon",
-               "kimono", "sombrero", "poncho", "beret", "tuxedo", "moccasin", "origami", "mosaic",
-               "fresco", "sonnet", "ballad", "haiku", "limerick", "tango", "waltz", "polka",
-               "rumba", "samba", "vanilla", "cinnamon", "paprika", "wasabi", "pistachio",
-               "cashew", "hazelnut", "pecan", "zeppelin", "gondola", "kayak", "catamaran",
-               "rickshaw", "pyramid", "obelisk", "pagoda", "igloo"]
-
-# ---- wording; every list is sampled per item so phrasing is not a constant cue -----------------
-
-INTROS = [
-    "Below is a long document. A few important facts are hidden inside it among unrelated "
-    "sentences. Read it carefully; you will be asked about them at the end.",
-    "The following text contains some pieces of information mixed into ordinary filler. "
-    "Memorize them and answer the question that follows the text.",
-    "Read the passage below. Most of it is irrelevant, but it hides details you will need at "
-    "the end.",
-]
-# needles: {k} key, {v} value. questions: {k} key (or {v} for variable tracking).
-WORDING = {
-    "passkey": dict(
-        needles=["The pass key is {v}. Remember it.", "Remember this: the secret pass key is {v}.",
-                 "Important note: the pass key for this document is {v}."],
-        questions=["What is the pass key?", "What is the secret pass key mentioned in the text?",
-                   "Which number is the pass key?"],
-        formats=["Answer with the number only.", "Reply with just the pass key.",
-                 "Respond with the number and nothing else."]),
-    "niah_multikey": dict(
-        needles=["The special code for {k} is {v}.",
-                 "Note that the secret code assigned to {k} is {v}.",
-                 "For the record, the access code of {k} is {v}."],
-        questions=["What is the special code for {k}?", "Which code was assigned to {k}?",
-                   "What code belongs to {k}?"],
-        formats=["Answer with the code only.", "Reply with just the code.",
-                 "Respond with the code and nothing else."]),
-    "multivalue": dict(
-        needles=["One of the special values for {k} is {v}.", "A value recorded for {k} is {v}.",
-                 "Among the values listed for {k} is {v}."],
-        questions=["What are all the special values for {k}?",
-                   "Which values were recorded for {k}?", "List every value given for {k}."],
-        formats=["Give them in the order they appear in the text, separated by commas.",
-                 "List all of them in order of appearance, separated by commas."]),
-    "variable_tracking": dict(
-        needles=["VAR {k} = {v}."],  # hop: "VAR {k} = VAR {src}." (fixed: it is the task)
-        questions=["Find all variables that are assigned the value {v}.",
-                   "Which variables end up holding the value {v}?",
-                   "List every variable whose value is {v}."],
-        formats=["Give their names in the order they were assigned, separated by commas.",
-                 "Answer with the variable names in order of assignment, separated by commas."]),
-}
-# MQAR relations: one per item; each fact picks one of the statement forms
-RELATIONS = [
-    dict(value="number",
-         statements=["{k}'s lucky number is {v}.", "The lucky number of {k} is {v}.",
-                     "{k} always says that {v} is a lucky number."],
-         questions=["What is {k}'s lucky number?", "Which lucky number belongs to {k}?"]),
-    dict(value="word",
-         statements=["{k}'s favourite word is {v}.", "The favourite word of {k} is {v}.",
-                     "Asked for a favourite word, {k} chose {v}."],
-         questions=["What is {k}'s favourite word?", "Which word did {k} pick as a favourite?"]),
-    dict(value="code",
-         statements=["{k}'s locker code is {v}.", "The locker code of {k} is {v}.",
-                     "{k} keeps the locker code {v}."],
-         questions=["What is {k}'s locker code?", "Which locker code belongs to {k}?"]),
-]
-WORDING["assoc_recall"] = dict(
-    formats=["Give the answers in the same order as the questions, separated by commas.",
-             "Answer every question in order, separating the answers with commas."])
-
-
 # ---- keys and values ---------------------------------------------------------------------------
 
-def _values(rng: random.Random, kind: str, n: int) -> list[str]:
-    """n distinct values of one kind. Numbers have >= 6 digits: filler numbers have <= 4."""
+def _number(rng: random.Random, digits: list[int]) -> str:
+    lo, hi = digits
+    return str(rng.randint(10 ** (lo - 1), 10 ** hi - 1))
+
+
+def _code(rng: random.Random, code: dict) -> str:
+    if code["alphabet"] == "0123456789abcdef":  # the default's draws, kept so fixed forms stay byte-identical
+        return code["sep"].join(f"{rng.getrandbits(4 * g):0{g}x}" for g in code["groups"])
+    while True:  # a code holds a digit, so it can never be a word of the filler
+        v = code["sep"].join("".join(rng.choice(code["alphabet"]) for _ in range(g)) for g in code["groups"])
+        if any(c.isdigit() for c in v):
+            return v
+
+
+def _values(rng: random.Random, kind: str, n: int, f: dict) -> list[str]:
+    """n distinct values of one kind. Numbers have >= 5 digits: filler numbers have <= 4."""
     if kind == "word":
-        return rng.sample(VALUE_WORDS, n)
+        return rng.sample(f["value_words"], n)
     out: list[str] = []
     while len(out) < n:
-        if kind == "number":
-            v = str(rng.randint(100_000, 9_999_999))
-        else:  # uuid-like code
-            v = f"{rng.getrandbits(32):08x}-{rng.getrandbits(16):04x}"
+        v = _number(rng, f["number_digits"]) if kind == "number" else _code(rng, f["code"])
         if v not in out:
             out.append(v)
     return out
 
 
-def _similar_keys(rng: random.Random, n: int) -> tuple[str, list[str]]:
+def _similar_keys(rng: random.Random, n: int, f: dict) -> tuple[str, list[str]]:
     """n distinct keys; keys[0] is the queried one and the others differ from it in one part."""
     kind = rng.choice(["words", "code", "name"])
+    kf = f["key"]
     keys: list[str] = []
     if kind == "words":
-        adj, noun = rng.choice(KEY_ADJECTIVES), rng.choice(KEY_NOUNS)
+        adj, noun = rng.choice(kf["adjectives"]), rng.choice(kf["nouns"])
         keys.append(f"{adj} {noun}")
         while len(keys) < n:  # keep the adjective or the noun
-            k = f"{adj} {rng.choice(KEY_NOUNS)}" if rng.random() < 0.5 else \
-                f"{rng.choice(KEY_ADJECTIVES)} {noun}"
+            k = f"{adj} {rng.choice(kf['nouns'])}" if rng.random() < 0.5 else \
+                f"{rng.choice(kf['adjectives'])} {noun}"
             if k not in keys:
                 keys.append(k)
     elif kind == "code":
-        prefix = "".join(rng.choice("ABCDEFGHJKLMNPRSTUVWXYZ") for _ in range(2))
-        digits = [str(rng.randint(1, 9))] + [str(rng.randint(0, 9)) for _ in range(3)]
-        keys.append(f"{prefix}-{''.join(digits)}")
+        nd, sep = kf["code_digits"], kf["code_sep"]
+        prefix = "".join(rng.choice(kf["code_alphabet"]) for _ in range(kf["code_prefix"]))
+        digits = [str(rng.randint(1, 9))] + [str(rng.randint(0, 9)) for _ in range(nd - 1)]
+        keys.append(f"{prefix}{sep}{''.join(digits)}")
         while len(keys) < n:  # change one digit or swap two neighbours
             d = list(digits)
-            i = rng.randrange(4)
-            if rng.random() < 0.5 and i < 3:
+            i = rng.randrange(nd)
+            if rng.random() < 0.5 and i < nd - 1:
                 d[i], d[i + 1] = d[i + 1], d[i]
             else:
                 d[i] = str(rng.randint(1 if i == 0 else 0, 9))
-            k = f"{prefix}-{''.join(d)}"
+            k = f"{prefix}{sep}{''.join(d)}"
             if k not in keys:
                 keys.append(k)
     else:
-        first, last = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES)
+        first, last = rng.choice(kf["first"]), rng.choice(kf["last"])
         keys.append(f"{first} {last}")
         while len(keys) < n:  # share the first or the last name
-            k = f"{first} {rng.choice(LAST_NAMES)}" if rng.random() < 0.5 else \
-                f"{rng.choice(FIRST_NAMES)} {last}"
+            k = f"{first} {rng.choice(kf['last'])}" if rng.random() < 0.5 else \
+                f"{rng.choice(kf['first'])} {last}"
             if k not in keys:
                 keys.append(k)
     return kind, keys
@@ -235,22 +168,22 @@ class _Spec:
     meta: dict
 
 
-def _passkey(rng, depth, target, count):
-    w = WORDING["passkey"]
-    v = str(rng.randint(10_000, 9_999_999))  # 5-7 digits
+def _passkey(rng, depth, target, count, f):
+    w = f["wording"]["passkey"]
+    v = _number(rng, f["passkey_digits"])
     ni, qi, fi = _pick(rng, w, "needles", "questions", "formats")
     needles = [_Needle(w["needles"][ni].format(v=v), depth, "primary")]
     q = f"{w['questions'][qi]} {w['formats'][fi]}"
     return _Spec(needles, q, [v], dict(wording=dict(needle=ni, question=qi, format=fi), value_type="number"))
 
 
-def _niah_multikey(rng, depth, target, count):
+def _niah_multikey(rng, depth, target, count, f):
     big = target >= 1024  # more needles when there is room for them
-    w = WORDING["niah_multikey"]
+    w = f["wording"]["niah_multikey"]
     n_distractors = rng.randint(3, 6) if big else rng.randint(2, 3)
-    key_type, keys = _similar_keys(rng, 1 + n_distractors)
+    key_type, keys = _similar_keys(rng, 1 + n_distractors, f)
     value_type = rng.choice(["number", "word", "code"])
-    values = _values(rng, value_type, len(keys))
+    values = _values(rng, value_type, len(keys), f)
     ni, qi, fi = _pick(rng, w, "needles", "questions", "formats")
     needles = [_Needle(w["needles"][ni].format(k=k, v=v), depth if i == 0 else rng.random(),
                        "primary" if i == 0 else "distractor") for i, (k, v) in enumerate(zip(keys, values))]
@@ -260,13 +193,13 @@ def _niah_multikey(rng, depth, target, count):
     return _Spec(needles, q, [values[0]], meta)
 
 
-def _multivalue(rng, depth, target, count):
+def _multivalue(rng, depth, target, count, f):
     big = target >= 1024  # more needles when there is room for them
-    w = WORDING["multivalue"]
+    w = f["wording"]["multivalue"]
     n_values, n_distractor = (rng.randint(2, 4), rng.randint(1, 2)) if big else (rng.randint(2, 3), 1)
-    key_type, (key, other) = _similar_keys(rng, 2)
+    key_type, (key, other) = _similar_keys(rng, 2, f)
     value_type = rng.choice(["number", "word", "code"])
-    values = _values(rng, value_type, n_values + n_distractor)
+    values = _values(rng, value_type, n_values + n_distractor, f)
     ni, qi, fi = _pick(rng, w, "needles", "questions", "formats")
     t = w["needles"][ni]
     # the first value is the primary needle (at the depth); the others land anywhere
@@ -279,16 +212,16 @@ def _multivalue(rng, depth, target, count):
     return _Spec(needles, q, None, meta)  # answer = values in order of appearance
 
 
-def _assoc_recall(rng, depth, target, count):
+def _assoc_recall(rng, depth, target, count, f):
     big = target >= 1024  # more queries when there is room for them
-    ri = rng.randrange(len(RELATIONS))
-    rel = RELATIONS[ri]
+    ri = rng.randrange(len(f["relations"]))
+    rel = f["relations"][ri]
     keys: list[str] = []
     while len(keys) < 40:  # distinct people; shared first or last names are fine
-        k = f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
+        k = f"{rng.choice(f['key']['first'])} {rng.choice(f['key']['last'])}"
         if k not in keys:
             keys.append(k)
-    values = _values(rng, rel["value"], len(keys))
+    values = _values(rng, rel["value"], len(keys), f)
     forms = [rng.randrange(len(rel["statements"])) for _ in keys]
     facts = [rel["statements"][f].format(k=k, v=v) for k, v, f in zip(keys, values, forms)]
     # "many" facts, but together at most a quarter of the prompt, measured with the tokenizer
@@ -310,27 +243,29 @@ def _assoc_recall(rng, depth, target, count):
     forms = forms[:n_pairs]
     order = list(range(n_queries))
     rng.shuffle(order)  # question order != order in the text
-    (qi,), (fi,) = _pick(rng, rel, "questions"), _pick(rng, WORDING["assoc_recall"], "formats")
-    lines = [f"{j + 1}. {rel['questions'][qi].format(k=keys[i])}" for j, i in enumerate(order)]
-    q = "Questions:\n" + "\n".join(lines) + "\n" + WORDING["assoc_recall"]["formats"][fi]
+    aq = f["wording"]["assoc_recall"]
+    (qi,), (fi,) = _pick(rng, rel, "questions"), _pick(rng, aq, "formats")
+    lines = [f["assoc"]["number"].format(i=j + 1) + rel["questions"][qi].format(k=keys[i]) for j, i in enumerate(order)]
+    q = f["assoc"]["header"] + "\n" + "\n".join(lines) + "\n" + aq["formats"][fi]
     meta = dict(wording=dict(relation=ri, question=qi, format=fi, statements=forms), value_type=rel["value"],
                 query_keys=[keys[i] for i in order], query_fracs=[round(fracs[i], 6) for i in order],
                 n_pairs=n_pairs)
     return _Spec(needles, q, [values[i] for i in order], meta)
 
 
-def _variable_tracking(rng, depth, target, count):
+def _variable_tracking(rng, depth, target, count, f):
     big = target >= 1024  # more needles when there is room for them
-    w = WORDING["variable_tracking"]
+    w = f["wording"]["variable_tracking"]
     chain_len = rng.randint(3, 5) if big else rng.randint(2, 3)
     n_other = rng.randint(1, 3) if big else 1
     lengths = [chain_len] + [rng.randint(2, chain_len) for _ in range(n_other)]
     names: list[str] = []
-    while len(names) < sum(lengths):
-        s = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
+    vf = f["var"]
+    while len(names) < sum(lengths):  # a name starts with a letter: never mistaken for a value
+        s = rng.choice(vf["letters"]) + "".join(rng.choice(vf["alphabet"]) for _ in range(vf["length"] - 1))
         if s not in names:
             names.append(s)
-    values = _values(rng, "number", len(lengths))
+    values = _values(rng, "number", len(lengths), f)
     needles, chains = [], []
     for c, n in enumerate(lengths):
         chain = names[sum(lengths[:c]): sum(lengths[:c + 1])]
@@ -339,8 +274,8 @@ def _variable_tracking(rng, depth, target, count):
         start = depth if c == 0 else rng.random()
         fracs = [start] + sorted(start + (1.0 - start) * rng.random() for _ in range(n - 1))
         role = "primary" if c == 0 else "distractor"
-        needles.append(_Needle(f"VAR {chain[0]} = {values[c]}.", fracs[0], role))
-        needles += [_Needle(f"VAR {b} = VAR {a}.", x, "hop" if c == 0 else "distractor")
+        needles.append(_Needle(vf["assign"].format(a=chain[0], v=values[c]), fracs[0], role))
+        needles += [_Needle(vf["hop"].format(a=a, b=b), x, "hop" if c == 0 else "distractor")
                     for a, b, x in zip(chain, chain[1:], fracs[1:])]
     qi, fi = _pick(rng, w, "questions", "formats")
     q = f"{w['questions'][qi].format(v=values[0])} {w['formats'][fi]}"
@@ -382,12 +317,45 @@ def _continuation(tokenizer: TextTokenizer, prompt: str, prompt_ids: list[int], 
     return full[len(prompt_ids):]
 
 
+EXACT_SPARES = 48  # spare filler sentences drawn to swap in when fitting a prompt to its exact length
+
+
+def _exact_fit(rng, grammar, count, used, filler, assemble, target, built):
+    """Swap filler sentences for unused ones `gap` tokens longer until the prompt is exactly `target`
+    tokens, so every prompt of a length bin has one length and the evaluator can batch them
+    (eval.recall). Gives up after a few swaps (the prompt then stays at most `target`)."""
+    spare: dict[int, list[str]] = {}
+    for _ in range(EXACT_SPARES):
+        s = haystack.sentence(rng, grammar)
+        if s not in used and all(s not in v for v in spare.values()):
+            spare.setdefault(count(s), []).append(s)
+    best = (list(filler), built)
+    for _ in range(4):
+        gap = target - len(built[2])
+        if gap == 0:
+            break
+        j = next((j for j in range(len(filler) - 1, -1, -1) if spare.get(filler[j][1] + gap)), None)
+        if j is None:
+            break
+        n = filler[j][1] + gap
+        s = spare[n].pop()
+        used.add(s)
+        filler = filler[:j] + [(s, n)] + filler[j + 1:]
+        built = assemble(filler)
+        if len(built[2]) <= target:
+            best = (list(filler), built)
+    return best
+
+
 def generate_item(seed: int, tokenizer: TextTokenizer, context_len: int, family: str, length_bin: int,
-                  depth_bin: int, index: int = 0, depth_bins: int = 10) -> TaskItem:
+                  depth_bin: int, index: int = 0, depth_bins: int = 10, forms="fixed") -> TaskItem:
+    """One item. forms: "fixed" (the public default forms), "round" (drawn from `seed`,
+    eval.recall_forms) or a forms dict."""
     if family not in _BUILDERS:
         raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
     if not 0 <= depth_bin < depth_bins:
         raise ValueError(f"depth_bin {depth_bin} outside [0, {depth_bins})")
+    f = resolve_forms(forms, seed)
     rng = random.Random(item_seed(seed, family, length_bin, depth_bin, index))
     target = length_bin * context_len
     depth = (depth_bin + 0.5) / depth_bins
@@ -395,9 +363,9 @@ def generate_item(seed: int, tokenizer: TextTokenizer, context_len: int, family:
     def count(s: str) -> int:  # tokens of a unit inside the haystack, where it follows a space
         return len(tokenizer.encode(" " + s))
 
-    spec = _BUILDERS[family](rng, depth, target, count)
-    intro = rng.randrange(len(INTROS))
-    head, tail = INTROS[intro] + "\n\n", "\n\n" + spec.question + ANSWER_CUE
+    spec = _BUILDERS[family](rng, depth, target, count, f)
+    intro = rng.randrange(len(f["intros"]))
+    head, tail = f["intros"][intro] + "\n\n", "\n\n" + spec.question + f["cue"]
 
     needles = [(i, nd, count(nd.text)) for i, nd in enumerate(spec.needles)]
     n_head, n_tail = len(tokenizer.encode(head)), len(tokenizer.encode(tail))
@@ -405,14 +373,18 @@ def generate_item(seed: int, tokenizer: TextTokenizer, context_len: int, family:
     if budget < 0.2 * target:
         raise ValueError(f"context_len {context_len} x {length_bin} is too short for {family}: "
                          f"{target - budget} tokens of instructions and needles")
-    filler = haystack.fill(rng, count, budget)
+    used: set[str] = set()
+    filler = haystack.fill(rng, count, budget, used, grammar=f["filler"])
+
+    def assemble(filler):
+        units = _interleave(filler, needles)
+        prompt = head + " ".join(u[0] for u in units) + tail
+        return units, prompt, tokenizer.encode(prompt)
 
     # the budget adds per-sentence counts; merges at sentence joins can make the real prompt a
     # token or two longer, so trim filler from the end until it fits (usually zero iterations)
     while True:
-        units = _interleave(filler, needles)
-        prompt = head + " ".join(u[0] for u in units) + tail
-        prompt_ids = tokenizer.encode(prompt)
+        units, prompt, prompt_ids = assemble(filler)
         over = len(prompt_ids) - target
         if over <= 0:
             break
@@ -420,10 +392,13 @@ def generate_item(seed: int, tokenizer: TextTokenizer, context_len: int, family:
             raise ValueError(f"cannot fit {family} into {target} tokens")
         while over > 0 and filler:
             over -= filler.pop()[1]
+    if f.get("exact_length"):
+        filler, (units, prompt, prompt_ids) = _exact_fit(rng, f["filler"], count, used, filler, assemble, target,
+                                                         (units, prompt, prompt_ids))
 
     if spec.answer_parts is None:  # multivalue: values in the order their needles landed
         spec.answer_parts = [nd.value for _, _, nd in units if nd and nd.role in ("primary", "answer")]
-    answer_text = " " + JOIN.join(spec.answer_parts)
+    answer_text = " " + f["join"].join(spec.answer_parts)
     answer_ids = _continuation(tokenizer, prompt, prompt_ids, answer_text)
 
     # token positions are sums of unit counts: cheap, and good to a token or two. needle_depth is
@@ -440,70 +415,98 @@ def generate_item(seed: int, tokenizer: TextTokenizer, context_len: int, family:
                 needle_token_pos=primary["token_pos"],
                 needle_depth=round(primary["filler_before"] / max(1, filler_seen), 6),
                 needles=positions, answer_parts=list(spec.answer_parts), n_filler=len(filler))
+    if f is not DEFAULT_FORMS:  # fixed-form items keep the meta they always had (their digest too)
+        meta["forms"] = dict(kind="round", seed=f["seed"]) if f["kind"] == "round" else f
     return TaskItem(family, length_bin, depth_bin, prompt_ids, answer_ids, answer_text, meta)
 
 
 def generate_items(seed: int, tokenizer: TextTokenizer, context_len: int,
                    families: Sequence[str] = FAMILIES, lengths: Sequence[int] = (1, 2, 4),
-                   depth_bins: int = 10, items_per_cell: int = 1) -> list[TaskItem]:
-    """Every (family, length, depth, index) cell, in that nesting order."""
-    return [generate_item(seed, tokenizer, context_len, f, L, d, i, depth_bins)
+                   depth_bins: int = 10, items_per_cell: int = 1, forms="fixed") -> list[TaskItem]:
+    """Every (family, length, depth, index) cell, in that nesting order (forms: see generate_item)."""
+    return [generate_item(seed, tokenizer, context_len, f, L, d, i, depth_bins, forms)
             for f in families for L in lengths for d in range(depth_bins) for i in range(items_per_cell)]
 
 
 # ---- oracle: parse the answer back out of the decoded prompt ------------------------------------
 
-_KEY = r"(?<![\w-])(?P<k>[\w-]+(?: [\w-]+)?)"  # one or two words: "KX-4821", "silver falcon"
-_VAL = r"(?P<v>[\w-]+)"
-
-
-def _template_regex(template: str) -> re.Pattern:
+def _template_regex(template: str, key_re: str, val_re: str) -> re.Pattern:
     parts = re.split(r"(\{k\}|\{v\})", template)
-    return re.compile("".join(_KEY if p == "{k}" else _VAL if p == "{v}" else re.escape(p) for p in parts))
+    key, val = rf"(?<![\w-])(?P<k>{key_re})", rf"(?P<v>{val_re})"
+    return re.compile("".join(key if p == "{k}" else val if p == "{v}" else re.escape(p) for p in parts))
 
 
-def _matches(text: str, templates: list[str], group: str) -> list[dict]:
+def _matches(text: str, templates: list[str], group: str, f: dict) -> list[dict]:
     """Group dicts of every match of any template, in text order of `group` (deduplicated by
     that position, in case two templates match one sentence)."""
     found = {}
     for t in templates:
-        for m in _template_regex(t).finditer(text):
+        for m in _template_regex(t, f["key_re"], f["val_re"]).finditer(text):
             found[m.start(group)] = m.groupdict()
     return [found[p] for p in sorted(found)]
 
 
-def oracle_answer_text(family: str, prompt_text: str) -> str:
-    """The answer, found by reading the prompt text only."""
+def _assignment_regex(vf: dict) -> re.Pattern:
+    """variable_tracking's two statement forms as one pattern: a = <number> | b = <a>."""
+    name = f"[{vf['letters']}][{vf['alphabet']}]{{{vf['length'] - 1}}}"
+    assign = re.escape(vf["assign"]).replace(r"\{a\}", "{a}").replace(r"\{v\}", "{v}")
+    hop = re.escape(vf["hop"]).replace(r"\{a\}", "{a}").replace(r"\{b\}", "{b}")
+    first = assign.format(a=f"(?P<a1>{name})", v=r"(?P<v>\d+)")
+    second = hop.format(b=f"(?P<a2>{name})", a=f"(?P<b>{name})")
+    return re.compile(rf"(?<![\w$@]){first}|(?<![\w$@]){second}")
+
+
+def forms_of(item: TaskItem) -> dict:
+    """The forms an item was generated with (its meta names them; none: the default forms)."""
+    spec = item.meta.get("forms")
+    if spec is None:
+        return DEFAULT_FORMS
+    if spec.get("kind") == "round" and set(spec) == {"kind", "seed"}:
+        return resolve_forms("round", spec["seed"])
+    return spec
+
+
+def oracle_answer_text(family: str, prompt_text: str, forms: dict | None = None) -> str:
+    """The answer, found by reading the prompt text only, with the forms it was written in
+    (default: the public default forms)."""
+    f = DEFAULT_FORMS if forms is None else forms
     _, body, question = prompt_text.split("\n\n")  # intro / haystack / question block
     if family == "passkey":
-        (fact,) = _matches(body, WORDING["passkey"]["needles"], "v")
+        (fact,) = _matches(body, f["wording"]["passkey"]["needles"], "v", f)
         parts = [fact["v"]]
     elif family in ("niah_multikey", "multivalue"):
-        w = WORDING[family]
-        (q,) = _matches(question, w["questions"], "k")
-        parts = [f["v"] for f in _matches(body, w["needles"], "v") if f["k"] == q["k"]]
+        w = f["wording"][family]
+        (q,) = _matches(question, w["questions"], "k", f)
+        parts = [m["v"] for m in _matches(body, w["needles"], "v", f) if m["k"] == q["k"]]
         if family == "niah_multikey" and len(parts) != 1:
             raise ValueError(f"{len(parts)} needles for key {q['k']!r}")
     elif family == "assoc_recall":
-        queries = _matches(question, [q for r in RELATIONS for q in r["questions"]], "k")
-        facts = {f["k"]: f["v"] for f in _matches(body, [s for r in RELATIONS for s in r["statements"]], "v")}
+        rels = f["relations"]
+        queries = _matches(question, [q for r in rels for q in r["questions"]], "k", f)
+        facts = {m["k"]: m["v"] for m in _matches(body, [s for r in rels for s in r["statements"]], "v", f)}
         parts = [facts[q["k"]] for q in queries]
     elif family == "variable_tracking":
-        (q,) = _matches(question, WORDING["variable_tracking"]["questions"], "v")
+        (q,) = _matches(question, f["wording"]["variable_tracking"]["questions"], "v", f)
         env: dict[str, str] = {}  # run the assignments in order
-        for m in re.finditer(r"VAR (?P<a>[A-Z]+) = (?:VAR (?P<b>[A-Z]+)|(?P<v>\d+))\.", body):
-            env[m["a"]] = env[m["b"]] if m["b"] else m["v"]
+        for m in _assignment_regex(f["var"]).finditer(body):
+            if m["a1"]:
+                env[m["a1"]] = m["v"]
+            else:
+                env[m["a2"]] = env[m["b"]]
         parts = [name for name, v in env.items() if v == q["v"]]  # dicts keep assignment order
     else:
         raise ValueError(f"unknown family {family!r}")
-    return " " + JOIN.join(parts)
+    if not parts:
+        raise ValueError(f"no {family} answer found in the prompt")
+    return " " + f["join"].join(parts)
 
 
 def oracle_answer(item: TaskItem, tokenizer: TextTokenizer) -> list[int]:
-    """answer_ids recovered from decode(item.prompt_ids) alone (item.answer_* is never read)."""
+    """answer_ids recovered from decode(item.prompt_ids) and the item's forms alone (item.answer_*
+    is never read)."""
     prompt = tokenizer.decode(item.prompt_ids)
-    return _continuation(tokenizer, prompt, item.prompt_ids, oracle_answer_text(item.family, prompt))
+    return _continuation(tokenizer, prompt, item.prompt_ids, oracle_answer_text(item.family, prompt, forms_of(item)))
 
 
 __all__ = ["FAMILIES", "UNIQUE_ANSWER_FAMILIES", "TaskItem", "generate_item", "generate_items",
-           "oracle_answer", "oracle_answer_text", "canonical_json", "items_digest", "item_seed"]
+           "oracle_answer", "oracle_answer_text", "forms_of", "canonical_json", "items_digest", "item_seed"]

@@ -69,6 +69,8 @@ def summarize(result: SubmissionResult, competition: Competition, seed: int) -> 
         recall=dict(
             by_family={f: _mean(v for ds in by_len.values() for v in ds.values()) for f, by_len in grid.items()},
             by_length={f"{L}x": _mean(v) for L, v in sorted(by_length.items())},
+            # answers longer than max_answer_tokens, graded on their first tokens (eval.recall)
+            truncated=sum(it.truncated for it in result.items if it.axis == "recall"),
             # JSON keys are strings: "L<length>" -> "d<depth>" -> accuracy
             grid={f: {f"L{L}": {f"d{d}": v for d, v in ds.items()} for L, ds in by_len.items()}
                   for f, by_len in grid.items()},
@@ -169,6 +171,8 @@ def format_summary(summary: dict) -> str:
     if r["by_family"]:
         lines.append("  recall by family: " + "  ".join(f"{k} {v:.2f}" for k, v in r["by_family"].items()))
         lines.append("  recall by length: " + "  ".join(f"{k} {v:.2f}" for k, v in r["by_length"].items()))
+    if r.get("truncated"):
+        lines.append(f"  recall answers truncated to max_answer_tokens: {r['truncated']}")
     return "\n".join(lines)
 
 

@@ -7,7 +7,8 @@ submission; the kl and ce items of one document share its id, so they are resamp
   kl      mean forward KL(teacher || student) of one held-out document, nats/token
   ce      mean student cross-entropy of one held-out document, nats/token (`teacher_ce`: the
           teacher's own CE on that document, when known, so the score measures the gap to it)
-  recall  1.0 or 0.0: greedy exact match of the answer span
+  recall  1.0 or 0.0: greedy exact match of the answer span (`truncated`: the answer was longer
+          than the competition's max_answer_tokens and was graded on its first tokens)
 A non-finite value is kept as it is (a broken model can overflow); scoring counts it as worst.
 
 `SubmissionResult` adds who submitted what (hotkey, model hash, commit block), the logit
@@ -48,6 +49,7 @@ class ItemResult:
     item_id: str
     value: float
     teacher_ce: float | None = None
+    truncated: bool = False  # recall only; stored only when True, so rows from before it load unchanged
 
     def __post_init__(self):
         if self.axis not in AXES:
@@ -62,6 +64,10 @@ class ItemResult:
             if not math.isfinite(tce):
                 raise ValueError(f"item {self.item_id!r}: teacher_ce must be finite, got {tce}")
             object.__setattr__(self, "teacher_ce", tce)
+        if not isinstance(self.truncated, bool):
+            raise ValueError(f"item {self.item_id!r}: truncated must be true or false, got {self.truncated!r:.40}")
+        if self.truncated and self.axis != "recall":
+            raise ValueError(f"item {self.item_id!r}: truncated belongs to recall items, not {self.axis!r}")
         if self.axis == "recall" and math.isfinite(self.value) and self.value not in (0.0, 1.0):
             raise ValueError(f"item {self.item_id!r}: a recall value is 0 or 1 (exact match), got {self.value}")
 
@@ -69,12 +75,14 @@ class ItemResult:
         d = {"axis": self.axis, "item_id": self.item_id, "value": self.value}
         if self.teacher_ce is not None:
             d["teacher_ce"] = self.teacher_ce
+        if self.truncated:
+            d["truncated"] = True
         return d
 
     @classmethod
     def from_dict(cls, raw: dict) -> "ItemResult":
-        _check_keys(raw, {"axis", "item_id", "value", "teacher_ce"}, {"axis", "item_id", "value"}, "item")
-        return cls(raw["axis"], raw["item_id"], raw["value"], raw.get("teacher_ce"))
+        _check_keys(raw, {"axis", "item_id", "value", "teacher_ce", "truncated"}, {"axis", "item_id", "value"}, "item")
+        return cls(raw["axis"], raw["item_id"], raw["value"], raw.get("teacher_ce"), raw.get("truncated", False))
 
 
 @dataclass

@@ -118,6 +118,36 @@ def test_random_model_scores_zero_on_recall(random_result, comp):
     assert composite(random_result.items, comp.score.weights) < 0.1
 
 
+def test_recall_results_record_truncation(random_result, round_inputs, comp):
+    from eval.results import SubmissionResult
+
+    recall = [it for it in random_result.items if it.axis == "recall"]
+    long = [len(it.answer_ids) > comp.recall.max_answer_tokens for it in round_inputs.items]
+    assert [it.truncated for it in recall] == long and any(long) and not all(long)
+    stored = random_result.to_dict()
+    assert SubmissionResult.from_dict(stored).items == random_result.items     # stored and read back
+    for it in stored["items"]:   # a row written before truncation was recorded still loads
+        it.pop("truncated", None)
+    assert not any(it.truncated for it in SubmissionResult.from_dict(stored).items)
+    assert summarize(random_result, comp, SEED)["recall"]["truncated"] == sum(long)
+
+
+def test_batched_recall_equals_one_at_a_time(round_inputs, comp):
+    """Equal-length items run as one batch give the outcomes they give one at a time: on items
+    graded against the model's own greedy output (every decode step runs) and on the real items
+    (most rows stop at their first token, while others go on)."""
+    model = random_student(1)
+    assert len({len(it.prompt_ids) for it in round_inputs.items}) == 2   # the round's forms fit prompts exactly
+    items = [it for it in round_inputs.items if it.length_bin == 1][:6]
+    own = [dataclasses.replace(it, answer_ids=greedy_decode(model, it.prompt_ids, 5, prefill_chunk=128))
+           for it in items[:3]]
+    mixed = [own[0], items[3], own[1], items[4], own[2], items[5]]
+    kw = dict(prefill_chunk=128, max_answer_tokens=comp.recall.max_answer_tokens)
+    one = run_recall(model, mixed, **kw)
+    assert [o.correct for o in one] == [True, False] * 3
+    assert run_recall(model, mixed, batch_size=4, **kw) == one   # a batch of 4 and one of 2
+
+
 def test_chunked_prefill_equals_unchunked():
     model = random_student(1, initializer_range=0.08)   # wider init: logits far from uniform
     ids = torch.randint(0, 1024, (200,)).tolist()   # crosses nope_after_position=16 and every chunk size

@@ -1,5 +1,6 @@
 """Recall tasks: determinism, exact-match answer spans, oracle recoverability, lengths, depths,
-haystack variety, wording variety; with the real Qwen tokenizer and two toy tokenizers."""
+haystack variety, wording variety; with the real Qwen tokenizer and two toy tokenizers; in the
+public default forms and in a round's drawn forms (eval.recall_forms)."""
 
 import collections
 import json
@@ -11,7 +12,7 @@ import pytest
 from eval import haystack
 from eval.recall_tasks import (
     FAMILIES, FIRST_NAMES, KEY_ADJECTIVES, KEY_NOUNS, LAST_NAMES, UNIQUE_ANSWER_FAMILIES, VALUE_WORDS,
-    canonical_json, generate_item, generate_items, items_digest, oracle_answer, oracle_answer_text)
+    canonical_json, forms_of, generate_item, generate_items, items_digest, oracle_answer, oracle_answer_text)
 from eval.tokenizer import TextTokenizer
 
 CTX = 256  # small competition context: the whole grid (150 items, up to 1024 tokens) in < 1 s
@@ -56,6 +57,16 @@ def grid(qwen):
     return generate_items(0, qwen, CTX)
 
 
+@pytest.fixture(scope="module")
+def round_grid(qwen):
+    return generate_items(0, qwen, CTX, forms="round")
+
+
+@pytest.fixture(params=["grid", "round_grid"])
+def any_grid(request):
+    return request.getfixturevalue(request.param)
+
+
 def _sentences(prompt):
     body = prompt.split("\n\n")[1]
     return re.split(r"(?<=[.?!]) ", body)
@@ -70,15 +81,15 @@ def check_items(items, tok, ctx, tol=0.03):
     for it in items:
         target = it.length_bin * ctx
         assert (1 - tol) * target <= len(it.prompt_ids) <= target, (it.family, len(it.prompt_ids), target)
-        prompt = tok.decode(it.prompt_ids)
-        assert prompt.endswith("Answer:") and it.answer_text.startswith(" ")
+        prompt, f = tok.decode(it.prompt_ids), forms_of(it)
+        assert prompt.endswith(f["cue"]) and it.answer_text.startswith(" ")
         assert tok.decode(it.answer_ids) == it.answer_text
         # greedy exact match is well defined: the answer tokens are what follows the prompt
         assert tok.encode(prompt) == it.prompt_ids
         assert tok.encode(prompt + it.answer_text) == it.prompt_ids + it.answer_ids
         # recoverable from the prompt text alone
         assert oracle_answer(it, tok) == it.answer_ids
-        assert oracle_answer_text(it.family, prompt) == it.answer_text
+        assert oracle_answer_text(it.family, prompt, f) == it.answer_text
         # the haystack never repeats a sentence
         counts = collections.Counter(_sentences(prompt))
         assert max(counts.values()) == 1, counts.most_common(3)
@@ -108,17 +119,19 @@ def test_items_independent_of_selection(qwen, grid):
 
 # ---- answers --------------------------------------------------------------------------------------
 
-def test_grid_covers_every_cell_and_is_exactly_gradable(qwen, grid):
-    assert {(it.family, it.length_bin, it.depth_bin) for it in grid} == \
+def test_grid_covers_every_cell_and_is_exactly_gradable(qwen, any_grid):
+    assert {(it.family, it.length_bin, it.depth_bin) for it in any_grid} == \
         {(f, L, d) for f in FAMILIES for L in (1, 2, 4) for d in range(10)}
-    check_items(grid, qwen, CTX)
+    check_items(any_grid, qwen, CTX)
+    if any_grid[0].meta.get("forms"):  # round forms fit every prompt to its exact length: batchable
+        assert all(len(it.prompt_ids) == it.length_bin * CTX for it in any_grid)
 
 
-def test_answers_unique_and_distractors_present(qwen, grid):
-    for it in grid:
+def test_answers_unique_and_distractors_present(qwen, any_grid):
+    for it in any_grid:
         prompt, m = qwen.decode(it.prompt_ids), it.meta
         parts = m["answer_parts"]
-        assert it.answer_text == " " + ", ".join(parts)
+        assert it.answer_text == " " + forms_of(it)["join"].join(parts)
         if it.family in UNIQUE_ANSWER_FAMILIES:
             for p in parts:
                 assert _count_word(prompt, p) == 1, (it.family, p)
@@ -127,9 +140,9 @@ def test_answers_unique_and_distractors_present(qwen, grid):
             assert n["text"] in prompt
         if it.family == "niah_multikey":
             assert roles["distractor"] >= 2 and len(m["distractor_keys"]) == roles["distractor"]
-            key_parts = set(re.split(r"[ -]", m["key"]))
+            key_parts = set(re.split(r"[ _-]", m["key"]))
             for k in m["distractor_keys"]:  # similar: a shared word, or the same code prefix
-                assert k != m["key"] and key_parts & set(re.split(r"[ -]", k))
+                assert k != m["key"] and key_parts & set(re.split(r"[ _-]", k))
                 assert _count_word(prompt, k) == 1  # stated once, never asked about
         elif it.family == "multivalue":
             assert len(parts) >= 2 and roles["distractor"] >= 1
@@ -201,29 +214,58 @@ def test_wording_varies_across_seeds(qwen):
 
 
 def test_haystack_vocabulary_cannot_leak_answers():
-    filler = haystack.vocabulary()
-    answers = {w.lower() for w in VALUE_WORDS + KEY_ADJECTIVES + KEY_NOUNS + FIRST_NAMES + LAST_NAMES}
+    from eval import recall_forms as rf
+    filler = haystack.vocabulary()  # every grammar's
+    pools = (VALUE_WORDS + KEY_ADJECTIVES + KEY_NOUNS + FIRST_NAMES + LAST_NAMES + rf.MORE_VALUES + rf.MORE_ADJECTIVES
+             + rf.MORE_NOUNS + rf.MORE_FIRST + rf.MORE_LAST)
+    answers = {w.lower() for w in pools}
     assert not filler & answers, filler & answers
     import random
     rng = random.Random(0)
-    for _ in range(2000):  # filler numbers stay below the 5+ digits used for values
-        assert not re.search(r"\d{5}", haystack.sentence(rng))
+    for grammar in haystack.GRAMMARS:
+        for _ in range(500):  # filler numbers stay below the 5+ digits used for values
+            assert not re.search(r"\d{5}", haystack.sentence(rng, grammar))
 
 
 # ---- other tokenizers ------------------------------------------------------------------------------
 
-def test_word_tokenizer():
+@pytest.mark.parametrize("forms", ["fixed", "round"])
+def test_word_tokenizer(forms):
     tok = WordTokenizer()
     assert isinstance(tok, TextTokenizer)
-    check_items(generate_items(3, tok, CTX), tok, CTX)
+    check_items(generate_items(3, tok, CTX, forms=forms), tok, CTX)
 
 
-def test_byte_tokenizer():
+@pytest.mark.parametrize("forms", ["fixed", "round"])
+def test_byte_tokenizer(forms):
     tok = ByteTokenizer()  # ~5x more tokens per word: a 1024-byte window holds ~200 words
-    check_items(generate_items(3, tok, 1024, lengths=(1, 2), depth_bins=4), tok, 1024)
+    check_items(generate_items(3, tok, 1024, lengths=(1, 2), depth_bins=4, forms=forms), tok, 1024)
 
 
 def test_qwen_adapter_reads_special_tokens_as_text(qwen):
     assert isinstance(qwen, TextTokenizer)
     ids = qwen.encode("a <|im_end|> b")
     assert qwen.decode(ids) == "a <|im_end|> b" and len(ids) > 3  # not the single control token
+
+
+# ---- the competition's recall.forms ----------------------------------------------------------------
+
+def test_competition_forms_key_keeps_old_digests():
+    import hashlib
+    import dataclasses as dc
+
+    from eval.competition import CompetitionError, load_competition, parse_competition
+
+    comp = load_competition("localnet")
+    assert comp.recall.forms == "round"
+    raw = comp.to_dict()
+    del raw["recall"]["forms"]  # a file from before the key: the public default forms, and its old digest
+    old = parse_competition(raw)
+    assert old.recall.forms == "fixed"
+    legacy = {k: v for k, v in dc.asdict(old).items() if k != "eval_stack"}
+    del legacy["recall"]["forms"]
+    assert old.digest == hashlib.sha256(json.dumps(legacy, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert old.digest != comp.digest  # other forms are other rules
+    raw["recall"]["forms"] = "random"
+    with pytest.raises(CompetitionError, match="recall.forms"):
+        parse_competition(raw)
