@@ -38,7 +38,12 @@ from .teacher_cache import (
 )
 from .tokenizers import token_table
 
-__all__ = ["load_teacher", "capture_topk", "capture_teacher_cache"]
+__all__ = ["load_teacher", "capture_topk", "capture_teacher_cache", "VOCAB_CHUNK", "TOKEN_CHUNK"]
+
+# the largest logit block capture ever holds is [TOKEN_CHUNK, k + VOCAB_CHUNK] fp32 (~256 MB),
+# whatever the vocabulary: Qwen3.5's 248,320 rows go through in 8 blocks
+VOCAB_CHUNK = 32768
+TOKEN_CHUNK = 2048
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -166,12 +171,19 @@ def _topk_rows(h, weight, post, k, temperature, real_vocab, vocab_chunk):
     for c0 in range(0, real_vocab, vocab_chunk):
         c1 = min(c0 + vocab_chunk, real_vocab)
         z = post(F.linear(h, weight[c0:c1]).float()) / temperature     # [n, c]
+        kept = top_v.shape[-1]
         cand_v = torch.cat([top_v, z], dim=-1)                         # [n, k' + c]
-        cand_i = torch.cat([top_i, torch.arange(c0, c1, device=h.device).expand(n, -1)], dim=-1)
+        del z
         top_v, pos = cand_v.topk(min(k, cand_v.shape[-1]), dim=-1)     # sorted, largest first
-        top_i = cand_i.gather(-1, pos)
-        dropped = cand_v.scatter(-1, pos, float("-inf"))               # [n, k' + c]
+        # candidate position -> vocab id without an int64 [n, k' + c] id table: the first k'
+        # candidates are the previous top-k, the rest are ids c0, c0 + 1, ...
+        if kept:
+            top_i = torch.where(pos < kept, top_i.gather(-1, pos.clamp(max=kept - 1)), pos - kept + c0)
+        else:
+            top_i = pos + c0
+        dropped = cand_v.scatter_(-1, pos, float("-inf"))              # in place: cand_v is spent
         rest = torch.logaddexp(rest, torch.logsumexp(dropped, dim=-1))
+        del cand_v, dropped
     lse = torch.logaddexp(torch.logsumexp(top_v, dim=-1), rest)        # [n] log Z
     return top_i, top_v - lse[:, None], torch.exp(rest - lse)
 
@@ -179,7 +191,7 @@ def _topk_rows(h, weight, post, k, temperature, real_vocab, vocab_chunk):
 @torch.no_grad()
 def capture_topk(model, input_ids: torch.Tensor, *, k: int, temperature: float = 1.0,
                  attention_mask: torch.Tensor | None = None, real_vocab: int | None = None,
-                 vocab_chunk: int = 32768, token_chunk: int = 2048):
+                 vocab_chunk: int = VOCAB_CHUNK, token_chunk: int = TOKEN_CHUNK):
     """Teacher top-k at the capture temperature for every position of input_ids [B, T].
 
     Returns topk_ids int64 [B, T, k] (most likely first), topk_logprobs float32 [B, T, k] =
@@ -201,6 +213,9 @@ def capture_topk(model, input_ids: torch.Tensor, *, k: int, temperature: float =
         raise ValueError(f"k: must be in [1, real_vocab={real_vocab}], got {k}")
     if not temperature > 0:
         raise ValueError(f"temperature: must be > 0, got {temperature}")
+    for name, n in (("vocab_chunk", vocab_chunk), ("token_chunk", token_chunk)):
+        if not (isinstance(n, int) and n >= 1):
+            raise ValueError(f"{name}: must be a positive int, got {n!r}")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask: shape {list(attention_mask.shape)} differs from input_ids "
                          f"{list(input_ids.shape)}")
@@ -244,7 +259,8 @@ def _plan_shards(segments: Iterable[list[int]], shard_tokens: int) -> Iterator[t
         yield shard, items
 
 
-def _capture_shard(model, items, *, k, temperature, real_vocab, batch_size) -> list[CapturedSequence]:
+def _capture_shard(model, items, *, k, temperature, real_vocab, batch_size, vocab_chunk=VOCAB_CHUNK,
+                   token_chunk=TOKEN_CHUNK) -> list[CapturedSequence]:
     # batch by length inside the shard (less padding); right padding leaves causal outputs untouched
     order = sorted(range(len(items)), key=lambda j: -len(items[j][1]))
     out: dict[int, CapturedSequence] = {}
@@ -257,7 +273,7 @@ def _capture_shard(model, items, *, k, temperature, real_vocab, batch_size) -> l
             ids[r, :len(seg)] = torch.tensor(seg)
             mask[r, :len(seg)] = 1
         ti, tl, tt = capture_topk(model, ids, k=k, temperature=temperature, attention_mask=mask,
-                                  real_vocab=real_vocab)
+                                  real_vocab=real_vocab, vocab_chunk=vocab_chunk, token_chunk=token_chunk)
         ti, tl, tt = ti.cpu(), tl.cpu(), tt.cpu()
         for r, (index, seg) in enumerate(batch):
             n = len(seg)
@@ -293,12 +309,14 @@ def _broadcast(dist, obj, device):
 def capture_teacher_cache(model, tokenizer, segments: Iterable[list[int]], out_root: str | os.PathLike, *,
                           k: int, temperature: float, teacher_id: str, teacher_revision: str | None,
                           data_fingerprint: str, batch_size: int = 8, progress: bool = True,
-                          shard_tokens: int = DEFAULT_SHARD_TOKENS, logprob_dtype: str = "float32") -> Path:
+                          shard_tokens: int = DEFAULT_SHARD_TOKENS, logprob_dtype: str = "float32",
+                          vocab_chunk: int = VOCAB_CHUNK, token_chunk: int = TOKEN_CHUNK) -> Path:
     """Capture the teacher on token-id segments into out_root/<cache_id>/ and return that path.
 
     segments: token-id lists (any lengths >= 1) of the teacher's tokenizer; cache order = their order.
     Under torchrun (WORLD_SIZE > 1) every rank must call this with the same arguments and the same
     segments; the process group is created (nccl on CUDA, else gloo) if it is not already.
+    vocab_chunk / token_chunk: the LM-head block capture_topk works on (its memory bound).
     """
     table = token_table(tokenizer)       # read the vocab once: fingerprint and real size
     meta = TeacherCacheMeta(teacher_id=teacher_id, teacher_revision=teacher_revision,
@@ -317,7 +335,7 @@ def capture_teacher_cache(model, tokenizer, segments: Iterable[list[int]], out_r
         if shard_no % world != rank:
             continue
         seqs = _capture_shard(model, items, k=k, temperature=temperature, real_vocab=meta.vocab_size,
-                              batch_size=batch_size)
+                              batch_size=batch_size, vocab_chunk=vocab_chunk, token_chunk=token_chunk)
         info = write_shard(tmp, shard_no, seqs, logprob_dtype)
         # the record travels to rank 0 through the shared directory (works with any backend)
         Path(tmp, f"{info.file}.json").write_text(json.dumps(info.__dict__))

@@ -180,17 +180,19 @@ def _logit_chunks(model, ids: torch.Tensor, chunk: int):
     """ids [1, T] -> yields (start, logits [c, V] fp32) over the positions, c <= chunk."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     body = getattr(model, "base_model", model)
-    # soft-capped logits (Gemma) are not hidden @ W.T; such a model, or one without a separable
-    # head, gives its full logits once
-    capped = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    if head is None or body is model or capped:
+    if head is None or body is model:
+        # no separable LM head: the model's own full logits, once (a [T, V] tensor: only models
+        # outside the Hugging Face causal-LM layout end up here)
         logits = model(input_ids=ids, use_cache=False).logits[0]              # [T, V]
         for a in range(0, logits.shape[0], chunk):
             yield a, logits[a:a + chunk].float()
         return
+    # Gemma's soft cap z = cap * tanh(z / cap) is elementwise: it applies chunk by chunk
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
     h = body(input_ids=ids, use_cache=False).last_hidden_state[0]             # [T, D]
     for a in range(0, h.shape[0], chunk):
-        yield a, head(h[a:a + chunk]).float()                                  # [c, V]
+        z = head(h[a:a + chunk]).float()                                       # [c, V]
+        yield a, (z.div_(cap).tanh_().mul_(cap) if cap else z)
 
 
 @torch.no_grad()
@@ -207,7 +209,8 @@ def score_document(model, input_ids: Sequence[int], captured=None, temperature: 
         if b <= a:
             break
         z = z[: b - a]                                                         # [c, V]
-        ce_sum += float(F.cross_entropy(z, labels[a:b], reduction="sum"))
+        ls1 = F.log_softmax(z, dim=-1)                                         # [c, V] at temperature 1
+        ce_sum -= float(ls1.gather(1, labels[a:b, None]).sum())
         if captured is not None:
             tid = torch.as_tensor(captured.topk_ids[a:b], device=dev).long()            # [c, k]
             tlp = torch.as_tensor(captured.topk_logprobs[a:b], device=dev).float()      # [c, k]
@@ -215,8 +218,9 @@ def score_document(model, input_ids: Sequence[int], captured=None, temperature: 
             if int(tid.max()) >= z.shape[1]:
                 raise ValueError(f"teacher top-k holds id {int(tid.max())} but the model's vocabulary has "
                                  f"{z.shape[1]} ids: student and teacher must share the tokenizer")
-            zt = z / temperature if temperature != 1.0 else z
-            ls = student_buckets(F.log_softmax(zt, dim=-1).gather(1, tid))     # [c, k+1]
+            # at temperature 1 the CE's log-softmax serves: one [c, V] tensor fewer
+            lsm = ls1 if temperature == 1.0 else F.log_softmax(z.div_(temperature), dim=-1)
+            ls = student_buckets(lsm.gather(1, tid))                           # [c, k+1]
             lt = teacher_buckets(tlp, tail)                                    # [c, k+1]
             kl_sum += float(bucket_kd(ls, lt, "fkl").sum())
     n = T - 1
@@ -224,7 +228,7 @@ def score_document(model, input_ids: Sequence[int], captured=None, temperature: 
 
 
 def score_documents(model, docs: Sequence[HeldoutDoc], cache=None, temperature: float = 1.0, *, device=None,
-                    progress: bool = False, desc: str = "held-out") -> list[DocScore]:
+                    progress: bool = False, desc: str = "held-out", chunk: int = HEAD_CHUNK) -> list[DocScore]:
     from tqdm import tqdm
 
     if hasattr(model, "eval"):
@@ -232,7 +236,7 @@ def score_documents(model, docs: Sequence[HeldoutDoc], cache=None, temperature: 
     out = []
     for i, d in enumerate(tqdm(docs, desc=desc, disable=not progress, leave=False)):
         out.append(score_document(model, d.input_ids, None if cache is None else cache[i], temperature,
-                                  device=device))
+                                  device=device, chunk=chunk))
     return out
 
 
