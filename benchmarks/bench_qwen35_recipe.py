@@ -41,8 +41,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_vocab import reference_gated_delta_rule  # noqa: E402
-
 LAYER_TYPES = ["linear_attention"] * 3 + ["full_attention"]
 
 
@@ -118,7 +116,6 @@ def main(argv=None) -> int:
     if min(args.mse_steps, args.kd_steps, args.eval_every) < 1:
         raise SystemExit("error: --mse-steps, --kd-steps and --eval-every must be >= 1")
     torch.set_num_threads(args.threads)
-    reference_gated_delta_rule()
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()      # one bar per checkpoint load would bury the curve
 

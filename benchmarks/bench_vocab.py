@@ -38,20 +38,11 @@ sys.path.insert(0, str(ROOT))
 from peak_rss import PeakRSS  # noqa: E402
 
 
-def reference_gated_delta_rule():
-    """transformers binds fla's Triton kernels for Qwen3.5's DeltaNet whenever fla is importable,
-    and those need a GPU: on CPU the teacher runs transformers' own PyTorch functions."""
-    import transformers.models.qwen3_5.modeling_qwen3_5 as qwen35
-
-    for name in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule"):
-        fn = getattr(qwen35, name)
-        setattr(qwen35, name, getattr(fn, "__wrapped__", fn))
-
-
 def teacher(args):
     from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
-    reference_gated_delta_rule()
+    from distill.teacher import pytorch_kernels_on_cpu
+
     torch.manual_seed(0)
     heads = max(args.dim // 32, 1)
     model = Qwen3_5ForCausalLM(Qwen3_5TextConfig(
@@ -61,6 +52,7 @@ def teacher(args):
         layer_types=["linear_attention", "full_attention"], tie_word_embeddings=False))
     with torch.no_grad():       # a peaked next-token distribution, as a trained teacher's is
         model.lm_head.weight.normal_(0.0, 4.0 / args.dim ** 0.5, generator=torch.Generator().manual_seed(2))
+    pytorch_kernels_on_cpu(model)     # what load_teacher does on a CPU: fla's Triton kernels need a GPU
     return model.eval()
 
 

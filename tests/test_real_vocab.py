@@ -17,13 +17,12 @@ from torch.utils._pytree import tree_flatten
 from distill.corpus import local_split
 from distill.data import iterate_once
 from distill.losses import naive_kd_loss
-from distill.teacher import capture_teacher_cache, capture_topk
+from distill.teacher import capture_teacher_cache, capture_topk, pytorch_kernels_on_cpu
 from distill.teacher_cache import CapturedSequence, TeacherCacheMeta, TeacherCacheWriter, open_teacher_cache
 from distill.trainer import KDStudent, heldout_kl
 from eval.heldout import HeldoutDoc, score_documents
 from eval.tokenizer import qwen_tokenizer
 from quasar_model import QuasarLongConfig, QuasarLongForCausalLM
-from test_structural_qwen35 import teacher_on_its_pytorch_path  # noqa: F401  (autouse fixture)
 
 ROWS = 16     # positions per LM-head block in every path below; inputs are 8x longer
 
@@ -71,9 +70,15 @@ def qwen35_teacher():
         tie_word_embeddings=False)))
 
 
+def qwen35_on_cpu():
+    model = qwen35_teacher()
+    pytorch_kernels_on_cpu(model)        # as load_teacher does on a CPU
+    return model
+
+
 @pytest.mark.parametrize("teacher_fn, tokenizer, V, real", [
     (qwen3_teacher, "qwen2.5-72b-instruct", 151936, 151851),
-    (qwen35_teacher, "qwen3.6-27b", 248320, 248077),
+    (qwen35_on_cpu, "qwen3.6-27b", 248320, 248077),
 ], ids=["qwen3", "qwen3.5"])
 def test_capture_and_heldout_scoring_at_the_real_vocab(tmp_path, teacher_fn, tokenizer, V, real):
     model = teacher_fn()
