@@ -1,6 +1,6 @@
 """The Quasar-10B recipe end to end on a small random Qwen3.5: init, swap, layer-wise MSE, then KD.
 
-    python benchmarks/bench_qwen35_recipe.py                  # CPU, one thread: ~2-3 min
+    python benchmarks/bench_qwen35_recipe.py                  # CPU, one thread: ~4 min under load
     python benchmarks/bench_qwen35_recipe.py --mse-steps 80 --kd-steps 80 --png runs/qwen35_recipe.png
 
 The teacher is a random transformers `Qwen3_5ForCausalLM` (gated DeltaNet and gated attention
