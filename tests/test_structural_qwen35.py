@@ -200,3 +200,34 @@ def test_init_student_command_on_a_qwen35_checkpoint(tmp_path, capsys):
             assert report["branches"] == {"0": "quasar", "1": "quasar", "2": "gla", "3": "quasar", "4": "gla"}
             assert report["max_abs_logit_gap_to_teacher"] > 1e-2
     assert "max |logit - teacher logit|" in capsys.readouterr().out
+
+
+def test_init_student_command_on_a_vision_language_qwen35_checkpoint(tmp_path):
+    """Qwen/Qwen3.5-9B-Base (sn24's teacher) is published as Qwen3_5ForConditionalGeneration: the
+    text model sits under model.language_model, beside a vision tower the student has no use for."""
+    import json
+
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    from distill import corpus
+    from distill.cli import main as cli_main
+    from distill.tiny_teacher import train_tokenizer
+
+    text = qwen35()
+    vl = Qwen3_5ForConditionalGeneration(Qwen3_5Config(
+        text_config=text.config.to_dict(),
+        vision_config=dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=32, out_hidden_size=64)))
+    vl.model.language_model.load_state_dict({k.removeprefix("model."): v for k, v in text.state_dict().items()
+                                             if k.startswith("model.")})
+    vl.lm_head.load_state_dict(text.lm_head.state_dict())
+    vl.save_pretrained(tmp_path / "vl")
+    train_tokenizer(corpus.local_split("train")[:20], 300).save_pretrained(tmp_path / "vl")
+    assert json.loads((tmp_path / "vl" / "config.json").read_text())["architectures"] == ["Qwen3_5ForConditionalGeneration"]
+    assert cli_main(["init-student", "--teacher", str(tmp_path / "vl"), "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "structural_init.json").read_text())
+    assert report["max_abs_logit_gap_to_teacher"] <= 1e-4
+    # the gap is measured against the teacher as loaded from the wrapper: it is the text model
+    ids = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(3))
+    student = QuasarLongForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert (student(ids).logits - text(ids).logits).abs().max() <= 1e-4
