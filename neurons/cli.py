@@ -77,7 +77,7 @@ def cmd_miner(args) -> int:
     from neurons import logs
     from neurons.miner import Miner, MinerSettings
 
-    logs.setup(f"miner:{args.wallet_name}")
+    logs.setup(f"miner:{args.wallet_name}", args.log_level)
     pf = preflight(args, "miner")
     settings = MinerSettings(
         work_dir=Path(args.work_dir), distill_config=args.config, overrides=args.override,
@@ -87,7 +87,8 @@ def cmd_miner(args) -> int:
         repo_id=args.hf_repo, hf_token=os.environ.get("HF_TOKEN"), device=args.device,
         copy_from=args.copy_from and Path(args.copy_from), adversary=args.adversary,
         serve_after_training=not args.exit_after_training,
-        progress=not args.quiet)
+        progress=not args.quiet, metrics_host=args.metrics_host,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port)
     miner = Miner(pf.chain, pf.keypair, pf.competition, settings)
     miner.install_signal_handlers()
     miner.run()
@@ -99,7 +100,7 @@ def cmd_validator(args) -> int:
     from neurons.status import StatusServer
     from neurons.validator import Validator, ValidatorSettings
 
-    log = logs.setup("validator")
+    log = logs.setup("validator", args.log_level)
     pf = preflight(args, "validator")
     settings = ValidatorSettings(
         work_dir=Path(args.work_dir), device=args.device, localnet=args.network == "local",
@@ -113,7 +114,8 @@ def cmd_validator(args) -> int:
     validator.install_signal_handlers()
     status = None
     if args.status_port >= 0:
-        status = StatusServer(validator.state.path, host=args.status_host, port=args.status_port).start()
+        status = StatusServer(validator.state.path, host=args.status_host, port=args.status_port,
+                              metrics=validator.metrics).start()
         logs.event(log, "status", url=status.url)
         (Path(args.work_dir) / "status.url").write_text(status.url)
     try:
@@ -163,6 +165,10 @@ def add_miner_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-free-gb", type=float, default=None,
                    help="free disk the preflight requires under --work-dir (default: 3 of the competition's "
                         "largest bf16 checkpoints, at least 1 GiB)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="bind address of the Prometheus /metrics server")
+    p.add_argument("--metrics-port", type=int, default=-1,
+                   help="serve Prometheus /metrics (steps, loss, last commit block) on this port; 0: a free one; "
+                        "-1 (default): no metrics server")
 
 
 def add_validator_args(p: argparse.ArgumentParser) -> None:
@@ -254,7 +260,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="continue the chain and state in --dir")
     p.set_defaults(func=cmd_localnet)
 
+    _add_logging_args(parser)
     return parser
+
+
+def _add_logging_args(parser: argparse.ArgumentParser) -> None:
+    """`--log-level` / `--logging.*` on every (sub)command, so they go anywhere on the line."""
+    from neurons import logs
+
+    subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subcommands:
+        logs.add_args(parser)
+    for action in subcommands:
+        for sub in action.choices.values():
+            _add_logging_args(sub)
 
 
 def _is_teacher_cache_error(e: BaseException) -> bool:
@@ -266,7 +285,10 @@ def _is_teacher_cache_error(e: BaseException) -> bool:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from neurons import logs
     from neurons.chain import ChainError
+
+    logs.setup(args.command, args.log_level)  # miner and validator set it again, naming their role
 
     try:
         return args.func(args)
