@@ -95,6 +95,8 @@ class Miner:
         self._commits = m.counter("quasar_miner_commits_total", "commitments landed since this process started")
         self._commit_failures = m.counter("quasar_miner_commit_failures_total",
                                           "commit attempts the chain failed or refused since this process started")
+        self._commits.inc(0)  # a counter shows 0 before its first event, not nothing
+        self._commit_failures.inc(0)
         self._commit_block.set(self.state.get("commit_block") or 0)  # after a restart: what miner.json says
         if self.state.get("best") is not None:
             self._best.set(self.state["best"])

@@ -169,6 +169,7 @@ class Validator:
         self._phase_seconds = self.metrics.histogram("quasar_validator_phase_seconds", "one round phase, start to end")
         self._chain_errors = self.metrics.counter("quasar_validator_chain_errors_total",
                                                   "chain errors a round survived (retried after a backoff)")
+        self._chain_errors.inc(0)  # 0, not absent, until the first one
         event(log, "eval_timeout", seconds=self.eval_timeout,
               source="--eval-timeout" if settings.eval_timeout is not None else
               f"budget.seconds {competition.budget.seconds:g} x --eval-time-scale {settings.eval_time_scale:g}")

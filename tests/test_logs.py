@@ -80,7 +80,7 @@ def test_validator_stderr_is_json_and_the_level_flags_choose_what_appears(tmp_pa
     assert metrics["quasar_validator_round"]["samples"] == {("quasar_validator_round", ()): 0}
     assert metrics["quasar_validator_round_in_progress"]["samples"] == {("quasar_validator_round_in_progress", ()): 0}
     assert metrics["quasar_validator_fetch_seconds"]["type"] == "histogram"
-    assert metrics["quasar_validator_chain_errors"]["type"] == "counter"
+    assert metrics["quasar_validator_chain_errors"]["samples"] == {("quasar_validator_chain_errors_total", ()): 0}
 
     events, _ = run_validator([*local_validator, "--log-level", "warning"], tmp_path / "warning")
     assert all(e["level"] in ("warning", "error") for e in events), events
