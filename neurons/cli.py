@@ -126,6 +126,28 @@ def cmd_validator(args) -> int:
     return 0
 
 
+def cmd_status(args) -> int:
+    """A hotkey's latest commitment, its eligibility and the weights validators set on it (neurons.standing)."""
+    import json
+
+    from eval.competition import load_competition
+    from neurons.network import open_chain_to_read
+    from neurons.preflight import competition_name
+    from neurons.standing import render, standing
+
+    from bittensor.sp_core import ss58_decode
+
+    try:
+        ss58_decode(args.hotkey)
+    except ValueError as e:
+        raise ValueError(f"--hotkey {args.hotkey!r} is not an ss58 address ({e})") from None
+    competition = load_competition(competition_name(args))
+    chain = open_chain_to_read(args)
+    s = standing(chain, competition.schedule, args.hotkey, localnet=args.network == "local")
+    print(json.dumps(s.to_dict()) if args.json else "\n".join(render(s, args.network)))
+    return 0
+
+
 def cmd_localnet(args) -> int:
     from neurons.localnet import run_localnet
 
@@ -251,6 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_miner_args(roles.add_parser("miner", help="the miner's checks (takes the miner's flags)"))
     add_validator_args(roles.add_parser("validator", help="the validator's checks (takes the validator's flags)"))
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("status", help="a hotkey's latest commitment, eligibility block, and the weights, rank and "
+                                      "incentive validators give it (reads the chain only)")
+    from neurons.network import add_chain_args
+
+    add_chain_args(p)
+    p.add_argument("--hotkey", required=True, metavar="SS58", help="the hotkey to look up")
+    p.add_argument("--competition", default=None,
+                   help="shipped competition name or a file, for its cadence and eval delay (default: the network's own)")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("localnet", help="a whole subnet on this machine: chain, teacher, miners, validator")
     p.add_argument("--dir", default="localnet")
