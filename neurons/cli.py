@@ -130,12 +130,12 @@ def cmd_status(args) -> int:
     """A hotkey's latest commitment, its eligibility and the weights validators set on it (neurons.standing)."""
     import json
 
+    from bittensor.sp_core import ss58_decode
+
     from eval.competition import load_competition
     from neurons.network import open_chain_to_read
     from neurons.preflight import competition_name
     from neurons.standing import render, standing
-
-    from bittensor.sp_core import ss58_decode
 
     try:
         ss58_decode(args.hotkey)
