@@ -56,6 +56,11 @@ class LogProgress:
     def __len__(self) -> int:
         return self.total or 0
 
+    @staticmethod
+    def write(text: str) -> None:
+        """A line for the reader (stdout), as tqdm.write prints it above a bar."""
+        print(text, flush=True)
+
     def set_postfix(self, **fields) -> None:
         self.postfix = fields
 
