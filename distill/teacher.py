@@ -327,8 +327,8 @@ def capture_teacher_cache(model, tokenizer, segments: Iterable[list[int]], out_r
     rank, world, dist, created = _distributed(device)
     tmp = _broadcast(dist, str(make_tmp_dir(out_root)) if rank == 0 else None, device)
 
-    from tqdm import tqdm
-    bar = tqdm(desc=f"teacher capture (rank {rank}/{world})", unit="tok", disable=not progress or rank != 0)
+    from distill.progress import progress_bar
+    bar = progress_bar(desc=f"teacher capture (rank {rank}/{world})", unit="tok", enabled=progress and rank == 0)
     n_shards = 0
     for shard_no, items in _plan_shards(segments, shard_tokens):
         n_shards = shard_no + 1

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from . import corpus
+from .progress import progress_bar
 
 EOS = "<|endoftext|>"
 
@@ -68,7 +69,6 @@ def _token_stream(tokenizer, docs: list[str]):
 def train_teacher(out_dir: str | os.PathLike, recipe: dict = RECIPE, progress: bool = True) -> Path:
     """Train tokenizer and model from scratch into `out_dir` (a Hugging Face checkpoint)."""
     import torch
-    from tqdm import tqdm
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     r = dict(recipe)
@@ -96,7 +96,7 @@ def train_teacher(out_dir: str | os.PathLike, recipe: dict = RECIPE, progress: b
         t = (step - r["warmup"]) / max(1, steps - r["warmup"])
         return r["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
-    bar = tqdm(range(steps), desc="tiny teacher", disable=not progress, leave=False)
+    bar = progress_bar(range(steps), desc="tiny teacher", enabled=progress, leave=False)
     for step in bar:
         starts = torch.randint(0, len(stream) - T - 1, (B,), generator=gen)
         batch = torch.stack([stream[s:s + T + 1] for s in starts.tolist()])

@@ -343,12 +343,13 @@ class Trainer:
         return rec
 
     # ---------------------------------------------------------------- the loop
-    def train(self, until: int | None = None, should_stop=None) -> list[dict]:
+    def train(self, until: int | None = None, should_stop=None, on_step=None) -> list[dict]:
         """Train to cfg.steps (or stop after step `until`, as a crash would: no extra checkpoint).
 
         `should_stop()`, checked after every step, ends training at that step boundary the same way (the
-        caller checkpoints: `save_checkpoint`)."""
-        from tqdm import tqdm
+        caller checkpoints: `save_checkpoint`). `on_step(record)` sees every step's record (step, loss,
+        ...: the miner's metrics), not only the logged ones."""
+        from distill.progress import progress_bar
 
         cfg = self.cfg
         cfg_steps = cfg.steps
@@ -359,10 +360,12 @@ class Trainer:
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         if self.step == 0 and self.heldout_cache is not None:
             records.append(self.log({"step": 0, "heldout_kl": self.evaluate()}))
-        bar = tqdm(total=cfg_steps, initial=self.step, desc="distill", unit="step", dynamic_ncols=True,
-                   disable=not (cfg.progress and self.env.is_main))
+        bar = progress_bar(total=cfg_steps, initial=self.step, desc="distill", unit="step",
+                           enabled=cfg.progress and self.env.is_main)
         while self.step < stop:
             rec = self.train_step()
+            if on_step is not None:
+                on_step(rec)
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tok_per_s']:.0f}",
                             **({"mse": f"{rec['hidden_mse']:.4f}"} if "hidden_mse" in rec else {}))

@@ -229,12 +229,12 @@ def score_document(model, input_ids: Sequence[int], captured=None, temperature: 
 
 def score_documents(model, docs: Sequence[HeldoutDoc], cache=None, temperature: float = 1.0, *, device=None,
                     progress: bool = False, desc: str = "held-out", chunk: int = HEAD_CHUNK) -> list[DocScore]:
-    from tqdm import tqdm
+    from distill.progress import progress_bar
 
     if hasattr(model, "eval"):
         model.eval()
     out = []
-    for i, d in enumerate(tqdm(docs, desc=desc, disable=not progress, leave=False)):
+    for i, d in enumerate(progress_bar(docs, desc=desc, enabled=progress, leave=False)):
         out.append(score_document(model, d.input_ids, None if cache is None else cache[i], temperature,
                                   device=device, chunk=chunk))
     return out

@@ -157,7 +157,7 @@ def run_recall(model, items: Sequence[TaskItem], *, prefill_chunk: int, max_answ
                device=None, progress: bool = False, batch_size: int = 1) -> list[RecallOutcome]:
     """Every item, graded; outcomes in item order. batch_size 1: one item at a time (memory flat in
     the number of items); more: items of equal prompt length run batch_size at a time."""
-    from tqdm import tqdm
+    from distill.progress import progress_bar
 
     if max_answer_tokens < 1:
         raise ValueError(f"max_answer_tokens must be >= 1, got {max_answer_tokens}")
@@ -172,7 +172,7 @@ def run_recall(model, items: Sequence[TaskItem], *, prefill_chunk: int, max_answ
             raise ValueError(f"recall item {iid} has an empty answer span: nothing to grade")
         targets.append(list(it.answer_ids[:max_answer_tokens]))
     conts: list[list[int] | None] = [None] * len(items)
-    with tqdm(total=len(items), desc="recall", disable=not progress, leave=False) as bar:
+    with progress_bar(total=len(items), desc="recall", unit="item", enabled=progress, leave=False) as bar:
         for batch in _batches(items, batch_size):
             if len(batch) == 1:
                 (i,) = batch

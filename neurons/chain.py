@@ -10,6 +10,8 @@ Contract shared by every implementation:
 - `commitments()` maps each hotkey to its *latest* commitment and the block it landed in; a
   sealed commitment (`commit_sealed`, optional: both implementations have it) is left out until
   it opens, then counts from the block it landed in;
+- `weights()` (optional, both implementations have it; `quasar status` reads it) maps each
+  validator uid to its latest weight row, normalised to fractions summing to 1;
 - `set_weights` returns False when the rate limit refuses the write (an expected, retry-later
   condition) and raises a `ChainError` for everything else (bad input, unregistered or
   unpermitted hotkey, bad signature), because those are bugs or attacks, not timing.
@@ -55,6 +57,8 @@ class Metagraph:
     coldkeys: tuple[str, ...]
     stakes: tuple[float, ...]
     validator_permit: tuple[bool, ...]
+    # the chain's incentive per uid (0..1, Yuma consensus) where the chain computes one; None on LocalChain
+    incentives: tuple[float, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.uids)

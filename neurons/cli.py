@@ -77,7 +77,7 @@ def cmd_miner(args) -> int:
     from neurons import logs
     from neurons.miner import Miner, MinerSettings
 
-    logs.setup(f"miner:{args.wallet_name}")
+    logs.setup(f"miner:{args.wallet_name}", args.log_level)
     pf = preflight(args, "miner")
     settings = MinerSettings(
         work_dir=Path(args.work_dir), distill_config=args.config, overrides=args.override,
@@ -87,7 +87,8 @@ def cmd_miner(args) -> int:
         repo_id=args.hf_repo, hf_token=os.environ.get("HF_TOKEN"), device=args.device,
         copy_from=args.copy_from and Path(args.copy_from), adversary=args.adversary,
         serve_after_training=not args.exit_after_training,
-        progress=not args.quiet)
+        progress=not args.quiet, metrics_host=args.metrics_host,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port)
     miner = Miner(pf.chain, pf.keypair, pf.competition, settings)
     miner.install_signal_handlers()
     miner.run()
@@ -99,7 +100,7 @@ def cmd_validator(args) -> int:
     from neurons.status import StatusServer
     from neurons.validator import Validator, ValidatorSettings
 
-    log = logs.setup("validator")
+    log = logs.setup("validator", args.log_level)
     pf = preflight(args, "validator")
     settings = ValidatorSettings(
         work_dir=Path(args.work_dir), device=args.device, localnet=args.network == "local",
@@ -113,7 +114,8 @@ def cmd_validator(args) -> int:
     validator.install_signal_handlers()
     status = None
     if args.status_port >= 0:
-        status = StatusServer(validator.state.path, host=args.status_host, port=args.status_port).start()
+        status = StatusServer(validator.state.path, host=args.status_host, port=args.status_port,
+                              metrics=validator.metrics).start()
         logs.event(log, "status", url=status.url)
         (Path(args.work_dir) / "status.url").write_text(status.url)
     try:
@@ -121,6 +123,28 @@ def cmd_validator(args) -> int:
     finally:
         if status is not None:
             status.stop()
+    return 0
+
+
+def cmd_status(args) -> int:
+    """A hotkey's latest commitment, its eligibility and the weights validators set on it (neurons.standing)."""
+    import json
+
+    from bittensor.sp_core import ss58_decode
+
+    from eval.competition import load_competition
+    from neurons.network import open_chain_to_read
+    from neurons.preflight import competition_name
+    from neurons.standing import render, standing
+
+    try:
+        ss58_decode(args.hotkey)
+    except ValueError as e:
+        raise ValueError(f"--hotkey {args.hotkey!r} is not an ss58 address ({e})") from None
+    competition = load_competition(competition_name(args))
+    chain = open_chain_to_read(args)
+    s = standing(chain, competition.schedule, args.hotkey, localnet=args.network == "local")
+    print(json.dumps(s.to_dict()) if args.json else "\n".join(render(s, args.network)))
     return 0
 
 
@@ -163,6 +187,10 @@ def add_miner_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-free-gb", type=float, default=None,
                    help="free disk the preflight requires under --work-dir (default: 3 of the competition's "
                         "largest bf16 checkpoints, at least 1 GiB)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="bind address of the Prometheus /metrics server")
+    p.add_argument("--metrics-port", type=int, default=-1,
+                   help="serve Prometheus /metrics (steps, loss, last commit block) on this port; 0: a free one; "
+                        "-1 (default): no metrics server")
 
 
 def add_validator_args(p: argparse.ArgumentParser) -> None:
@@ -246,6 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_validator_args(roles.add_parser("validator", help="the validator's checks (takes the validator's flags)"))
     p.set_defaults(func=cmd_doctor)
 
+    p = sub.add_parser("status", help="a hotkey's latest commitment, eligibility block, and the weights, rank and "
+                                      "incentive validators give it (reads the chain only)")
+    from neurons.network import add_chain_args
+
+    add_chain_args(p)
+    p.add_argument("--hotkey", required=True, metavar="SS58", help="the hotkey to look up")
+    p.add_argument("--competition", default=None,
+                   help="shipped competition name or a file, for its cadence and eval delay (default: the network's own)")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    p.set_defaults(func=cmd_status)
+
     p = sub.add_parser("localnet", help="a whole subnet on this machine: chain, teacher, miners, validator")
     p.add_argument("--dir", default="localnet")
     p.add_argument("--rounds", type=int, default=2)
@@ -254,7 +293,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="continue the chain and state in --dir")
     p.set_defaults(func=cmd_localnet)
 
+    _add_logging_args(parser)
     return parser
+
+
+def _add_logging_args(parser: argparse.ArgumentParser) -> None:
+    """`--log-level` / `--logging.*` on every (sub)command, so they go anywhere on the line."""
+    from neurons import logs
+
+    subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subcommands:
+        logs.add_args(parser)
+    for action in subcommands:
+        for sub in action.choices.values():
+            _add_logging_args(sub)
 
 
 def _is_teacher_cache_error(e: BaseException) -> bool:
@@ -266,7 +318,10 @@ def _is_teacher_cache_error(e: BaseException) -> bool:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from neurons import logs
     from neurons.chain import ChainError
+
+    logs.setup(args.command, args.log_level)  # miner and validator set it again, naming their role
 
     try:
         return args.func(args)

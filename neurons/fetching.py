@@ -55,8 +55,8 @@ class FetchSettings:
 
 class _Round:
     def __init__(self, store: ModelStore, settings: FetchSettings, accepted_hashes: Iterable[str], keypair,
-                 record: Callable[[Submission], None]):
-        self.store, self.s, self.keypair, self.record = store, settings, keypair, record
+                 record: Callable[[Submission], None], timed: Callable[[Submission | None, float], None] | None):
+        self.store, self.s, self.keypair, self.record, self.timed = store, settings, keypair, record, timed
         self.accepted = set(accepted_hashes)
 
     def _rejected(self, job: Job, stage: str, reason: str) -> Submission:
@@ -121,9 +121,12 @@ async def _run(jobs: list[Job], r: _Round, stop: threading.Event) -> bool:
     gate = asyncio.Semaphore(max(1, r.s.concurrency))
 
     async def job_task(job: Job) -> None:
+        t0 = loop.time()
         outcome = await r.guarded(job, gate, deadline)
         if outcome is not None:
             r.record(outcome)  # at once: a kill later in the round keeps what finished
+        if r.timed is not None:
+            r.timed(outcome, loop.time() - t0)
 
     tasks = [asyncio.create_task(job_task(job)) for job in jobs]
     waiting = asyncio.ensure_future(asyncio.gather(*tasks))
@@ -140,9 +143,10 @@ async def _run(jobs: list[Job], r: _Round, stop: threading.Event) -> bool:
 
 def fetch_round(jobs: Iterable[Job], store: ModelStore, settings: FetchSettings, *, keypair,
                 accepted_hashes: Iterable[str], record: Callable[[Submission], None],
-                stop: threading.Event) -> bool:
-    """Fetch every job; `record(submission)` is called once per accepted or rejected job."""
+                stop: threading.Event, timed: Callable[[Submission | None, float], None] | None = None) -> bool:
+    """Fetch every job; `record(submission)` is called once per accepted or rejected job, and
+    `timed(submission or None when deferred, seconds)` once per job that ran (metrics)."""
     store.clean_staging()
-    r = _Round(store, settings, accepted_hashes, keypair, record)
+    r = _Round(store, settings, accepted_hashes, keypair, record, timed)
     return asyncio.run(_run(list(jobs), r, stop))
 

@@ -320,6 +320,15 @@ class LocalChain:
         (block,) = conn.execute("SELECT MAX(block) FROM weights WHERE hotkey = ?", (hotkey,)).fetchone()
         return block
 
+    def weights(self) -> dict[int, dict[int, float]]:
+        """validator uid -> {uid: weight} of its last accepted weight write (normalised)."""
+        with self._tx() as conn:
+            rows = conn.execute(
+                """SELECT r.uid, w.weights FROM weights w
+                   JOIN (SELECT MAX(id) AS id FROM weights GROUP BY hotkey) latest ON w.id = latest.id
+                   JOIN registrations r ON r.hotkey = w.hotkey ORDER BY r.uid""").fetchall()
+        return {uid: {int(u): v for u, v in json.loads(row).items()} for uid, row in rows}
+
     def latest_weights(self, hotkey: str) -> dict[int, float] | None:
         """The normalised uid -> weight vector of the hotkey's last accepted weight write."""
         with self._tx() as conn:

@@ -341,13 +341,12 @@ def _wait_for_commits(t0, chain, hotkeys, procs, seen, timeout, logs, cadence, d
 
 def _watch(t0, run_dir, chain, hotkeys, procs, rounds, timeout, logs, seen) -> int | None:
     """Show progress until the validator has scored `rounds` rounds; an exit status on failure."""
-    from tqdm import tqdm
-
+    from distill.progress import progress_bar
     from neurons.state import ValidatorState
 
     names = {hk: n for n, hk in hotkeys.items()}
     state = None
-    bar = tqdm(total=rounds, desc="rounds scored", unit="round", dynamic_ncols=True)
+    bar = progress_bar(total=rounds, desc="rounds scored", unit="round")
     try:
         while True:
             if time.time() - t0 > timeout:
@@ -356,7 +355,7 @@ def _watch(t0, run_dir, chain, hotkeys, procs, rounds, timeout, logs, seen) -> i
             failed = _failed(t0, procs, logs)
             if failed is not None:
                 return failed
-            _new_commits(t0, chain, hotkeys, seen, tqdm.write)
+            _new_commits(t0, chain, hotkeys, seen, bar.write)
             if state is None and (run_dir / VALIDATOR / "validator.db").exists():
                 state = ValidatorState(run_dir / VALIDATOR / "validator.db")
             if state is not None:
@@ -365,7 +364,7 @@ def _watch(t0, run_dir, chain, hotkeys, procs, rounds, timeout, logs, seen) -> i
                     for r in done[bar.n:]:
                         board = ", ".join(f"{names.get(s['hotkey'], '?')} {s['composite']:.4f}"
                                           + (f" [{s['gate']}]" if s["gate"] else "") for s in state.scores(r.id))
-                        tqdm.write(f"[{time.time() - t0:6.1f}s] round {r.id} (block {r.sync_block}): "
+                        bar.write(f"[{time.time() - t0:6.1f}s] round {r.id} (block {r.sync_block}): "
                                    f"leader {names.get(r.leader, r.leader)}; {board}")
                     bar.update(len(done) - bar.n)
                 current = state.unfinished_round()

@@ -64,6 +64,8 @@ class MinerSettings:
     # seconds, doubling up to the cap; it stays `pending` in miner.json, so a restart finishes it too
     commit_retry_seconds: float = 2.0
     commit_retry_max_seconds: float = 300.0
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None            # Prometheus /metrics on this port (0: a free one); None: off
 
 
 class Miner:
@@ -77,7 +79,27 @@ class Miner:
         self.stop_event = threading.Event()
         self._abandonable = threading.Event()  # set while a stop signal may abandon the main thread's work
         self.server = None
+        self.metrics_server = None
         self._validators: tuple[float, set[str]] = (0.0, set())
+        self._init_metrics()
+
+    def _init_metrics(self) -> None:
+        from neurons.metrics import Registry
+
+        m = self.metrics = Registry()
+        self._step = m.gauge("quasar_miner_step", "training steps done")
+        self._loss = m.gauge("quasar_miner_loss", "training loss of the latest step")
+        self._self_score = m.gauge("quasar_miner_self_eval_score", "composite of the latest self-evaluation")
+        self._best = m.gauge("quasar_miner_best_score", "composite of the best published checkpoint")
+        self._commit_block = m.gauge("quasar_miner_last_commit_block", "block the latest commitment landed in (0: none)")
+        self._commits = m.counter("quasar_miner_commits_total", "commitments landed since this process started")
+        self._commit_failures = m.counter("quasar_miner_commit_failures_total",
+                                          "commit attempts the chain failed or refused since this process started")
+        self._commits.inc(0)  # a counter shows 0 before its first event, not nothing
+        self._commit_failures.inc(0)
+        self._commit_block.set(self.state.get("commit_block") or 0)  # after a restart: what miner.json says
+        if self.state.get("best") is not None:
+            self._best.set(self.state["best"])
 
     # ------------------------------------------------------------------ plumbing
     def install_signal_handlers(self) -> None:
@@ -108,9 +130,20 @@ class Miner:
         if self.state.get("published"):  # after a restart, keep serving what is committed
             self.server.register(self.state["token"], self.state["published"])
 
+    def start_metrics_server(self) -> None:
+        if self.s.metrics_port is None:
+            return
+        from neurons.metrics import BackgroundApp, metrics_app
+
+        self.metrics_server = BackgroundApp(lambda: metrics_app(self.metrics), self.s.metrics_host,
+                                            self.s.metrics_port, name="metrics").start()
+        event(log, "metrics", url=self.metrics_server.url + "/metrics")
+
     def stop(self) -> None:
         if self.server is not None:
             self.server.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
 
     # ------------------------------------------------------------------ publishing
     def _where(self, name: str) -> tuple[dict, dict]:
@@ -144,10 +177,12 @@ class Miner:
             try:
                 return self._commit(data)
             except (NotPermitted, InvalidSignature, InvalidWrite) as e:
+                self._commit_failures.inc()
                 event(log, "commit refused", level=logging.ERROR, attempt=attempt, error=str(e),
                       pending=str(self.state_path))
                 raise
             except ChainError as e:
+                self._commit_failures.inc()
                 event(log, "commit failed", level=logging.WARNING, attempt=attempt, error=str(e),
                       retry_in=round(delay, 3))
             if self.stop_event.wait(delay):
@@ -212,12 +247,20 @@ class Miner:
                           token=commitment.revision if self.s.storage != "hf" else None)
         self.state["history"].append({"block": block, "score": score, "checkpoint": target.name})
         self._save_state()
+        self._commits.inc()
+        self._commit_block.set(block)
+        if score is not None:
+            self._best.set(score)
         event(log, "committed", block=block, score=score, commitment=data)
         if previous and previous != str(target):
             shutil.rmtree(previous, ignore_errors=True)
         return True
 
     # ------------------------------------------------------------------ training
+    def _on_step(self, record: dict) -> None:
+        self._step.set(record["step"])
+        self._loss.set(record["loss"])
+
     def self_score(self, export: Path) -> float:
         from eval.evaluate import evaluate_checkpoint
         from eval.scoring import composite
@@ -235,6 +278,7 @@ class Miner:
                      f"progress={str(self.s.progress).lower()}", *self.s.overrides]
         cfg = load_config(self.s.distill_config, overrides)
         trainer = Trainer(cfg)
+        self._step.set(trainer.step)  # resumed from a checkpoint: not 0
         cycle = self.s.steps_per_cycle
         while not self.stop_event.is_set():
             # every cycle boundary (and the last step) is self-evaluated once, also after a restart
@@ -244,7 +288,8 @@ class Miner:
                 return  # stopped during the self-evaluation
             if trainer.step >= cfg.steps:
                 break
-            trainer.train(until=min((trainer.step // cycle + 1) * cycle, cfg.steps), should_stop=self.stop_event.is_set)
+            trainer.train(until=min((trainer.step // cycle + 1) * cycle, cfg.steps), should_stop=self.stop_event.is_set,
+                          on_step=self._on_step)
             if self.stop_event.is_set() and trainer.step % cycle and trainer.step < cfg.steps:
                 trainer.save_checkpoint()  # stopped between boundaries: a restart resumes at this very step
                 event(log, "stopped training", step=trainer.step, checkpoint=str(trainer.latest_checkpoint()))
@@ -263,6 +308,7 @@ class Miner:
         finally:
             self._abandonable.clear()
         best = self.state.get("best")
+        self._self_score.set(score)
         event(log, "self-evaluated", step=trainer.step, score=round(score, 5), best=best)
         if best is None or score > best + self.s.min_improvement:
             self.publish(export, score)
@@ -308,6 +354,7 @@ class Miner:
         event(log, "stack", level=logging.WARNING if stack["mismatch"] else logging.INFO, **stack)
         self.start_server()
         try:
+            self.start_metrics_server()
             if self.state.get("pending"):  # stopped between staging and releasing a checkpoint
                 event(log, "finishing pending commitment", commitment=self.state["pending"]["commitment"],
                       checkpoint=self.state["pending"]["published"])

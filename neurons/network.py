@@ -44,3 +44,16 @@ def open_chain(args):
     chain = SubtensorChain(args.network, netuid=args.netuid, wallet=keys,
                            fallback_endpoints=getattr(args, "chain_fallback", None))
     return chain, keys.hotkey
+
+
+def open_chain_to_read(args):
+    """The chain for the parsed flags, without keys: for reads only (`quasar status`)."""
+    if args.network == "local":
+        from neurons.localchain import LocalChain
+
+        if not Path(args.chain_path).is_file():  # LocalChain would create an empty chain there
+            raise ValueError(f"no local chain at {args.chain_path} (--chain.path)")
+        return LocalChain(args.chain_path, netuid=args.netuid)
+    from neurons.subtensor_chain import SubtensorChain
+
+    return SubtensorChain(args.network, netuid=args.netuid, fallback_endpoints=getattr(args, "chain_fallback", None))

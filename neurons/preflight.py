@@ -116,6 +116,7 @@ class Preflight:
         out = [("competition", self.check_competition)]
         if self.role == "miner":
             out.append(("storage", self.check_storage))
+            out.append(("metrics port", self.check_metrics_port))
         out += [("work dir", self.check_work_dir), ("disk", self.check_disk), ("chain", self.check_chain),
                 ("registered", self.check_registered)]
         if self.role == "validator":
@@ -286,19 +287,27 @@ class Preflight:
 
     def check_status_port(self) -> str:
         a = self.args
-        if a.status_port < 0:
-            return "disabled (--status-port -1)"
-        if a.status_port == 0:
-            return f"a free port on {a.status_host}, picked at start"
-        try:
-            with socket.socket(socket.AF_INET6 if ":" in a.status_host else socket.AF_INET) as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the status server binds
-                s.bind((a.status_host, a.status_port))
-        except OSError as e:
-            raise PreflightError(f"--status-port {a.status_port} on {a.status_host} cannot be bound "
-                                 f"({e.strerror or e}): another process uses it; pick another port, 0 for a free one, "
-                                 "or -1 for no status server") from None
-        return f"{a.status_host}:{a.status_port} is free"
+        return _port_free("--status-port", a.status_host, a.status_port, "status server")
+
+    def check_metrics_port(self) -> str:
+        a = self.args
+        return _port_free("--metrics-port", a.metrics_host, a.metrics_port, "metrics server")
+
+
+def _port_free(flag: str, host: str, port: int, what: str) -> str:
+    """The server behind `flag` can bind `host`:`port` (-1: no server; 0: any free port)."""
+    if port < 0:
+        return f"disabled ({flag} -1)"
+    if port == 0:
+        return f"a free port on {host}, picked at start"
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+            s.bind((host, port))
+    except OSError as e:
+        raise PreflightError(f"{flag} {port} on {host} cannot be bound ({e.strerror or e}): another process "
+                             f"uses it; pick another port, 0 for a free one, or -1 for no {what}") from None
+    return f"{host}:{port} is free"
 
 
 def host_problem(host: str) -> str | None:

@@ -25,6 +25,12 @@ from typing import Iterator
 
 PHASES = ("fetch", "evaluate", "score", "weights", "done")
 
+# The file's layout, stored as `PRAGMA user_version`: files written before it was versioned read 0.
+# A file is brought to SCHEMA_VERSION by MIGRATIONS[v] for each v above its own, all in one
+# transaction; a file newer than this code is refused (an older validator must not write into a
+# layout it does not know).
+SCHEMA_VERSION = 1
+
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS rounds (
         id INTEGER PRIMARY KEY AUTOINCREMENT, sync_block INTEGER NOT NULL UNIQUE, block_hash TEXT NOT NULL,
@@ -51,6 +57,18 @@ _SCHEMA = (
         round_id INTEGER NOT NULL, model_hash TEXT NOT NULL, attempts INTEGER NOT NULL,
         PRIMARY KEY (round_id, model_hash))""",
 )
+
+
+def _to_v1(c: sqlite3.Connection) -> None:
+    """A new file, or an unversioned one (any layout the code wrote before versions): the tables,
+    and the column added last before versions (rounds.stack, the evaluation stack)."""
+    for stmt in _SCHEMA:
+        c.execute(stmt)
+    if "stack" not in {row[1] for row in c.execute("PRAGMA table_info(rounds)")}:
+        c.execute("ALTER TABLE rounds ADD COLUMN stack TEXT")
+
+
+MIGRATIONS = {1: _to_v1}
 
 
 @dataclass(frozen=True)
@@ -82,12 +100,21 @@ class ValidatorState:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        # read before anything else opens it: even switching a newer file to WAL would write to it
+        probe = sqlite3.connect(self.path)
+        try:
+            version = probe.execute("PRAGMA user_version").fetchone()[0]
+        finally:
+            probe.close()
+        if version > SCHEMA_VERSION:
+            raise ValueError(f"{self.path} has schema version {version}, newer than this validator's "
+                             f"{SCHEMA_VERSION}: upgrade quasar-sn24, or give another --work-dir")
         with self._tx() as c:
-            for stmt in _SCHEMA:
-                c.execute(stmt)
-            # files from before rounds recorded their evaluation stack (eval.stack) gain the column
-            if "stack" not in {row[1] for row in c.execute("PRAGMA table_info(rounds)")}:
-                c.execute("ALTER TABLE rounds ADD COLUMN stack TEXT")
+            version = c.execute("PRAGMA user_version").fetchone()[0]  # again: another process may have migrated it
+            if version < SCHEMA_VERSION:
+                for v in range(version + 1, SCHEMA_VERSION + 1):
+                    MIGRATIONS[v](c)
+                c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -211,6 +238,11 @@ class ValidatorState:
             "  SELECT *, ROW_NUMBER() OVER (PARTITION BY hotkey ORDER BY commit_block DESC, rowid DESC) AS n"
             "  FROM submissions WHERE status = 'rejected') WHERE n <= ? "
             "ORDER BY commit_block DESC, rowid DESC LIMIT ?", (per_hotkey, total))]
+
+    def rejections_by_stage(self) -> dict[str | None, int]:
+        """stage -> how many submissions it rejected, over the file's whole history."""
+        return dict(self._conn().execute(
+            "SELECT stage, COUNT(*) FROM submissions WHERE status = 'rejected' GROUP BY stage"))
 
     def first_commit_blocks_by_hotkey(self) -> dict[tuple[str, str], int]:
         """(hotkey, model_hash) -> the earliest block that hotkey committed that hash at."""

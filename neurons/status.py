@@ -1,4 +1,5 @@
-"""The validator's status endpoint: `/health`, `/leaderboard` (JSON) and `/` (a small HTML page).
+"""The validator's status endpoint: `/health`, `/leaderboard` (JSON), `/metrics` (Prometheus) and `/` (a
+small HTML page).
 
 It reads the state file only (its own SQLite connection, in its own thread), so a slow page load
 can never stall a round, and a round can never serve a half-written leaderboard: every figure
@@ -9,14 +10,13 @@ JSON is the single source of truth and the page has nothing to keep in sync.
 """
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 
 from aiohttp import web
 
 from neurons.commitment import MAX_COMMITMENT_BYTES
-from neurons.state import ValidatorState
+from neurons.metrics import BackgroundApp, Registry, metrics_handler
+from neurons.state import PHASES, ValidatorState
 
 # The page lists the latest rejections only: every hotkey can commit again each block, and a list
 # of all of them would grow with every commitment ever made.
@@ -86,7 +86,42 @@ fetch("/leaderboard").then(r => r.json()).then(d => {
 """
 
 
-def make_app(state: ValidatorState, started: float | None = None) -> web.Application:
+def state_metrics(state: ValidatorState) -> Registry:
+    """What the state file says, as metrics: the round and its phase, the latest scores, EMA and
+    weights per hotkey, and every rejection so far by stage."""
+    reg = Registry()
+    last, current = state.last_round(), state.unfinished_round()
+    reg.gauge("quasar_validator_round", "id of the latest finished round (0: none yet)").set(last.id if last else 0)
+    reg.gauge("quasar_validator_round_sync_block", "sync block of the latest finished round").set(
+        last.sync_block if last else 0)
+    phase = reg.gauge("quasar_validator_phase", "1 for the phase the round in progress is in (done: none in progress)")
+    for p in PHASES:
+        phase.set(1 if (current.phase if current else "done") == p else 0, phase=p)
+    reg.gauge("quasar_validator_round_in_progress", "id of the round in progress (0: none)").set(
+        current.id if current else 0)
+    score = reg.gauge("quasar_validator_score", "composite score of each hotkey in the latest finished round")
+    rank = reg.gauge("quasar_validator_rank", "rank of each hotkey in the latest finished round (1: leader)")
+    ema = reg.gauge("quasar_validator_ema", "score EMA of each hotkey")
+    weight = reg.gauge("quasar_validator_weight", "weight this validator set on each uid in the latest finished round")
+    if last is not None:
+        hotkey_of = {}
+        for s in state.scores(last.id):
+            labels = dict(hotkey=shown(s["hotkey"], 64), uid="" if s["uid"] is None else s["uid"])
+            hotkey_of[s["uid"]] = labels["hotkey"]
+            score.set(s["composite"], **labels)
+            rank.set(s["rank"], **labels)
+        sent = state.weights(last.id)
+        for uid, w in (sent[0] if sent and sent[1] else {}).items():  # accepted by the chain only
+            weight.set(w, uid=uid, hotkey=hotkey_of.get(uid, ""))
+    for hotkey, value in state.ema().items():
+        ema.set(value, hotkey=shown(hotkey, 64))
+    rejections = reg.counter("quasar_validator_rejections_total", "submissions rejected, by the stage that rejected them")
+    for stage, n in state.rejections_by_stage().items():
+        rejections.inc(n, stage=shown(stage or "", 16))
+    return reg
+
+
+def make_app(state: ValidatorState, started: float | None = None, metrics: Registry | None = None) -> web.Application:
     started = time.time() if started is None else started
 
     async def health(request):
@@ -100,53 +135,21 @@ def make_app(state: ValidatorState, started: float | None = None) -> web.Applica
     async def page(request):
         return web.Response(text=PAGE, content_type="text/html")
 
+    def render() -> str:
+        return state_metrics(state).render() + (metrics.render() if metrics is not None else "")
+
     app = web.Application()
+    app.router.add_get("/metrics", metrics_handler(render))
     app.router.add_get("/health", health)
     app.router.add_get("/leaderboard", board)
     app.router.add_get("/", page)
     return app
 
 
-class StatusServer:
-    """Runs the status app on its own event loop in a daemon thread."""
+class StatusServer(BackgroundApp):
+    """The status app (its own ValidatorState connection, in its own thread); `metrics` is the
+    validator's in-process Registry (durations), rendered after what the state holds."""
 
-    def __init__(self, state_path, host: str = "127.0.0.1", port: int = 0):
-        self.state_path, self.host, self.port = state_path, host, port
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="status-http", daemon=True)
-        self._runner: web.AppRunner | None = None
-        self._error: BaseException | None = None
-
-    def _run(self):
-        asyncio.set_event_loop(self._loop)
-        try:
-            state = ValidatorState(self.state_path)  # this thread's own connection
-            self._runner = web.AppRunner(make_app(state), access_log=None)
-            self._loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, self.host, self.port)
-            self._loop.run_until_complete(site.start())
-            self.port = self._runner.addresses[0][1]
-        except BaseException as e:  # surfaced by start()
-            self._error = e
-            self._ready.set()
-            return
-        self._ready.set()
-        self._loop.run_forever()
-        self._loop.run_until_complete(self._runner.cleanup())
-
-    def start(self) -> "StatusServer":
-        self._thread.start()
-        self._ready.wait(30)
-        if self._error is not None:
-            raise RuntimeError(f"status server could not listen on {self.host}:{self.port}: {self._error}")
-        return self
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+    def __init__(self, state_path, host: str = "127.0.0.1", port: int = 0, metrics: Registry | None = None):
+        self.state_path = state_path
+        super().__init__(lambda: make_app(ValidatorState(state_path), metrics=metrics), host, port, name="status")

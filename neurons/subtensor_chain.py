@@ -217,7 +217,13 @@ class SubtensorChain:
             # Total stake in whole units of the subnet's token, as the chain's metagraph reports it.
             stakes=tuple(n.total_stake.rao / RAO_PER_UNIT for n in neurons),
             validator_permit=tuple(bool(n.validator_permit) for n in neurons),
+            incentives=tuple(float(n.incentive) for n in neurons),
         )
+
+    def weights(self) -> dict[int, dict[int, float]]:
+        """validator uid -> {uid: fraction of its latest revealed weight row}."""
+        with self._errors(f"reading the weights of netuid {self._netuid}"):
+            return self._client().weights.weights(self._netuid)
 
     def commitments(self) -> dict[str, CommitmentRecord]:
         """Each hotkey's latest readable commitment and the block it counts from.

@@ -32,6 +32,7 @@ from neurons.chain import Chain, ChainError
 from neurons.checks import StudentLimits
 from neurons.isolation import EvalLimits, EvaluationFailed, EvaluationStopped, evaluate_isolated, save_round_inputs
 from neurons.logs import event
+from neurons.metrics import Registry
 from neurons.modelstore import ModelStore
 from neurons.shutdown import stop_on_signals
 from neurons.state import Round, Submission, ValidatorState
@@ -159,6 +160,16 @@ class Validator:
         self.stop_event = threading.Event()
         self._evaluate = evaluate or self._evaluate_checkpoint
         self._round_inputs = None
+        self._waiting_for: int | None = None
+        self.metrics = Registry()  # durations and chain errors; the rest is read from the state (neurons.status)
+        self._fetch_seconds = self.metrics.histogram(
+            "quasar_validator_fetch_seconds", "one commitment's fetch and checks, by outcome")
+        self._eval_seconds = self.metrics.histogram(
+            "quasar_validator_eval_seconds", "one submission's evaluation, by outcome")
+        self._phase_seconds = self.metrics.histogram("quasar_validator_phase_seconds", "one round phase, start to end")
+        self._chain_errors = self.metrics.counter("quasar_validator_chain_errors_total",
+                                                  "chain errors a round survived (retried after a backoff)")
+        self._chain_errors.inc(0)  # 0, not absent, until the first one
         event(log, "eval_timeout", seconds=self.eval_timeout,
               source="--eval-timeout" if settings.eval_timeout is not None else
               f"budget.seconds {competition.budget.seconds:g} x --eval-time-scale {settings.eval_time_scale:g}")
@@ -179,6 +190,10 @@ class Validator:
         sync = self.sync_block()
         last = self.state.last_round(done_only=False)
         if sync <= 0 or (last is not None and sync <= last.sync_block):
+            upcoming = sync + self.competition.schedule.cadence_blocks
+            if upcoming != self._waiting_for:  # once per cadence, not once per poll
+                self._waiting_for = upcoming
+                event(log, "waiting for the next round", level=logging.DEBUG, sync_block=upcoming)
             return None
         block_hash = self.chain.block_hash(sync)
         return self.state.open_round(sync, block_hash, round_seed(block_hash), self.competition.digest, self.stack)
@@ -205,6 +220,7 @@ class Validator:
                 failures = 0
             except ChainError as e:
                 failures += 1
+                self._chain_errors.inc()
                 wait = min(self.settings.poll_seconds * 2 ** (failures - 1), self.settings.chain_retry_max_seconds)
                 unfinished = self.state.unfinished_round()
                 event(log, "chain error", level=logging.WARNING, error=f"{type(e).__name__}: {e}", failures=failures,
@@ -220,8 +236,10 @@ class Validator:
         while r.phase != "done":
             if self.stop_event.is_set():
                 return False
+            t0 = time.monotonic()
             if not steps[r.phase](r):
                 return False
+            self._phase_seconds.observe(time.monotonic() - t0, phase=r.phase)
             r = self.state.round(r.id)
         event(log, "round done", id=r.id, leader=r.leader)
         return True
@@ -243,7 +261,9 @@ class Validator:
                                  localnet=st.localnet, storage_root=st.storage_root, hf_endpoint=st.hf_endpoint)
         accepted = [s.model_hash for s in self.state.submissions("accepted")]
         if not fetch_round(jobs, self.store, settings, keypair=self.keypair, accepted_hashes=accepted,
-                           record=lambda s: self.state.record_submission(r.id, s), stop=self.stop_event):
+                           record=lambda s: self.state.record_submission(r.id, s), stop=self.stop_event,
+                           timed=lambda s, seconds: self._fetch_seconds.observe(
+                               seconds, outcome="deferred" if s is None else s.status)):
             return False
         removed = self.store.evict(self._needed_hashes(r), st.disk_budget_bytes)
         if removed:
@@ -314,6 +334,7 @@ class Validator:
                 result = self._evaluate(Path(s.path), r.seed, s.model_hash)
                 event(log, "evaluated", hotkey=s.hotkey, model_hash=s.model_hash[:16],
                       seconds=round(time.time() - t0, 1))
+                self._eval_seconds.observe(time.time() - t0, outcome="scored")
                 return result
             except EvaluationStopped:
                 self.state.cancel_eval_attempt(r.id, s.model_hash)
@@ -322,6 +343,7 @@ class Validator:
                 reason = e.reason
             except Exception as e:  # an in-process evaluator (tests, tools): still that submission's failure
                 reason = EvaluationFailed(f"{type(e).__name__}: {e}").reason
+            self._eval_seconds.observe(time.time() - t0, outcome="rejected")
         self.state.reject_submission(s.hotkey, s.commitment, "evaluate", reason)
         event(log, "rejected", level=logging.WARNING, hotkey=s.hotkey, stage="evaluate", reason=reason)
         return None

@@ -170,3 +170,23 @@ def test_miner_seal_blocks_must_be_a_block_count(tmp_path):
     for value, words in (("-1", "give 0 (off) or more"), ("soon", "not a whole number of blocks")):
         refused(["miner", f"--seal-blocks={value}", "--work-dir", str(tmp_path / "w")], match=words, cwd=tmp_path)
     assert not (tmp_path / "w").exists()
+
+
+def test_validator_db_newer_than_the_code(tmp_path):
+    import sqlite3
+
+    from neurons.state import SCHEMA_VERSION
+
+    chain = LocalChain(tmp_path / "chain.db")
+    keys = tmp_path / "keys"
+    chain.register(local_keypair("v-default", keys), local_keypair("cold", keys).ss58_address, stake=100.0)
+    work = tmp_path / "v"
+    work.mkdir()
+    conn = sqlite3.connect(work / "validator.db")
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")  # written by a newer release
+    conn.close()
+    before = (work / "validator.db").read_bytes()
+    refused(["validator", "--network", "local", "--chain.path", str(chain.path), "--wallet.path", str(keys),
+             "--wallet.name", "v", "--work-dir", str(work), "--min-free-gb", "0.01", "--status-port", "-1"],
+            match=f"has schema version {SCHEMA_VERSION + 1}, newer than this validator's {SCHEMA_VERSION}")
+    assert (work / "validator.db").read_bytes() == before and sorted(p.name for p in work.iterdir()) == ["validator.db"]

@@ -47,10 +47,13 @@ def test_localnet_best_honest_miner_wins_and_every_adversary_gets_nothing(tmp_pa
     for png in report["pngs"]:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "PASS" in p.stdout and "FAIL" not in p.stdout
-    # every neuron logs the library versions it evaluates with (localnet pins none: no mismatch)
+    # every neuron's log (its stdout and stderr, not a terminal) is JSON lines only: no bars, no
+    # library's plain-text warnings (transformers' past_key_values deprecation among them); and each
+    # logs the library versions it evaluates with (localnet pins none: no mismatch)
     for name in ["validator", *miners]:
-        events = [json.loads(line) for line in (out / "logs" / f"{name}.log").read_text().splitlines()
-                  if line.startswith("{")]
+        text = (out / "logs" / f"{name}.log").read_text()
+        assert "past_key_values" not in text, name
+        events = [json.loads(line) for line in text.splitlines()]
         stack = [e for e in events if e.get("event") == "stack"]
         assert len(stack) == 1 and stack[0]["pinned"] is False and stack[0]["mismatch"] == [], (name, stack)
         assert stack[0]["installed"]["torch"] and stack[0]["installed"]["transformers"]

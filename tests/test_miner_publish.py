@@ -94,6 +94,31 @@ def test_unsealed_when_asked_and_on_chains_without_seals(tmp_path, setup):
     assert chain.commitments()[kp.ss58_address].block == 5
 
 
+def test_the_miners_metrics_show_its_commits(tmp_path, setup):
+    from test_metrics import scrape
+
+    chain, kp, storage, export = setup
+    m = miner(tmp_path, chain, kp, storage, seal_blocks=0, metrics_port=0)
+    m.start_metrics_server()
+    try:
+        before = scrape(m.metrics_server.url)
+        assert before["quasar_miner_last_commit_block"]["samples"] == {("quasar_miner_last_commit_block", ()): 0}
+        m._on_step({"step": 7, "loss": 2.5})  # what Trainer.train hands over after each step
+        assert m.publish(export, 0.5)
+        after = scrape(m.metrics_server.url)
+    finally:
+        m.stop()
+    value = lambda family, name=None: after[family]["samples"][(name or family, ())]  # noqa: E731
+    assert (value("quasar_miner_step"), value("quasar_miner_loss")) == (7, 2.5)
+    assert value("quasar_miner_last_commit_block") == chain.commitments()[kp.ss58_address].block == 5
+    assert value("quasar_miner_commits", "quasar_miner_commits_total") == 1
+    assert value("quasar_miner_best_score") == 0.5
+    assert value("quasar_miner_commit_failures", "quasar_miner_commit_failures_total") == 0
+    # a restart reads the last commit block back from miner.json
+    again = miner(tmp_path, chain, kp, storage)
+    assert "quasar_miner_last_commit_block 5.0" in again.metrics.render()
+
+
 def test_a_miner_stopped_between_commit_and_release_finishes_on_restart(tmp_path, setup, monkeypatch):
     chain, kp, storage, export = setup
     import neurons.storage

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 from pathlib import Path
 
@@ -153,6 +154,16 @@ def test_disk_and_work_dir(tmp_path, capsys, fake, pinned):
                      "--competition", str(pinned), *PUBLIC], match="is not a directory")
 
 
+def test_a_miner_metrics_port_in_use_is_refused(tmp_path, capsys, fake, pinned):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        refused(capsys, miner(tmp_path, "--competition", str(pinned), *PUBLIC, "--metrics-port", str(port)),
+                match=f"--metrics-port {port} on 127.0.0.1 cannot be bound")
+    assert not (tmp_path / "work").exists()
+
+
 def test_doctor_prints_every_check(tmp_path, capsys, fake, pinned, monkeypatch):
     fake.hotkey = ALICE
     rc, out, err, _ = run(capsys, ["doctor", *validator(tmp_path, "--competition", str(pinned))])
@@ -169,8 +180,8 @@ def test_doctor_prints_every_check(tmp_path, capsys, fake, pinned, monkeypatch):
     rc, out, err, took = run(capsys, ["doctor", *miner(tmp_path, "--storage", "hf")])
     assert rc == 2 and took < 10
     status = {line.split()[1]: line.split()[0] for line in out.splitlines()}
-    assert status == {"competition": "FAIL", "storage": "FAIL", "work": "ok", "disk": "skip", "chain": "FAIL",
-                      "registered": "skip"}
+    assert status == {"competition": "FAIL", "storage": "FAIL", "metrics": "ok", "work": "ok", "disk": "skip",
+                      "chain": "FAIL", "registered": "skip"}
     assert err.splitlines() == ["quasar doctor: error: 3 check(s) failed: competition, storage, chain"]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from test_metrics import scrape
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1",
@@ -82,9 +85,10 @@ def _metrics(work: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _run_until(cmd: list[str], work: Path, past_step: int, timeout: float = 240) -> tuple[int, float, str, int]:
-    """Start the miner, SIGTERM it once its metrics show a step past `past_step`; (rc, seconds from
-    the signal to its exit, stderr, the step it had logged)."""
+def _run_until(cmd: list[str], work: Path, past_step: int, timeout: float = 240,
+               before_signal=None) -> tuple[int, float, str, int]:
+    """Start the miner, SIGTERM it once its metrics show a step past `past_step` (after calling
+    `before_signal()`); (rc, seconds from the signal to its exit, stderr, the step it had logged)."""
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
     try:
         deadline = time.monotonic() + timeout
@@ -95,6 +99,8 @@ def _run_until(cmd: list[str], work: Path, past_step: int, timeout: float = 240)
             assert p.poll() is None, p.stderr.read()
             assert time.monotonic() < deadline, "the miner never trained"
             time.sleep(0.2)
+        if before_signal is not None:
+            before_signal()
         t0 = time.monotonic()
         p.send_signal(signal.SIGTERM)
         rc = p.wait(30)
@@ -119,10 +125,15 @@ def test_sigterm_stops_the_miner_within_seconds_and_it_resumes_at_that_step(tmp_
            "--config", str(REPO / "configs" / "distill_localnet.json"), "--override", f"data.train_cache={train_cache}",
            "--override", "data.heldout_cache=none", "--override", "log_every=1", "--override", "steps=100000",
            "--steps-per-cycle", "50000", "--storage", "local", "--storage-root", str(tmp_path / "storage"),
-           "--exit-after-training", "--quiet"]
-    rc, took, err, logged = _run_until(cmd, work, past_step=3)
+           "--exit-after-training", "--quiet", "--metrics-port", str(_free_port())]
+    scraped = []
+    rc, took, err, logged = _run_until(cmd, work, past_step=3,
+                                       before_signal=lambda: scraped.append(scrape(f"http://127.0.0.1:{cmd[-1]}")))
     assert rc == 0 and took < 10, (rc, took, err[-2000:])
-    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    events = [json.loads(line) for line in err.splitlines()]  # stderr piped: JSON lines only
+    # /metrics while it trained: the step it had reached (at least the logged one) and its loss
+    step_seen = scraped[0]["quasar_miner_step"]["samples"][("quasar_miner_step", ())]
+    assert step_seen >= logged and scraped[0]["quasar_miner_loss"]["samples"][("quasar_miner_loss", ())] > 0
     stopped = [e for e in events if e["event"] == "stopped training"]
     assert len(stopped) == 1 and "Traceback" not in err
     step = stopped[0]["step"]
@@ -137,6 +148,12 @@ def test_sigterm_stops_the_miner_within_seconds_and_it_resumes_at_that_step(tmp_
     print(f"resumed miner exited {took:.2f} s after SIGTERM")
     steps = [r["step"] for r in _metrics(work) if "loss" in r]
     assert steps == list(range(1, steps[-1] + 1)), steps
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _train_cache() -> Path:

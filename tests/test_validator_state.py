@@ -2,12 +2,14 @@
 import json
 import re
 import shutil
+import sqlite3
 import subprocess
 import urllib.request
+from pathlib import Path
 
 import pytest
 
-from neurons.state import Submission, ValidatorState
+from neurons.state import SCHEMA_VERSION, Submission, ValidatorState
 from neurons.status import StatusServer
 
 
@@ -92,3 +94,54 @@ def test_leaderboard_page_renders_in_headless_chromium(tmp_path):
     assert re.search(r'<tr class="leader"><td>1</td><td>2</td><td class="k">hkB</td><td>0\.5000</td>', dom)
     # a hostile rejection reason is shown as text, never run as markup
     assert "&lt;script&gt;alert(1)&lt;/script&gt; model.bin is a pickle" in dom
+
+
+# ---- schema versions -----------------------------------------------------------------------------
+
+UNVERSIONED = Path(__file__).parent / "data" / "validator-db-unversioned.sql"
+
+
+def _from_dump(path, dump: Path):
+    conn = sqlite3.connect(path)
+    conn.executescript(dump.read_text())
+    conn.close()
+
+
+def _user_version(path) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_an_unversioned_file_is_migrated_and_keeps_every_row(tmp_path):
+    db = tmp_path / "validator.db"
+    _from_dump(db, UNVERSIONED)  # rows the code wrote before validator.db had a version
+    assert _user_version(db) == 0
+    s = ValidatorState(db)
+    assert _user_version(db) == SCHEMA_VERSION
+    done, current = s.rounds()
+    assert (done.sync_block, done.phase, done.leader, current.phase) == (100, "done", "5Miner1", "evaluate")
+    assert s.unfinished_round() == current and s.last_round() == done
+    assert s.round_stack(done.id) == {"torch": "2.13.0", "mismatch": False}
+    assert [(x.hotkey, x.status, x.stage) for x in s.submissions()] == [
+        ("5Miner1", "accepted", None), ("5Miner2", "rejected", "fetch"), ("5Miner3", "rejected", "evaluate")]
+    assert s.results(done.id) == {"5Miner1": ("m" * 64, {"items": [1, 2, 3], "commit_block": 40})}
+    assert [(x["hotkey"], x["composite"], x["rank"]) for x in s.scores(done.id)] == [("5Miner1", 0.75, 1)]
+    assert s.ema() == {"5Miner1": 0.3} and s.weights(done.id) == ({1: 1.0}, True)
+    assert s.start_eval_attempt(done.id, "m" * 64) == 2  # the stored count goes on
+    s.close()
+    assert ValidatorState(db).rounds() == [done, current]  # opening a current file again changes nothing
+
+
+def test_a_file_newer_than_the_code_is_refused_untouched(tmp_path):
+    db = tmp_path / "validator.db"
+    ValidatorState(db).close()
+    conn = sqlite3.connect(db)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(ValueError, match=f"schema version {SCHEMA_VERSION + 1}, newer than this validator's "
+                                         f"{SCHEMA_VERSION}: upgrade quasar-sn24"):
+        ValidatorState(db)
+    assert _user_version(db) == SCHEMA_VERSION + 1
