@@ -163,6 +163,15 @@ def _zygote():
     return _zygote_context
 
 
+def start_zygote() -> None:
+    """Start the zygote now, if it is not running: its imports then overlap with whatever the
+    validator does before its first evaluation (fetching), instead of delaying that evaluation."""
+    from multiprocessing import forkserver
+
+    _zygote()
+    forkserver.ensure_running()
+
+
 class _ZygoteChild:
     """A fork of the zygote running `_forked_main(JOB, LOG)` (which starts a session of its own)."""
 
