@@ -73,12 +73,25 @@ class TeacherSection:
 
 
 @dataclass
+class RecallSection:
+    """The recall curriculum (distill/recall_curriculum.py): procedural long-context recall documents
+    in every step, trained by cross-entropy on their answer spans (no teacher covers that text)."""
+    mix: float = 0.0                      # share of each step's data.batch_size rows that are recall documents; 0 = off
+    weight: float = 1.0                   # weight of their answer-span CE next to the KD loss
+    families: list | None = None          # None: all of distill.recall_curriculum.FAMILIES
+    min_len: int = 64                     # document length (tokens) at step 0 of the length curriculum
+    max_len: int | None = None            # document length at the end of the ramp; None: data.seq_len
+    ramp: float = 0.5                     # share of the steps over which the length grows (0: max_len throughout)
+
+
+@dataclass
 class DistillConfig:
     student: StudentSection = field(default_factory=StudentSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     loss: LossSection = field(default_factory=LossSection)
     teacher: TeacherSection = field(default_factory=TeacherSection)
+    recall: RecallSection = field(default_factory=RecallSection)
     steps: int = 100                      # optimizer steps
     output_dir: str = "runs/distill"
     seed: int = 0
@@ -141,10 +154,38 @@ class DistillConfig:
             fail("parallel", "must be ddp or fsdp")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             fail("device", "must be auto, cpu, cuda or cuda:N")
+        self._check_recall(fail)
         from quasar_model.configuration_quasar_long import PRESETS
         if self.student.preset not in PRESETS:
             fail("student.preset", f"unknown preset; known: {sorted(PRESETS)}")
         return self
+
+    def _check_recall(self, fail) -> None:
+        r = self.recall
+        if not 0 <= r.mix < 1:
+            fail("recall.mix", "must be in [0, 1) (a share of data.batch_size rows; some must stay teacher data)")
+        if r.mix == 0:
+            return
+        n = self.recall_rows
+        if n < 1 or n >= self.data.batch_size:
+            fail("recall.mix", f"gives {n} of data.batch_size={self.data.batch_size} rows; need at least one "
+                 "recall row and one teacher-cache row")
+        if not r.weight > 0:
+            fail("recall.weight", "must be > 0")
+        from .recall_curriculum import FAMILIES
+        if r.families is not None and (not r.families or any(f not in FAMILIES for f in r.families)):
+            fail("recall.families", f"must be a non-empty list from {list(FAMILIES)}")
+        if not 16 <= r.min_len <= self.data.seq_len:
+            fail("recall.min_len", f"must be in [16, data.seq_len={self.data.seq_len}]")
+        if r.max_len is not None and not r.min_len <= r.max_len <= self.data.seq_len:
+            fail("recall.max_len", f"must be in [recall.min_len, data.seq_len={self.data.seq_len}]")
+        if not 0 <= r.ramp <= 1:
+            fail("recall.ramp", "must be in [0, 1]")
+
+    @property
+    def recall_rows(self) -> int:
+        """Rows of each micro-step's global batch that are recall documents (the rest: teacher cache)."""
+        return max(1, round(self.recall.mix * self.data.batch_size)) if self.recall.mix > 0 else 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

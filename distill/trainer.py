@@ -30,18 +30,19 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import parallel
 from .config import DistillConfig
 from .data import PackedBatch, PackedLoader, iterate_once
-from .losses import chunked_kd_loss, hidden_mse
+from .losses import IGNORE_INDEX, chunked_kd_loss, hidden_mse
 from .optim import build_optimizer, build_scheduler
 from .sequence_kd import is_text_cache
 
 # a checkpoint only continues the run it came from: these settings must not change on resume
 RESUME_MUST_MATCH = ("student", "data.train_cache", "data.seq_len", "data.batch_size", "data.grad_accum",
-                     "optim", "loss", "teacher", "steps", "seed")
+                     "optim", "loss", "teacher", "recall", "steps", "seed")
 
 
 # -----------------------------------------------------------------------------
@@ -70,13 +71,24 @@ class KDStudent(nn.Module):
         self.last_hidden_mse: torch.Tensor | None = None
 
     def forward(self, input_ids, position_ids, topk_ids, topk_logprobs, tail, mask, labels,
-                kind: str | None = None, ce_weight: float | None = None, hidden_targets=None):
+                kind: str | None = None, ce_weight: float | None = None, hidden_targets=None,
+                recall_ids=None, recall_position_ids=None, recall_labels=None):
+        """With recall_* (curriculum rows, distill/recall_curriculum.py), one forward runs both sets of
+        rows and it returns (KD loss, summed CE over the recall answer tokens)."""
+        if recall_ids is not None:
+            n = input_ids.shape[0]
+            input_ids = torch.cat([input_ids, recall_ids])
+            position_ids = torch.cat([position_ids, recall_position_ids])
         kind = self.kind if kind is None else kind
         ce_weight = self.ce_weight if ce_weight is None else ce_weight
         # position ids restart per packed segment: block-diagonal attention, branch states reset
         out = self.student.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                                  output_hidden_states=hidden_targets is not None)
         h = out.last_hidden_state                                                        # [B, L, D]
+        recall_sum = None
+        if recall_ids is not None:
+            h, h_rec = h[:n], h[n:]
+            recall_sum = self._answer_ce_sum(h_rec, recall_labels)
         mse = None
         if hidden_targets is not None:
             # hidden_states[i + 1] is layer i's output (the last one normed, as the teacher's is)
@@ -95,7 +107,16 @@ class KDStudent(nn.Module):
                                labels=labels if ce_weight > 0 else None, kind=kind, beta=self.beta,
                                temperature=self.temperature, ce_weight=ce_weight, chunk_size=self.chunk_size,
                                tail=tail, kd_t2_scale=self.kd_t2_scale)
-        return loss if mse is None else loss + self.hidden_mse_weight * mse
+        loss = loss if mse is None else loss + self.hidden_mse_weight * mse
+        return loss if recall_sum is None else (loss, recall_sum)
+
+    def _answer_ce_sum(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed next-token CE at the labelled (answer) positions only: a few per document, so their
+        logits are computed for those rows alone, never [B, L, V]."""
+        keep = labels != IGNORE_INDEX
+        hs = h[keep]                                                                     # [N, D]
+        logits = hs @ self.student.lm_head.weight.to(hs.dtype).T                         # [N, V]
+        return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
 
 
 def _call(model: nn.Module, b: PackedBatch, **kw) -> torch.Tensor:
@@ -291,8 +312,17 @@ class Trainer:
                                          min_ratio=oc.min_lr_ratio)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.pad_id = pad_id
-        self.loader = PackedLoader(self.train_cache, cfg.data.seq_len, cfg.data.batch_size, cfg.seed,
-                                   rank=self.env.rank, world_size=self.env.world_size, pad_id=pad_id)
+        self.recall_rows = cfg.recall_rows
+        self.loader = PackedLoader(self.train_cache, cfg.data.seq_len, cfg.data.batch_size - self.recall_rows,
+                                   cfg.seed, rank=self.env.rank, world_size=self.env.world_size, pad_id=pad_id)
+        self.recall_maker = None
+        if self.recall_rows:
+            if self.recall_rows % self.env.world_size:
+                raise ValueError(f"config recall.mix: {self.recall_rows} recall rows per micro-step do not divide "
+                                 f"evenly over {self.env.world_size} ranks")
+            from .recall_curriculum import FAMILIES, DocMaker, units_from_ids
+            self.recall_maker = DocMaker(self.tokenizer, units_from_ids(self.train_cache, self.tokenizer.eos_token_id),
+                                         families=cfg.recall.families or FAMILIES)
         self.autocast_dtype = torch.bfloat16 if (self.device.type == "cuda" and cfg.dtype == "bf16") else None
         self.step, self.tokens_seen = 0, 0
         self.resumed_from: Path | None = None
@@ -305,10 +335,18 @@ class Trainer:
         micro = [self.loader.next_batch() for _ in range(self.cfg.data.grad_accum)]
         n_local = [b.n_tokens for b in micro]
         n_global = float(self.env.all_reduce_sum(sum(n_local)))
-        loss_sum, mse_sum = 0.0, 0.0
+        recall = [self.recall_micro_batch(i) for i in range(len(micro))] if self.recall_rows else None
+        recall_len = self.recall_length()
+        if recall:
+            n_ans = float(self.env.all_reduce_sum(sum(int((r["labels"] != IGNORE_INDEX).sum()) for r in recall)))
+        loss_sum, mse_sum, recall_sum = 0.0, 0.0, 0.0
         for i, b in enumerate(micro):
             b = b.to(self.device)
             kw = {}
+            if recall:
+                kw.update(recall_ids=recall[i]["input_ids"].to(self.device),
+                          recall_position_ids=recall[i]["position_ids"].to(self.device),
+                          recall_labels=recall[i]["labels"].to(self.device))
             if self.teacher is not None:
                 kw["hidden_targets"] = self.teacher.hidden_targets(b.input_ids, b.position_ids)
             with parallel.grad_sync(self.model, sync=i == len(micro) - 1):
@@ -318,7 +356,13 @@ class Trainer:
                 # weight by this micro-batch's share of all the step's positions; x world undoes
                 # the data-parallel gradient average, so the sum over ranks is the global mean
                 scale = n_local[i] / max(n_global, 1.0) * self.env.world_size
-                (loss * scale).backward()
+                if recall:      # + weight x the mean CE over all the step's answer tokens
+                    loss, ans_sum = loss
+                    total = loss * scale + ans_sum * (self.cfg.recall.weight * self.env.world_size / max(n_ans, 1.0))
+                    recall_sum = recall_sum + ans_sum.detach().double()
+                else:
+                    total = loss * scale
+                total.backward()
             loss_sum = loss_sum + loss.detach().double() * n_local[i]     # no host sync per micro-step
             if self.teacher is not None:
                 mse_sum = mse_sum + self.engine.last_hidden_mse.double() * n_local[i]
@@ -340,7 +384,26 @@ class Trainer:
                "tok_per_s": n_global / dt, "step_s": dt}
         if self.teacher is not None:
             rec["hidden_mse"] = float(self.env.all_reduce_sum(mse_sum)) / max(n_global, 1.0)
+        if recall:
+            rec["recall_ce"] = float(self.env.all_reduce_sum(recall_sum)) / max(n_ans, 1.0)
+            rec["recall_len"] = recall_len
         return rec
+
+    def recall_length(self, step: int | None = None) -> int:
+        from .recall_curriculum import curriculum_length
+
+        r = self.cfg.recall
+        return curriculum_length(self.step if step is None else step, self.cfg.steps, r.min_len,
+                                 r.max_len or self.cfg.data.seq_len, r.ramp)
+
+    def recall_micro_batch(self, i: int) -> dict:
+        """This rank's recall rows for micro-step i of the current step: a function of (seed, step, i)."""
+        from .recall_curriculum import recall_batch
+
+        return recall_batch(self.recall_maker, rows=self.recall_rows, seq_len=self.cfg.data.seq_len,
+                            length=self.recall_length(), seed=self.cfg.seed,
+                            step=self.step * self.cfg.data.grad_accum + i, rank=self.env.rank,
+                            world_size=self.env.world_size, pad_id=self.pad_id)
 
     # ---------------------------------------------------------------- the loop
     def train(self, until: int | None = None, should_stop=None, on_step=None) -> list[dict]:
@@ -368,7 +431,8 @@ class Trainer:
                 on_step(rec)
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tok_per_s']:.0f}",
-                            **({"mse": f"{rec['hidden_mse']:.4f}"} if "hidden_mse" in rec else {}))
+                            **({"mse": f"{rec['hidden_mse']:.4f}"} if "hidden_mse" in rec else {}),
+                            **({"recall_ce": f"{rec['recall_ce']:.3f}"} if "recall_ce" in rec else {}))
             if self.step % cfg.log_every == 0 or self.step == cfg_steps:
                 records.append(self.log(rec))
             last = self.step == cfg_steps
@@ -410,12 +474,15 @@ class Trainer:
         train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
         held = [(r["step"], r["heldout_kl"]) for r in recs if "heldout_kl" in r]
         mse = [(r["step"], r["hidden_mse"]) for r in recs if "hidden_mse" in r]
+        rce = [(r["step"], r["recall_ce"]) for r in recs if "recall_ce" in r]
         fig, ax = plt.subplots(figsize=(7, 4))
         if train:
             ax.plot(*zip(*train), lw=1, label=f"train loss ({self.cfg.loss.kind}"
                     + (" + hidden MSE" if mse else "") + ")")
         if mse:
             ax.plot(*zip(*mse), lw=1, label="hidden-state MSE (teacher-normalised, train)")
+        if rce:
+            ax.plot(*zip(*rce), lw=1, label="recall curriculum: answer-span CE")
         if held:
             ax.plot(*zip(*held), "o-", label="held-out KL(teacher || student)")
         ax.set_xlabel("optimizer step")
@@ -495,7 +562,8 @@ class Trainer:
         if ckpt is None:
             return False
         saved = json.loads((ckpt / "trainer_state.json").read_text())["config"]
-        saved, now = _flat(saved), _flat(self.cfg.to_dict())
+        # a checkpoint from before a config section existed ran with that section's defaults
+        saved, now = _flat(_with_defaults(saved)), _flat(self.cfg.to_dict())
         for key in sorted(set(saved) | set(now)):
             a, b = saved.get(key), now.get(key)
             if a != b and any(key == m or key.startswith(m + ".") for m in RESUME_MUST_MATCH):
@@ -545,6 +613,15 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 def _strip(sd: dict, prefix: str) -> dict:
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+
+
+def _with_defaults(saved: dict) -> dict:
+    from .config import DistillConfig, _build
+
+    try:
+        return _build(DistillConfig, saved).to_dict()
+    except (ValueError, TypeError):
+        return saved        # a config this version cannot read: compare it as it is
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
