@@ -95,7 +95,7 @@ def assert_same_run(a, b):
     assert [sorted(r) for r in a] == [sorted(r) for r in b]
     for ra, rb in zip(a, b):
         assert ra["step"] == rb["step"]
-        for key in ("loss", "heldout_kl", "hidden_mse"):
+        for key in ("loss", "heldout_kl", "hidden_mse", "recall_ce"):
             if key in ra:
                 assert ra[key] == pytest.approx(rb[key], rel=REL), (ra, rb)
         if "tokens" in ra:
@@ -157,4 +157,17 @@ def test_slow_ddp_structural_hidden_mse_two_processes_match_one(config_file, tmp
     one = read_metrics(tmp_path / "one" / "metrics.jsonl")
     two = torchrun(config_file, tmp_path / "ddp", "parallel=ddp", *over)
     assert all("hidden_mse" in r for r in one if "loss" in r)
+    assert_same_run(two, one)
+
+
+@pytest.mark.slow
+def test_slow_ddp_recall_curriculum_two_processes_match_one(config_file, tmp_path):
+    """Recall rows (distill/recall_curriculum.py) are split over ranks like cache rows, and their
+    answer-span CE is a mean over the step's answer tokens of all ranks: the 2-rank run is the 1-process run."""
+    over = ["recall.mix=0.5", "recall.min_len=32"]
+    with float64():
+        Trainer(load_config(config_file, [f"output_dir={tmp_path / 'one'}", *over])).train()
+    one = read_metrics(tmp_path / "one" / "metrics.jsonl")
+    two = torchrun(config_file, tmp_path / "ddp", "parallel=ddp", *over)
+    assert all("recall_ce" in r for r in one if "loss" in r)
     assert_same_run(two, one)
