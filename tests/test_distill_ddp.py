@@ -152,11 +152,16 @@ def test_slow_ddp_structural_hidden_mse_two_processes_match_one(config_file, tmp
     assert cli_main(["init-student", "--teacher", "tiny", "--replace", "--hybrid-layers", "2-3",
                      "--cycle", "gla,quasar", "--out", str(student)]) == 0
     over = [f"student.init_from={student}", "teacher.model=tiny", "loss.hidden_mse_weight=1"]
+    assert_two_ranks_match_one(config_file, tmp_path, over, "hidden_mse")
+
+
+def assert_two_ranks_match_one(config_file, tmp_path, over: list[str], logged: str) -> None:
+    """One float64 process vs 2-rank DDP with the same overrides; every step logs `logged`."""
     with float64():
         Trainer(load_config(config_file, [f"output_dir={tmp_path / 'one'}", *over])).train()
     one = read_metrics(tmp_path / "one" / "metrics.jsonl")
     two = torchrun(config_file, tmp_path / "ddp", "parallel=ddp", *over)
-    assert all("hidden_mse" in r for r in one if "loss" in r)
+    assert all(logged in r for r in one if "loss" in r)
     assert_same_run(two, one)
 
 
@@ -164,10 +169,4 @@ def test_slow_ddp_structural_hidden_mse_two_processes_match_one(config_file, tmp
 def test_slow_ddp_recall_curriculum_two_processes_match_one(config_file, tmp_path):
     """Recall rows (distill/recall_curriculum.py) are split over ranks like cache rows, and their
     answer-span CE is a mean over the step's answer tokens of all ranks: the 2-rank run is the 1-process run."""
-    over = ["recall.mix=0.5", "recall.min_len=32"]
-    with float64():
-        Trainer(load_config(config_file, [f"output_dir={tmp_path / 'one'}", *over])).train()
-    one = read_metrics(tmp_path / "one" / "metrics.jsonl")
-    two = torchrun(config_file, tmp_path / "ddp", "parallel=ddp", *over)
-    assert all("recall_ce" in r for r in one if "loss" in r)
-    assert_same_run(two, one)
+    assert_two_ranks_match_one(config_file, tmp_path, ["recall.mix=0.5", "recall.min_len=32"], "recall_ce")
