@@ -91,8 +91,9 @@ class KDStudent(nn.Module):
             recall_sum = self._answer_ce_sum(h_rec, recall_labels)
         mse = None
         if hidden_targets is not None:
-            # hidden_states[i + 1] is layer i's output (the last one normed, as the teacher's is)
-            mse = torch.stack([hidden_mse(out.hidden_states[i + 1], t, mask=mask, normalize=True)
+            # hidden_states[i + 1] is layer i's output (the last one normed, as the teacher's is); the
+            # targets cover the cache rows only (recall rows, after them, have no teacher)
+            mse = torch.stack([hidden_mse(out.hidden_states[i + 1][:len(t)], t, mask=mask, normalize=True)
                                for i, t in zip(self.hidden_layers, hidden_targets, strict=True)]).mean()
             self.last_hidden_mse = mse.detach()
         w = self.student.lm_head.weight                                                  # [V, D]
