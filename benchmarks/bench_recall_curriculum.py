@@ -53,6 +53,37 @@ def grade(model, items, device) -> dict[str, tuple[float, float]]:
     return {f: (sum(exact[f]) / len(exact[f]), sum(tokens[f]) / len(tokens[f])) for f in exact}
 
 
+def save_png(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def train(model, maker: DocMaker, *, steps: int, seq_len: int, min_len: int, batch: int, lr: float, device,
+          after_step=None) -> None:
+    """AdamW on answer-span CE of curriculum rows (warmup, cosine to a tenth); the rows of step s are
+    the same for every model: a function of (seed 0, s)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    model.train()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1, (step + 1) / 20) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
+        b = recall_batch(maker, rows=batch, seq_len=seq_len, seed=0, step=step,
+                         length=curriculum_length(step, steps, min_len, seq_len, 0.5))
+        logits = model(input_ids=b["input_ids"].to(device), position_ids=b["position_ids"].to(device),
+                       use_cache=False).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), b["labels"].to(device).flatten(), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if after_step is not None:
+            after_step(step + 1, loss.item())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=400)
@@ -84,29 +115,26 @@ def main(argv=None) -> int:
     maker = DocMaker(tok, filler_units(tok, local_split("train")), families=a.train_families.split(","))
     items = generate_items(1, HFTextTokenizer(tok), a.context_len, families=fams, lengths=(1,), depth_bins=4,
                            items_per_cell=2)
-    model = QuasarLongForCausalLM(QuasarLongConfig.preset("tiny", vocab_size=len(tok), **overrides)).to(a.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    try:
+        cfg = QuasarLongConfig.preset("tiny", vocab_size=len(tok), **overrides)
+    except (TypeError, ValueError) as e:
+        print(f"error: --overrides: {e}", file=sys.stderr)
+        return 2
+    model = QuasarLongForCausalLM(cfg).to(a.device)
     print(f"student: {sum(p.numel() for p in model.parameters()):,} parameters; {len(items)} validator items "
           f"({', '.join(fams)}) at {a.context_len} tokens", flush=True)
     history = [(0, grade(model, items, a.device))]
     t0 = time.time()
-    for step in range(a.steps):
-        for g in opt.param_groups:
-            g["lr"] = a.lr * min(1, (step + 1) / 20) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / a.steps)))
-        b = recall_batch(maker, rows=a.batch, seq_len=a.seq_len, seed=0, step=step,
-                         length=curriculum_length(step, a.steps, a.min_len, a.seq_len, 0.5))
-        logits = model(input_ids=b["input_ids"].to(a.device), position_ids=b["position_ids"].to(a.device),
-                       use_cache=False).logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), b["labels"].to(a.device).flatten(), ignore_index=-100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if (step + 1) % a.eval_every == 0 or step + 1 == a.steps:
-            history.append((step + 1, grade(model, items, a.device)))
+
+    def report(step, loss):
+        if step % a.eval_every == 0 or step == a.steps:
+            history.append((step, grade(model, items, a.device)))
             cells = "  ".join(f"{f} {e:.2f}/{t:.2f}" for f, (e, t) in history[-1][1].items())
-            print(f"step {step + 1:6d}  answer CE {loss.item():.3f}  {time.time() - t0:7.1f}s  "
+            print(f"step {step:6d}  answer CE {loss:.3f}  {time.time() - t0:7.1f}s  "
                   f"exact/token-acc: {cells}", flush=True)
+
+    train(model, maker, steps=a.steps, seq_len=a.seq_len, min_len=a.min_len, batch=a.batch, lr=a.lr,
+          device=a.device, after_step=report)
 
     base = history[0][1]
     print(f"\n{'family':<18} {'exact (step 0 -> end)':>24} {'token acc (step 0 -> end, ratio)':>36}")
@@ -129,9 +157,7 @@ def main(argv=None) -> int:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "recall_curriculum.png", dpi=100)
-    print(f"wrote {out / 'recall_curriculum.png'}")
+    save_png(fig, out / "recall_curriculum.png")
     return 0
 
 

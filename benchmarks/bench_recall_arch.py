@@ -1,0 +1,147 @@
+"""Does the Quasar-Long hybrid recall further than a plain transformer? Same data, steps and parameters.
+
+Four students of the `tiny` class, trained identically on the recall curriculum (distill/recall_curriculum.py,
+the same rows at every step) at length L, then graded on the validator's items (eval.recall_tasks at
+1x, 2x, 4x, 8x L; eval.recall.run_recall) per family:
+
+    hybrid        the tiny preset (one loop): recurrent branches in layers 1-5, RoPE up to position 16
+                  and NoPE after, MoE, engram
+    dense         a plain transformer: RoPE everywhere, no branches, no MoE, no engram; its MLP width
+                  sized to the hybrid's parameter count
+    no-branches   the hybrid with hybrid_attention_layers=[] (attention alone); its experts widened
+                  to the hybrid's parameter count
+    rope-all      the hybrid with RoPE at every position
+
+Two grades per cell: exact match (the validator's) and teacher-forced answer-token accuracy.
+The dense baseline is measured in the same run; the table prints every variant's 8x/1x ratio too.
+
+    python benchmarks/bench_recall_arch.py --steps 150              # CPU, a few minutes
+    python benchmarks/bench_recall_arch.py --device cuda --steps 20000 --batch 32
+
+Writes recall_arch.png (a heatmap: variant x family rows, length columns) to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench_recall_curriculum import grade, save_png, train  # noqa: E402
+from distill.corpus import local_split  # noqa: E402
+from distill.recall_curriculum import DocMaker, filler_units  # noqa: E402
+from distill.tiny_teacher import tiny_teacher  # noqa: E402
+from eval.evaluate import HFTextTokenizer  # noqa: E402
+from eval.recall_tasks import generate_items  # noqa: E402
+from quasar_model import QuasarLongConfig, QuasarLongForCausalLM  # noqa: E402
+
+ONE_LOOP = dict(num_loops=1, use_looped_injection=False)
+PLAIN = dict(num_experts=0, first_k_dense_replace=6, engram_layers=[], hybrid_attention_layers=[],
+             use_nope=False, long_context_mode="rope")
+VARIANTS = {
+    "hybrid": {},
+    "dense": PLAIN,
+    "no-branches": dict(hybrid_attention_layers=[]),
+    "rope-all": dict(use_nope=False, long_context_mode="rope"),
+}
+LENGTHS = (1, 2, 4, 8)
+
+
+def n_params(cfg: QuasarLongConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in QuasarLongForCausalLM(cfg).parameters())
+
+
+# the width each variant grows to reach the hybrid's parameter count (the others are at it already)
+WIDEN = {"dense": "intermediate_size", "no-branches": "moe_intermediate_size"}
+
+
+def config(name: str, vocab: int) -> QuasarLongConfig:
+    def make(**extra):
+        return QuasarLongConfig.preset("tiny", vocab_size=vocab, **ONE_LOOP, **VARIANTS[name], **extra)
+
+    if name not in WIDEN:
+        return make()
+    target, field = n_params(config("hybrid", vocab)), WIDEN[name]
+    lo, hi = 1, 4096
+    while lo < hi:      # the narrowest width with at least the hybrid's parameters
+        mid = (lo + hi) // 2
+        if n_params(make(**{field: mid})) < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    return make(**{field: lo})
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--seq-len", type=int, default=256, help="L: training length, and the items' 1x")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--families", default="passkey", help="validator families that fit at 1x L (passkey >= 256)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default="runs/bench_recall_arch")
+    a = ap.parse_args(argv)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_teacher())
+    maker = DocMaker(tok, filler_units(tok, local_split("train")))
+    fams = a.families.split(",")
+    items = {}
+    for n in LENGTHS:    # a family too long for L at 1x is left out at every length
+        try:
+            items[n] = generate_items(1, HFTextTokenizer(tok), a.seq_len, families=fams, lengths=(n,),
+                                      depth_bins=2, items_per_cell=2)
+        except ValueError as e:
+            print(f"error: {e} (raise --seq-len or drop the family)", file=sys.stderr)
+            return 2
+    results = {}
+    for name in VARIANTS:
+        torch.manual_seed(0)
+        model = QuasarLongForCausalLM(config(name, len(tok))).to(a.device)
+        t0 = time.time()
+        train(model, maker, steps=a.steps, seq_len=a.seq_len, min_len=48, batch=a.batch, lr=a.lr, device=a.device)
+        results[name] = {n: grade(model, items[n], a.device) for n in LENGTHS}
+        print(f"{name:<12} {sum(p.numel() for p in model.parameters()):>9,} params  trained {a.steps} steps in "
+              f"{time.time() - t0:.0f}s, graded at {', '.join(f'{n}x' for n in LENGTHS)} L (L={a.seq_len})",
+              flush=True)
+
+    print(f"\nexact match / teacher-forced answer-token accuracy on the validator's items ({a.steps} steps at L={a.seq_len})")
+    print(f"{'variant':<12} {'family':<15} " + " ".join(f"{f'{n}x':>11}" for n in LENGTHS) + "  tok 8x/1x  tok vs dense 4x")
+    rows, grid = [], []
+    for name, by_len in results.items():
+        for f in fams:
+            cells = [by_len[n][f] for n in LENGTHS]
+            one, eight = cells[0][1], cells[-1][1]
+            dense4 = results["dense"][4][f][1]
+            print(f"{name:<12} {f:<15} " + " ".join(f"{e:.2f}/{t:.2f}".rjust(11) for e, t in cells)
+                  + f"  {eight / one if one else float('nan'):9.2f}  {cells[2][1] / dense4 if dense4 else float('nan'):14.2f}")
+            rows.append(f"{name} / {f}")
+            grid.append([t for _, t in cells])
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 0.45 * len(rows) + 1.5))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(LENGTHS)), [f"{n}x L" for n in LENGTHS])
+    ax.set_yticks(range(len(rows)), rows)
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.5 else "k", fontsize=8)
+    fig.colorbar(im, ax=ax, label="answer-token accuracy (teacher-forced)")
+    ax.set_title(f"recall by architecture: {a.steps} steps at L={a.seq_len}")
+    save_png(fig, out / "recall_arch.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
