@@ -2,8 +2,8 @@
 
     quasar teacher-cache --teacher Qwen/Qwen3-8B --data HuggingFaceFW/fineweb-edu --max-docs 100000 \\
         --k 64 --seq-len 2048 --out caches/train
-    quasar distill configs/distill_tiny.json optim.lr=1e-3 steps=500
-    torchrun --nproc_per_node 8 -m distill.cli distill my.yaml parallel=fsdp
+    quasar distill configs/distill_tiny.json --set optim.lr=1e-3 --set steps=500
+    torchrun --nproc_per_node 8 -m distill.cli distill my.yaml --set parallel=fsdp
 
 (`--max-docs N` reads a source's first N documents: a fine training set, since validators draw
 their held-out documents by the round seed from every file of the dataset, not from its start.)
@@ -12,8 +12,8 @@ Structural distillation (the Quasar-10B recipe): a student that starts as the te
 with layer-wise hidden-state MSE against the live teacher (configs/structural_tiny.json):
 
     quasar init-student --teacher Qwen/Qwen3-0.6B --replace --hybrid-layers 4-27 --out runs/q06/student
-    quasar distill my.json student.init_from=runs/q06/student teacher.model=Qwen/Qwen3-0.6B \\
-        loss.hidden_mse_weight=1
+    quasar distill my.json --set student.init_from=runs/q06/student --set teacher.model=Qwen/Qwen3-0.6B \\
+        --set loss.hidden_mse_weight=1
 
 `--teacher tiny` is the project's own ~1M-parameter teacher (trained on first use) and
 `--data corpus:train` / `corpus:heldout` the local real-text corpus: the offline end-to-end run.
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -184,7 +185,10 @@ def cmd_teacher_cache(args) -> int:
 def cmd_distill(args) -> int:
     from .config import load_config
 
-    cfg = load_config(args.config, args.overrides)  # before torch: a bad file fails at once
+    if args.overrides:  # the old spelling: still applied, before --set (so --set wins)
+        logging.getLogger("distill").warning("deprecated flag", extra={"fields": {
+            "detail": "positional key=value overrides are deprecated; use --set key=value"}})
+    cfg = load_config(args.config, [*args.overrides, *args.set])  # before torch: a bad file fails at once
     from .trainer import run
 
     records = run(cfg)
@@ -286,37 +290,38 @@ def add_commands(subparsers) -> None:
     p.add_argument("--data", required=True,
                    help="local .jsonl/.json/.txt/.parquet file or directory, a Hub dataset name (streamed), "
                         "or corpus:train / corpus:heldout (the local corpus)")
-    p.add_argument("--split", default="train")
-    p.add_argument("--text-field", default="text")
+    p.add_argument("--split", default="train", help="dataset split")
+    p.add_argument("--text-field", default="text", help="the documents' text column")
     p.add_argument("--max-docs", type=int, default=None,
                    help="read at most this many documents (the first ones; validators' held-out documents are "
                         "drawn by each round's seed from the whole dataset, so no fixed choice is the held-out set)")
     p.add_argument("--k", type=int, default=32, help="teacher ids kept per position")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the stored log-probs")
     p.add_argument("--seq-len", type=int, default=512, help="segment length (<= the student's data.seq_len)")
     p.add_argument("--out", required=True, help="directory; the cache is written to OUT/<content hash>/")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=8, help="segments per teacher forward")
+    p.add_argument("--device", default="auto", help="teacher device: auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="teacher weights: auto | float32 | bfloat16 | float16")
-    p.add_argument("--logprob-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--logprob-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="storage dtype of the log-probs (bfloat16/float16 halve the cache)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--recapture", action="store_true", help="capture even if OUT already holds this cache")
     p.set_defaults(func=_loading_teacher(cmd_teacher_cache))
 
     p = subparsers.add_parser("teacher-generate", help="teacher continuations as a jsonl text dataset "
                                                        "(sequence-level KD across tokenizers)")
     p.add_argument("--teacher", required=True, help="Hub name or local checkpoint; 'tiny' = the project's tiny teacher")
-    p.add_argument("--revision", default=None)
+    p.add_argument("--revision", default=None, help="Hub revision (commit) of the teacher")
     p.add_argument("--data", required=True, help="where the prompts come from (as for teacher-cache)")
-    p.add_argument("--split", default="train")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--max-docs", type=int, default=None)
+    p.add_argument("--split", default="train", help="dataset split")
+    p.add_argument("--text-field", default="text", help="the documents' text column")
+    p.add_argument("--max-docs", type=int, default=None, help="read at most this many documents")
     p.add_argument("--prompt-chars", type=int, default=200, help="each prompt is a document's first characters")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default="auto", help="teacher device: auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", help="teacher weights: auto | float32 | bfloat16 | float16")
     p.add_argument("--out", required=True, help="the .jsonl file to write")
     p.set_defaults(func=_loading_teacher(cmd_teacher_generate))
 
@@ -325,7 +330,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--teacher", required=True,
                    help="qwen3/llama/mistral, Qwen3.5 or Qwen3.5-MoE (text model), GLM-4 or GLM-4.5 (glm4_moe) "
                         "checkpoint (Hub name or local); 'tiny' = the project's tiny teacher")
-    p.add_argument("--revision", default=None)
+    p.add_argument("--revision", default=None, help="Hub revision (commit) of the teacher")
     p.add_argument("--out", required=True, help="directory for the student (save_pretrained + tokenizer)")
     p.add_argument("--hybrid-layers", type=_layer_list, default=None,
                    help="layers that get a recurrent branch: e.g. 4-19, 1,3,5 or none (default: all but the "
@@ -338,14 +343,15 @@ def add_commands(subparsers) -> None:
                    help="hybrid layers become the branch alone (no attention): the Quasar-10B swap; train with "
                         "loss.hidden_mse_weight > 0 so each branch learns its attention's output")
     p.add_argument("--experts", type=int, default=0, help="routed experts per MoE layer (0: dense everywhere)")
-    p.add_argument("--experts-per-tok", type=int, default=2)
-    p.add_argument("--moe-intermediate-size", type=int, default=None)
+    p.add_argument("--experts-per-tok", type=int, default=2, help="with --experts: experts each token is routed to")
+    p.add_argument("--moe-intermediate-size", type=int, default=None,
+                   help="with --experts: each expert's hidden size (default: the teacher's intermediate_size // 4)")
     p.add_argument("--first-k-dense", type=int, default=1, help="with --experts: leading layers kept dense")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="any other QuasarLongConfig field (JSON value), e.g. --set nope_after_position=8192")
     p.add_argument("--fresh-branches", action="store_true",
                    help="leave the branches at their fresh init instead of copying the attention's q/k/v/o")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of what is not copied from the teacher (gates, routers)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="teacher and student weights while building (bfloat16 halves the memory of large teachers; "
                         "the trainer keeps fp32 master weights either way)")
@@ -354,8 +360,9 @@ def add_commands(subparsers) -> None:
 
     p = subparsers.add_parser("distill", help="distill a teacher cache into a Quasar-Long student")
     p.add_argument("config", help="JSON or YAML config file (see distill/config.py)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted overrides, e.g. optim.lr=1e-3 steps=200 student.overrides.num_loops=1")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config value by its dotted key, e.g. --set optim.lr=1e-3 --set steps=200 (repeatable)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=argparse.SUPPRESS)  # deprecated: --set
     p.set_defaults(func=cmd_distill)
 
 

@@ -1,6 +1,6 @@
 """Scale-out under torchrun: process group, model wrapping, and full (rank-0) state dicts.
 
-    torchrun --nproc_per_node N -m distill.cli distill CONFIG [key=value ...]
+    torchrun --nproc_per_node N -m distill.cli distill CONFIG [--set key=value ...]
 
 One process per device (gloo on CPU, nccl on CUDA). `wrap` picks the data-parallel scheme:
   ddp   every rank holds the whole model, gradients are all-reduced (right for small students);

@@ -104,7 +104,7 @@ def add_commands(subparsers, replay=None) -> None:
         return
     p.add_argument("--replay", type=int, default=None, metavar="ROUND",
                    help="re-evaluate a stored validator round (its seed; --seed is ignored) and compare")
-    p.add_argument("--validator-dir", default="validator", help="the validator's --work-dir (with --replay)")
+    p.add_argument("--validator-dir", default="validator", help="the validator's --out directory (with --replay)")
 
     def run(args):
         if (args.checkpoint is None) == (args.replay is None):

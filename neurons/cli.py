@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
 from pathlib import Path
+
+from neurons.cliparse import Deprecated, QuasarParser, warn_deprecated
+from neurons.network import LOCALNET
 
 
 def cmd_params(args) -> int:
@@ -103,7 +107,7 @@ def cmd_validator(args) -> int:
     log = logs.setup("validator", args.log_level)
     pf = preflight(args, "validator")
     settings = ValidatorSettings(
-        work_dir=Path(args.work_dir), device=args.device, localnet=args.network == "local",
+        work_dir=Path(args.work_dir), device=args.device, localnet=args.network == LOCALNET,
         storage_root=args.storage_root and Path(args.storage_root), poll_seconds=args.poll_seconds,
         fetch_concurrency=args.fetch_concurrency, fetch_deadline=args.fetch_deadline,
         disk_budget_bytes=int(args.disk_budget_gb * (1 << 30)), progress=not args.quiet,
@@ -151,7 +155,7 @@ def cmd_status(args) -> int:
 def cmd_localnet(args) -> int:
     from neurons.localnet import run_localnet
 
-    return run_localnet(Path(args.dir), rounds=args.rounds, block_time=args.block_time, timeout=args.timeout,
+    return run_localnet(Path(args.out), rounds=args.rounds, block_time=args.block_time, timeout=args.timeout,
                         fresh=not args.keep)
 
 
@@ -163,29 +167,35 @@ def add_miner_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--competition", default=None,
                    help="shipped competition name or a file (default: the network's own: localnet on local, sn24 on finney)")
     p.add_argument("--config", default=None, help="distill config file (see configs/)")
-    p.add_argument("--override", action="append", default=[], help="distill config key=value (repeatable)")
-    p.add_argument("--work-dir", default="miner")
+    p.add_argument("--set", dest="override", action="append", default=[], metavar="KEY=VALUE",
+                   help="a distill config value, e.g. --set steps=2000 (repeatable)")
+    p.add_argument("--override", dest="override", action=Deprecated, append=True, use="--set")
+    add_out_arg(p, "miner", "the miner's directory: state (miner.json), training checkpoints, exports")
     p.add_argument("--steps-per-cycle", type=int, default=200, help="training steps between self-evaluations")
-    p.add_argument("--eval-seed", type=int, default=1)
+    p.add_argument("--eval-seed", type=int, default=1, help="seed of the self-evaluation's items (fixed: "
+                   "successive checkpoints are compared on the same items)")
     p.add_argument("--min-improvement", type=float, default=0.0, help="composite gain needed to publish again")
     p.add_argument("--min-commit-interval", type=int, default=0, help="blocks between two commitments")
     p.add_argument("--seal-blocks", type=_blocks, default=None,
                    help="keep each commitment timelocked (unreadable) this many blocks; 0: plain commitments "
                         "(default: half the competition's eval_delay_blocks)")
-    p.add_argument("--storage", choices=["http", "local", "hf"], default="http")
+    p.add_argument("--storage", choices=["http", "local", "hf"], default="http",
+                   help="where checkpoints are published: this machine's signed HTTP server, a Hub repo, or a "
+                        "local directory (localnet only)")
     p.add_argument("--host", default="127.0.0.1", help="bind address of the checkpoint server")
-    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--port", type=int, default=0, help="checkpoint server port (0: any free port; localnet only)")
     p.add_argument("--public-host", default=None, help="host validators dial (default: --host)")
     p.add_argument("--storage-root", default=None, help="local storage root (localnet)")
     p.add_argument("--hf.repo", dest="hf_repo", default=None, help="Hub repo for hf storage (token: $HF_TOKEN)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device of training and the self-evaluation")
     p.add_argument("--copy-from", default=None, help=argparse.SUPPRESS)  # localnet's adversaries: the victim
     p.add_argument("--adversary", default=None, help=argparse.SUPPRESS,  # localnet: neurons.adversaries kind
                    choices=["copy", "near-copy", "crash", "teacher"])
-    p.add_argument("--exit-after-training", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--exit-after-training", action="store_true",
+                   help="exit when the config's steps are done instead of serving the last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--min-free-gb", type=float, default=None,
-                   help="free disk the preflight requires under --work-dir (default: 3 of the competition's "
+                   help="free disk the preflight requires under --out (default: 3 of the competition's "
                         "largest bf16 checkpoints, at least 1 GiB)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="bind address of the Prometheus /metrics server")
     p.add_argument("--metrics-port", type=int, default=-1,
@@ -200,12 +210,12 @@ def add_validator_args(p: argparse.ArgumentParser) -> None:
     add_chain_args(p)
     p.add_argument("--competition", default=None,
                    help="shipped competition name or a file (default: the network's own: localnet on local, sn24 on finney)")
-    p.add_argument("--work-dir", default="validator")
-    p.add_argument("--device", default="cpu")
+    add_out_arg(p, "validator", "the validator's directory: validator.db, fetched submissions, round inputs")
+    p.add_argument("--device", default="cpu", help="torch device of the evaluations")
     p.add_argument("--storage-root", default=None, help="local storage root (localnet)")
-    p.add_argument("--status-host", default="127.0.0.1")
-    p.add_argument("--status-port", type=int, default=0, help="-1: no status server")
-    p.add_argument("--poll-seconds", type=float, default=2.0)
+    p.add_argument("--status-host", default="127.0.0.1", help="bind address of the status server")
+    p.add_argument("--status-port", type=int, default=0, help="status server port (0: any free port; -1: none)")
+    p.add_argument("--poll-seconds", type=float, default=2.0, help="seconds between chain polls while waiting")
     p.add_argument("--fetch-concurrency", type=int, default=4, help="fetches running at once")
     p.add_argument("--fetch-deadline", type=float, default=3600.0, help="seconds for all of a round's fetches")
     p.add_argument("--disk-budget-gb", type=float, default=500.0,
@@ -224,10 +234,16 @@ def add_validator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-stack-mismatch", action="store_true",
                    help="score although installed library versions differ from the competition's eval_stack "
                         "(recorded with every round)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--min-free-gb", type=float, default=None,
-                   help="free disk the preflight requires under --work-dir (default: 3 of the competition's "
+                   help="free disk the preflight requires under --out (default: 3 of the competition's "
                         "largest bf16 checkpoints, at least 1 GiB)")
+
+
+def add_out_arg(p: argparse.ArgumentParser, default: str, what: str, old: str = "--work-dir") -> None:
+    """`--out DIR`, the one spelling of a command's output directory; `old` is kept, deprecated."""
+    p.add_argument("--out", dest="work_dir", default=default, metavar="DIR", help=what)
+    p.add_argument(old, dest="work_dir", action=Deprecated, use="--out")
 
 
 def _blocks(text: str) -> int:
@@ -246,16 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
     from eval.cli import add_commands as add_eval_commands
     from neurons.replay import replay_command
 
-    parser = argparse.ArgumentParser(prog="quasar", description="SN24 Quasar miner/validator toolkit")
+    parser = QuasarParser(prog="quasar", description="SN24 Quasar miner/validator toolkit")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("params", help="total and active parameter counts of the presets (meta device)")
     p.add_argument("--preset", action="append", help="preset name (repeatable; default: all)")
     p.set_defaults(func=cmd_params)
     p = sub.add_parser("demo", help="build a preset, check cached decoding, generate a few tokens")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--prompt-len", type=int, default=48)
-    p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="tiny", help="model preset (see `quasar params`)")
+    p.add_argument("--prompt-len", type=int, default=48, help="tokens of the random prompt")
+    p.add_argument("--new-tokens", type=int, default=16, help="tokens to generate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompt")
     p.set_defaults(func=cmd_demo)
     add_distill_commands(sub)
     add_eval_commands(sub, replay=replay_command)
@@ -286,11 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("localnet", help="a whole subnet on this machine: chain, teacher, miners, validator")
-    p.add_argument("--dir", default="localnet")
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--block-time", type=float, default=1.0)
-    p.add_argument("--timeout", type=float, default=900.0)
-    p.add_argument("--keep", action="store_true", help="continue the chain and state in --dir")
+    p.add_argument("--out", default="localnet", metavar="DIR",
+                   help="run directory (chain, keys, logs, report); refused when it holds files localnet did "
+                        "not create")
+    p.add_argument("--dir", dest="out", action=Deprecated, use="--out")
+    p.add_argument("--rounds", type=int, default=2, help="scored rounds before the report")
+    p.add_argument("--block-time", type=float, default=1.0, help="seconds per block of the local chain")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds the whole run may take")
+    p.add_argument("--keep", action="store_true", help="continue the chain and state in --out instead of starting "
+                                                       "afresh")
     p.set_defaults(func=cmd_localnet)
 
     _add_logging_args(parser)
@@ -316,12 +337,22 @@ def _is_teacher_cache_error(e: BaseException) -> bool:
     return module is not None and isinstance(e, module.TeacherCacheError)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("quasar-sn24")
+    except PackageNotFoundError:  # a checkout run without `pip install -e .`
+        return "unknown (not installed)"
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from neurons import logs
     from neurons.chain import ChainError
 
     logs.setup(args.command, args.log_level)  # miner and validator set it again, naming their role
+    warn_deprecated(args, logging.getLogger(args.command))
 
     try:
         return args.func(args)

@@ -46,6 +46,7 @@ ADVERSARIES = {
 }
 MINERS = [*HONEST, *ADVERSARIES]
 VALIDATOR = "validator"
+MARKER = ".quasar-localnet"  # written into every run directory localnet creates
 DISTILL_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "distill_localnet.json"
 
 
@@ -202,16 +203,32 @@ def pass_checks(report: dict, rounds: int) -> dict[str, bool]:
     }
 
 
+def claim_run_dir(run_dir: Path, fresh: bool) -> None:
+    """Make `run_dir` localnet's: create it with MARKER, or reuse (and, when `fresh`, empty) one that
+    holds the marker. ValueError for a non-empty directory localnet did not create: emptying a
+    directory someone named by mistake (`--out ~`) must never happen. A run directory from before
+    the marker existed (chain.db and keys/) is adopted."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--out {run_dir}: not a directory")
+    ours = (run_dir / MARKER).is_file() or ((run_dir / "chain.db").is_file() and (run_dir / "keys").is_dir())
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not ours:
+        raise ValueError(f"--out {run_dir} is not empty and was not created by quasar localnet (no {MARKER}): "
+                         "pass a new or empty directory")
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / MARKER).write_text("created by quasar localnet; --out may empty this directory\n")
+
+
 def run_localnet(run_dir: Path, *, rounds: int = 2, block_time: float = 1.0, timeout: float = 900.0,
                  fresh: bool = True) -> int:
+    t0 = time.time()
+    run_dir = Path(run_dir).resolve()
+    claim_run_dir(run_dir, fresh)  # before any import or work: a refused directory costs nothing
     from eval.competition import load_competition
     from neurons.keys import local_keypair
     from neurons.localchain import LocalChain
 
-    t0 = time.time()
-    run_dir = Path(run_dir).resolve()
-    if fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     competition = load_competition("localnet")
@@ -236,21 +253,21 @@ def run_localnet(run_dir: Path, *, rounds: int = 2, block_time: float = 1.0, tim
     say(t0, f"chain: {chain_path.name}, block {chain.block()}, {len(hotkeys)} hotkeys registered")
 
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    common = ["--network", "local", "--chain.path", str(chain_path), "--wallet.path", str(key_dir),
+    common = ["--network", "localnet", "--chain.path", str(chain_path), "--wallet.path", str(key_dir),
               "--competition", "localnet"]
     procs: dict[str, subprocess.Popen] = {}
     for name in MINERS:
-        argv = ["miner", *common, "--wallet.name", name, "--work-dir", str(run_dir / name), "--quiet"]
+        argv = ["miner", *common, "--wallet.name", name, "--out", str(run_dir / name), "--quiet"]
         if name in ADVERSARIES:
             _, kind, victim = ADVERSARIES[name]
             argv += ["--adversary", kind] + (["--copy-from", str(run_dir / victim)] if victim else [])
         else:
             steps, cycle = HONEST[name]
-            argv += ["--config", str(DISTILL_CONFIG), "--override", f"data.train_cache={cache}",
-                     "--override", f"steps={steps}", "--steps-per-cycle", str(cycle)]
+            argv += ["--config", str(DISTILL_CONFIG), "--set", f"data.train_cache={cache}",
+                     "--set", f"steps={steps}", "--steps-per-cycle", str(cycle)]
         procs[name] = _spawn(name, argv, logs, env)
     say(t0, "started " + ", ".join(f"{n} (pid {p.pid})" for n, p in procs.items()) + f"; logs in {logs}")
-    validator_argv = ["validator", *common, "--wallet.name", VALIDATOR, "--work-dir", str(run_dir / VALIDATOR),
+    validator_argv = ["validator", *common, "--wallet.name", VALIDATOR, "--out", str(run_dir / VALIDATOR),
                       "--max-rounds", str(rounds), "--poll-seconds", "1", "--quiet"]
     seen: dict[str, str] = {}
     status = None

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 GIB = 1 << 30
-LOCAL = "local"
+LOCAL = "localnet"  # neurons.network.LOCALNET: the SQLite local chain
 # the competition a network runs when --competition is not given; any other network names its own
 DEFAULT_COMPETITION = {LOCAL: "localnet", "finney": "sn24"}
 # free disk below which a role refuses to start: this many of the largest checkpoint the competition
@@ -67,6 +67,13 @@ def competition_name(args) -> str:
         raise PreflightError(f"network {args.network!r} has no default competition: name it with --competition "
                              f"(a shipped name such as 'sn24', or the subnet's competition file)")
     return name
+
+
+def _old_local_hint(args) -> str:
+    """`local` meant the SQLite chain before it was renamed `localnet`: say so when it fails."""
+    from neurons.network import BITTENSOR_LOCAL, OLD_LOCAL_HINT
+
+    return f" ({OLD_LOCAL_HINT})" if args.network == BITTENSOR_LOCAL else ""
 
 
 def required_free_bytes(competition) -> int:
@@ -217,17 +224,17 @@ class Preflight:
         d = Path(self.args.work_dir).absolute()
         existing = next(p for p in (d, *d.parents) if p.exists())
         if not existing.is_dir():
-            raise PreflightError(f"work dir {d}: {existing} is not a directory; pass another --work-dir")
+            raise PreflightError(f"work dir {d}: {existing} is not a directory; pass another --out")
         if existing == d:
             try:
                 with tempfile.NamedTemporaryFile(dir=d, prefix=".preflight-"):
                     pass
             except OSError as e:
-                raise PreflightError(f"work dir {d} is not writable ({e.strerror or e}): pass a --work-dir you "
+                raise PreflightError(f"work dir {d} is not writable ({e.strerror or e}): pass an --out you "
                                      "can write to") from None
             return str(d)
         if not os.access(existing, os.W_OK | os.X_OK):
-            raise PreflightError(f"work dir {d} cannot be created: {existing} is not writable; pass a --work-dir "
+            raise PreflightError(f"work dir {d} cannot be created: {existing} is not writable; pass an --out "
                                  "you can write to")
         return f"{d} (created at start)"
 
@@ -239,14 +246,14 @@ class Preflight:
         if free < need:
             raise PreflightError(f"{free / GIB:.1f} GiB free under {d}, {need / GIB:.1f} GiB needed "
                                  f"({CHECKPOINTS_OF_HEADROOM} of the competition's largest checkpoints): free "
-                                 "space, pick another --work-dir, or lower --min-free-gb")
+                                 "space, pick another --out, or lower --min-free-gb")
         return f"{free / GIB:.1f} GiB free, {need / GIB:.1f} GiB needed"
 
     def check_chain(self) -> str:
         a = self.args
         if self.local and not Path(a.chain_path).exists():
             raise PreflightError(f"no local chain at {a.chain_path}: `quasar localnet` creates one (or pass "
-                                 "--chain.path); for a bittensor network pass --network finney|test|ws://...")
+                                 "--chain.path); for a bittensor network pass --network finney|test|local|ws://...")
         try:
             self.chain, self.keypair = self._open_chain(a)
         except FileNotFoundError as e:
@@ -254,10 +261,11 @@ class Preflight:
         try:
             block = _timed(self.chain.block, self.timeout, f"chain {a.network}")
         except PreflightError as e:
-            raise PreflightError(f"{e}; check the endpoint (--network) and this machine's connection") from None
+            raise PreflightError(f"{e}; check the endpoint (--network) and this machine's connection"
+                                 + _old_local_hint(a)) from None
         except Exception as e:  # noqa: BLE001  ChainRpcError and the like
             raise PreflightError(f"{a.network} is unreachable ({e}); check the endpoint (--network) and this "
-                                 "machine's connection") from None
+                                 "machine's connection" + _old_local_hint(a)) from None
         return f"{a.network} at block {block}"
 
     def _metagraph(self):

@@ -80,7 +80,7 @@ def replay_round(work_dir, round_id: int, competition: Competition, *, device: s
     work_dir = Path(work_dir)
     db = work_dir / "validator.db"
     if not db.is_file():
-        raise ReplayError(f"no validator state at {db} (is --validator-dir the validator's --work-dir?)")
+        raise ReplayError(f"no validator state at {db} (is --validator-dir the validator's --out?)")
     state = ValidatorState(db)
     try:
         r = _load_round(state, round_id, competition)

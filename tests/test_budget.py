@@ -163,8 +163,8 @@ def test_the_validator_command_passes_the_scale_and_defaults_to_the_competition(
         raise Built()
 
     monkeypatch.setattr(neurons.validator, "Validator", capture)
-    base = ["validator", "--network", "local", "--chain.path", str(chain.path), "--wallet.path", str(keys),
-            "--wallet.name", "validator", "--competition", "localnet", "--work-dir", str(tmp_path / "v"),
+    base = ["validator", "--network", "localnet", "--chain.path", str(chain.path), "--wallet.path", str(keys),
+            "--wallet.name", "validator", "--competition", "localnet", "--out", str(tmp_path / "v"),
             "--status-port", "-1"]
     for extra, want in [([], 600.0), (["--eval-time-scale", "3"], 1800.0), (["--eval-timeout", "5"], 5.0)]:
         with pytest.raises(Built):

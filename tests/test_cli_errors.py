@@ -146,9 +146,9 @@ def test_miner_and_validator_with_a_wallet_that_does_not_exist(tmp_path, pinned)
     common = ["--network", "finney", "--competition", str(pinned), "--wallet.path", str(wallets),
               "--wallet.name", "nobody", "--min-free-gb", "0.01"]
     line = refused(["miner", *common, "--public-host", "93.184.216.34", "--port", "8091",
-                    "--work-dir", str(tmp_path / "m")], match="no keyfile at")
+                    "--out", str(tmp_path / "m")], match="no keyfile at")
     assert "create it with btcli first" in line and str(wallets / "nobody") in line
-    refused(["validator", *common, "--work-dir", str(tmp_path / "v"), "--status-port", "-1"], match="no keyfile at")
+    refused(["validator", *common, "--out", str(tmp_path / "v"), "--status-port", "-1"], match="no keyfile at")
     assert not wallets.exists() and not (tmp_path / "m").exists() and not (tmp_path / "v").exists()
 
 
@@ -160,15 +160,15 @@ def test_validator_status_port_in_use(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        refused(["validator", "--network", "local", "--chain.path", str(chain.path), "--wallet.path", str(keys),
-                 "--wallet.name", "v", "--work-dir", str(tmp_path / "v"), "--min-free-gb", "0.01",
+        refused(["validator", "--network", "localnet", "--chain.path", str(chain.path), "--wallet.path", str(keys),
+                 "--wallet.name", "v", "--out", str(tmp_path / "v"), "--min-free-gb", "0.01",
                  "--status-port", str(port)], match=f"--status-port {port} on 127.0.0.1 cannot be bound")
     assert not (tmp_path / "v").exists()  # refused before validator.db or anything else
 
 
 def test_miner_seal_blocks_must_be_a_block_count(tmp_path):
     for value, words in (("-1", "give 0 (off) or more"), ("soon", "not a whole number of blocks")):
-        refused(["miner", f"--seal-blocks={value}", "--work-dir", str(tmp_path / "w")], match=words, cwd=tmp_path)
+        refused(["miner", f"--seal-blocks={value}", "--out", str(tmp_path / "w")], match=words, cwd=tmp_path)
     assert not (tmp_path / "w").exists()
 
 
@@ -186,7 +186,31 @@ def test_validator_db_newer_than_the_code(tmp_path):
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")  # written by a newer release
     conn.close()
     before = (work / "validator.db").read_bytes()
-    refused(["validator", "--network", "local", "--chain.path", str(chain.path), "--wallet.path", str(keys),
-             "--wallet.name", "v", "--work-dir", str(work), "--min-free-gb", "0.01", "--status-port", "-1"],
+    refused(["validator", "--network", "localnet", "--chain.path", str(chain.path), "--wallet.path", str(keys),
+             "--wallet.name", "v", "--out", str(work), "--min-free-gb", "0.01", "--status-port", "-1"],
             match=f"has schema version {SCHEMA_VERSION + 1}, newer than this validator's {SCHEMA_VERSION}")
     assert (work / "validator.db").read_bytes() == before and sorted(p.name for p in work.iterdir()) == ["validator.db"]
+
+
+# ---- conventions: chain flags, localnet's run directory -------------------------------------
+
+def test_chain_flags_that_do_not_go_together(tmp_path):
+    line = refused(["miner", "--network", "local", "--chain.path", str(tmp_path / "chain.db")],
+                   match="--chain.path is the SQLite local chain's file: pass --network localnet", seconds=5)
+    assert "`--network local` is bittensor's local subtensor node" in line  # the old meaning, named
+    refused(["validator", "--subtensor.chain_endpoint", "10.0.0.5:9944"], match="expected a ws:// or wss:// URL",
+            seconds=5)
+    refused(["doctor", "miner", "--network", "localnet", "--subtensor.chain_endpoint", "ws://10.0.0.5:9944"],
+            match="--network localnet is the SQLite local chain", seconds=5)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_localnet_refuses_a_directory_it_did_not_create(tmp_path):
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("years of work")
+    for flag in ("--out", "--dir"):  # --dir: the deprecated spelling, same check
+        refused(["localnet", flag, str(mine)], match="is not empty and was not created by quasar localnet", seconds=5)
+    assert [p.name for p in mine.iterdir()] == ["thesis.txt"]
+    (tmp_path / "file").write_text("x")
+    refused(["localnet", "--out", str(tmp_path / "file")], match="not a directory", seconds=5)

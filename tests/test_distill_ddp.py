@@ -80,7 +80,8 @@ def torchrun(config_file, out, *overrides, launcher_source=FLOAT64_CLI):
     launcher = Path(out).parent / "float64_cli.py"
     launcher.write_text(launcher_source)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(launcher), "distill", str(config_file), f"output_dir={out}", *overrides]
+           str(launcher), "distill", str(config_file), "--set", f"output_dir={out}",
+           *(arg for o in overrides for arg in ("--set", o))]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]

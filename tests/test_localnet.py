@@ -10,7 +10,7 @@ import pytest
 @pytest.mark.slow
 def test_localnet_best_honest_miner_wins_and_every_adversary_gets_nothing(tmp_path):
     out = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-m", "neurons.cli", "localnet", "--dir", str(out), "--timeout", "900"],
+    p = subprocess.run([sys.executable, "-m", "neurons.cli", "localnet", "--out", str(out), "--timeout", "900"],
                        capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
     report = json.loads((out / "report.json").read_text())

@@ -83,11 +83,11 @@ def refused(capsys, argv: list[str], *, match: str) -> str:
 
 
 def miner(tmp_path, *extra) -> list[str]:
-    return ["miner", "--network", "finney", "--work-dir", str(tmp_path / "work"), "--min-free-gb", "0.01", *extra]
+    return ["miner", "--network", "finney", "--out", str(tmp_path / "work"), "--min-free-gb", "0.01", *extra]
 
 
 def validator(tmp_path, *extra) -> list[str]:
-    return ["validator", "--network", "finney", "--work-dir", str(tmp_path / "work"), "--min-free-gb", "0.01",
+    return ["validator", "--network", "finney", "--out", str(tmp_path / "work"), "--min-free-gb", "0.01",
             "--status-port", "-1", *extra]
 
 
@@ -150,7 +150,7 @@ def test_disk_and_work_dir(tmp_path, capsys, fake, pinned):
     refused(capsys, argv, match="GiB needed")
     blocker = tmp_path / "file"
     blocker.write_text("")
-    refused(capsys, ["miner", "--network", "finney", "--work-dir", str(blocker / "work"), "--min-free-gb", "0.01",
+    refused(capsys, ["miner", "--network", "finney", "--out", str(blocker / "work"), "--min-free-gb", "0.01",
                      "--competition", str(pinned), *PUBLIC], match="is not a directory")
 
 
@@ -206,7 +206,7 @@ def test_local_chain(tmp_path, capsys):
     chain_path, keys = tmp_path / "net" / "chain.db", tmp_path / "net" / "keys"
     common = ["--chain.path", str(chain_path), "--wallet.path", str(keys), "--min-free-gb", "0.01"]
     # no chain file: refused, and none is created behind the operator's back
-    refused(capsys, ["miner", *common, "--work-dir", str(tmp_path / "m")], match="no local chain at")
+    refused(capsys, ["miner", *common, "--out", str(tmp_path / "m")], match="no local chain at")
     assert not chain_path.exists()
     chain = LocalChain(chain_path)
     cold = local_keypair("cold", keys).ss58_address
@@ -214,12 +214,12 @@ def test_local_chain(tmp_path, capsys):
     chain.register(local_keypair("v-default", keys), cold, stake=100.0)
     chain.register(local_keypair("w-default", keys), cold)  # registered, no stake: no permit
     # on the local chain loopback, port 0 and local storage are fine, and localnet is the default competition
-    rc, out, err, _ = run(capsys, ["doctor", "miner", *common, "--wallet.name", "m", "--work-dir", str(tmp_path / "m")])
+    rc, out, err, _ = run(capsys, ["doctor", "miner", *common, "--wallet.name", "m", "--out", str(tmp_path / "m")])
     assert rc == 0, out + err
     assert "localnet (netuid 24" in out and "loopback allowed" in out
-    rc, out, err, _ = run(capsys, ["doctor", "validator", *common, "--wallet.name", "v", "--work-dir", str(tmp_path / "v")])
+    rc, out, err, _ = run(capsys, ["doctor", "validator", *common, "--wallet.name", "v", "--out", str(tmp_path / "v")])
     assert rc == 0 and "validator permit" in out, out + err
-    refused(capsys, ["validator", *common, "--wallet.name", "w", "--work-dir", str(tmp_path / "w"), "--status-port", "-1"],
+    refused(capsys, ["validator", *common, "--wallet.name", "w", "--out", str(tmp_path / "w"), "--status-port", "-1"],
             match="has no validator permit")
-    refused(capsys, ["miner", *common, "--wallet.name", "stranger", "--work-dir", str(tmp_path / "s")],
+    refused(capsys, ["miner", *common, "--wallet.name", "stranger", "--out", str(tmp_path / "s")],
             match="`quasar localnet` registers its keys")

@@ -120,10 +120,10 @@ def test_sigterm_stops_the_miner_within_seconds_and_it_resumes_at_that_step(tmp_
     keys = tmp_path / "keys"
     chain.register(local_keypair("m-default", keys), local_keypair("cold", keys).ss58_address)
     work = tmp_path / "m"
-    cmd = [sys.executable, "-m", "neurons.cli", "miner", "--network", "local", "--chain.path", str(chain.path),
-           "--wallet.path", str(keys), "--wallet.name", "m", "--work-dir", str(work), "--min-free-gb", "0.01",
-           "--config", str(REPO / "configs" / "distill_localnet.json"), "--override", f"data.train_cache={train_cache}",
-           "--override", "data.heldout_cache=none", "--override", "log_every=1", "--override", "steps=100000",
+    cmd = [sys.executable, "-m", "neurons.cli", "miner", "--network", "localnet", "--chain.path", str(chain.path),
+           "--wallet.path", str(keys), "--wallet.name", "m", "--out", str(work), "--min-free-gb", "0.01",
+           "--config", str(REPO / "configs" / "distill_localnet.json"), "--set", f"data.train_cache={train_cache}",
+           "--set", "data.heldout_cache=none", "--set", "log_every=1", "--set", "steps=100000",
            "--steps-per-cycle", "50000", "--storage", "local", "--storage-root", str(tmp_path / "storage"),
            "--exit-after-training", "--quiet", "--metrics-port", str(_free_port())]
     scraped = []

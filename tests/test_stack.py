@@ -94,9 +94,9 @@ def _local_validator(tmp_path: Path):
 def test_validator_cli_refuses_a_mismatched_stack_with_one_error_line(tmp_path):
     chain, keys, _ = _local_validator(tmp_path)
     work = tmp_path / "v"
-    cmd = [sys.executable, "-m", "neurons.cli", "validator", "--network", "local", "--chain.path", str(chain.path),
+    cmd = [sys.executable, "-m", "neurons.cli", "validator", "--network", "localnet", "--chain.path", str(chain.path),
            "--wallet.path", str(keys), "--wallet.name", "validator", "--competition",
-           str(_pinned_competition(tmp_path, "0.0.1")), "--work-dir", str(work), "--status-port", "-1",
+           str(_pinned_competition(tmp_path, "0.0.1")), "--out", str(work), "--status-port", "-1",
            "--max-rounds", "1", "--quiet"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2, res.stderr

@@ -231,9 +231,9 @@ def test_exact_copy_gets_nothing(tmp_path, models):
 
 
 def _validator_cmd(net: Subnet, work: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "neurons.cli", "validator", "--network", "local", "--chain.path",
+    return [sys.executable, "-m", "neurons.cli", "validator", "--network", "localnet", "--chain.path",
             str(net.chain.path), "--wallet.path", str(net.keys), "--wallet.name", "validator",
-            "--competition", str(net.competition_path), "--work-dir", str(work), "--storage-root",
+            "--competition", str(net.competition_path), "--out", str(work), "--storage-root",
             str(net.storage), "--max-rounds", "1", "--status-port", "-1", "--poll-seconds", "0.1", "--quiet", *extra]
 
 
