@@ -22,9 +22,11 @@ Also runnable as `python -m distill.cli ...`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -172,14 +174,40 @@ def cmd_teacher_cache(args) -> int:
         return 0
     if not args.teacher:
         raise ValueError("teacher-cache needs --teacher (or --text-only --tokenizer for sequence-level KD)")
-    path = teacher_cache_main(args.teacher, args.data, args.out, k=args.k, temperature=args.temperature,
-                              seq_len=args.seq_len, split=args.split, text_field=args.text_field,
-                              max_docs=args.max_docs, revision=args.revision, batch_size=args.batch_size,
-                              device=args.device, dtype=args.dtype, logprob_dtype=args.logprob_dtype,
-                              progress=not args.no_progress, reuse=not args.recapture)
+    with _term_as_interrupt() as signals:
+        try:
+            path = teacher_cache_main(args.teacher, args.data, args.out, k=args.k, temperature=args.temperature,
+                                      seq_len=args.seq_len, split=args.split, text_field=args.text_field,
+                                      max_docs=args.max_docs, revision=args.revision, batch_size=args.batch_size,
+                                      device=args.device, dtype=args.dtype, logprob_dtype=args.logprob_dtype,
+                                      progress=not args.no_progress, reuse=not args.recapture)
+        except KeyboardInterrupt as e:
+            # one line, no traceback: what is kept, and how to go on
+            how = "run the same command again to resume" if getattr(e, "partial", None) else "nothing was kept"
+            what = str(e) if str(e) else "interrupted before the capture started"
+            print(f"quasar teacher-cache: {what}; {how}", file=sys.stderr)
+            return 128 + (signals[-1] if signals else signal.SIGINT)
     if int(os.environ.get("RANK", "0")) == 0:
         print(path)
     return 0
+
+
+@contextlib.contextmanager
+def _term_as_interrupt():
+    """SIGTERM (pm2, systemd, docker stop) stops a capture as Ctrl-C does: a KeyboardInterrupt, so
+    it ends at a clean point with what it finished kept. Yields the signals received."""
+    received: list[int] = []
+
+    def on_term(signum, frame):
+        received.append(signum)
+        signal.signal(signal.SIGTERM, previous)  # a second one is not for waiting
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def cmd_distill(args) -> int:

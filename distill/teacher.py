@@ -23,9 +23,11 @@ on it. All ranks must see one filesystem (one node, or a shared mount).
 """
 from __future__ import annotations
 
-import json
+import hashlib
 import os
+import shutil
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -33,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from .teacher_cache import (
-    DEFAULT_SHARD_TOKENS, CapturedSequence, ShardInfo, TeacherCacheMeta, finalize_cache, make_tmp_dir,
-    shard_is_full, write_shard,
+    DEFAULT_SHARD_TOKENS, CapturedSequence, CaptureInterrupted, TeacherCacheMeta, discard_unfinished, finalize_cache,
+    partial_dir, read_shard_record, shard_is_full, write_shard, write_shard_record,
 )
 from .tokenizers import token_table
 
@@ -306,6 +308,35 @@ def _broadcast(dist, obj, device):
     return box[0]
 
 
+def _inputs_digest(items: list[tuple[int, list[int]]]) -> str:
+    """What a shard was captured from (indices and token ids): a resumed capture reuses a finished
+    shard only for the same inputs."""
+    import array
+
+    h = hashlib.sha256()
+    for index, seg in items:
+        h.update(f"{index}:{len(seg)};".encode())
+        h.update(array.array("q", seg).tobytes())
+    return h.hexdigest()
+
+
+def _shard_tokens_of_rank(segments, shard_tokens: int, rank: int, world: int) -> tuple[int | None, int | None]:
+    """(tokens this rank will capture, number of shards) when `segments` has a length (a list), else
+    (None, None): the progress bar's total, by the same rule that cuts the shards."""
+    if not isinstance(segments, Sequence):
+        return None, None
+    mine, shard, tokens = 0, 0, 0
+    for seg in segments:
+        tokens += len(seg)
+        if shard_is_full(tokens, shard_tokens):
+            mine += tokens if shard % world == rank else 0
+            shard, tokens = shard + 1, 0
+    if tokens:
+        mine += tokens if shard % world == rank else 0
+        shard += 1
+    return mine, shard
+
+
 def capture_teacher_cache(model, tokenizer, segments: Iterable[list[int]], out_root: str | os.PathLike, *,
                           k: int, temperature: float, teacher_id: str, teacher_revision: str | None,
                           data_fingerprint: str, batch_size: int = 8, progress: bool = True,
@@ -313,7 +344,11 @@ def capture_teacher_cache(model, tokenizer, segments: Iterable[list[int]], out_r
                           vocab_chunk: int = VOCAB_CHUNK, token_chunk: int = TOKEN_CHUNK) -> Path:
     """Capture the teacher on token-id segments into out_root/<cache_id>/ and return that path.
 
-    segments: token-id lists (any lengths >= 1) of the teacher's tokenizer; cache order = their order.
+    segments: token-id lists (any lengths >= 1) of the teacher's tokenizer; cache order = their order
+    (a list gives the progress bar its total and ETA).
+    Resumable: shards go to out_root/.partial-<key>/ (teacher_cache.partial_dir) and a finished one
+    is not captured again, so after a KeyboardInterrupt (raised as CaptureInterrupted, with only
+    finished shards left on disk) the same call continues where it stopped.
     Under torchrun (WORLD_SIZE > 1) every rank must call this with the same arguments and the same
     segments; the process group is created (nccl on CUDA, else gloo) if it is not already.
     vocab_chunk / token_chunk: the LM-head block capture_topk works on (its memory bound).
@@ -325,22 +360,43 @@ def capture_teacher_cache(model, tokenizer, segments: Iterable[list[int]], out_r
                             data_fingerprint=data_fingerprint, logprob_dtype=logprob_dtype)
     device = model.get_output_embeddings().weight.device
     rank, world, dist, created = _distributed(device)
-    tmp = _broadcast(dist, str(make_tmp_dir(out_root)) if rank == 0 else None, device)
+    tmp = Path(_broadcast(dist, str(partial_dir(out_root, meta, shard_tokens)) if rank == 0 else None, device))
+    total, n_planned = _shard_tokens_of_rank(segments, shard_tokens, rank, world)
 
     from distill.progress import progress_bar
-    bar = progress_bar(desc=f"teacher capture (rank {rank}/{world})", unit="tok", enabled=progress and rank == 0)
+    bar, resumed = None, 0
     n_shards = 0
-    for shard_no, items in _plan_shards(segments, shard_tokens):
-        n_shards = shard_no + 1
-        if shard_no % world != rank:
-            continue
-        seqs = _capture_shard(model, items, k=k, temperature=temperature, real_vocab=meta.vocab_size,
-                              batch_size=batch_size, vocab_chunk=vocab_chunk, token_chunk=token_chunk)
-        info = write_shard(tmp, shard_no, seqs, logprob_dtype)
-        # the record travels to rank 0 through the shared directory (works with any backend)
-        Path(tmp, f"{info.file}.json").write_text(json.dumps(info.__dict__))
-        bar.update(info.num_tokens)
-    bar.close()
+    try:
+        for shard_no, items in _plan_shards(segments, shard_tokens):
+            n_shards = shard_no + 1
+            if shard_no % world != rank:
+                continue
+            inputs = _inputs_digest(items)
+            info = read_shard_record(tmp, shard_no, inputs)
+            if info is None:
+                if bar is None:  # started after what is resumed: the rate and ETA count new work only
+                    bar = progress_bar(desc=f"teacher capture (rank {rank}/{world})", unit="tok", total=total,
+                                       initial=resumed, enabled=progress and rank == 0)
+                seqs = _capture_shard(model, items, k=k, temperature=temperature, real_vocab=meta.vocab_size,
+                                      batch_size=batch_size, vocab_chunk=vocab_chunk, token_chunk=token_chunk)
+                info = write_shard(tmp, shard_no, seqs, logprob_dtype)
+                # the record marks it finished, and travels to rank 0 through the shared directory
+                write_shard_record(tmp, info, inputs)
+                bar.update(info.num_tokens)
+            elif bar is None:
+                resumed += info.num_tokens
+            else:
+                bar.update(info.num_tokens)
+    except BaseException as e:  # an error or a stop: only finished shards stay, for the next run
+        kept = discard_unfinished(tmp)
+        if kept == 0 and rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, KeyboardInterrupt):
+            raise CaptureInterrupted(kept, n_planned, tmp if kept else None) from None
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
 
     if dist is not None:
         dist.barrier()
@@ -348,12 +404,14 @@ def capture_teacher_cache(model, tokenizer, segments: Iterable[list[int]], out_r
     if rank == 0:
         infos = []
         for j in range(n_shards):
-            rec = Path(tmp, f"shard-{j:05d}.safetensors.json")
-            if not rec.exists():
+            info = read_shard_record(tmp, j)
+            if info is None:
                 raise RuntimeError(f"capture_teacher_cache: shard {j} was not written by rank {j % world} "
                                    f"(is {tmp} on a filesystem all ranks share?)")
-            infos.append(ShardInfo(**json.loads(rec.read_text())))
-            rec.unlink()
+            infos.append(info)
+        discard_unfinished(tmp, keep={i.file for i in infos})  # another capture's leftovers
+        for info in infos:
+            Path(tmp, f"{info.file}.json").unlink()
         path = str(finalize_cache(tmp, out_root, meta, infos))
     path = Path(_broadcast(dist, path, device))
     if created:

@@ -21,6 +21,11 @@ how many processes captured it, so a torchrun capture has the same id as a singl
 
 A cache is written into a temporary directory next to its final place and renamed when complete:
 a reader never sees half a cache, and two writers of the same content both end with one copy.
+A capture (distill.teacher.capture_teacher_cache) writes into `out_root/.partial-<key>/` instead,
+named by what it captures (the meta and shard_tokens), and records each finished shard there
+(`shard-NNNNN.safetensors.json`: its manifest record and a digest of its input tokens): stopped at
+any point, it keeps only finished shards, and the same capture run again skips them. Shard bytes
+depend only on their sequences, so a resumed cache is byte-identical to an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -46,14 +51,26 @@ _HASH_BLOCK = 1 << 24
 
 __all__ = [
     "FORMAT_VERSION", "DEFAULT_SHARD_TOKENS", "LOGPROB_DTYPES",
-    "TeacherCacheError", "CapturedSequence", "TeacherCacheMeta", "ShardInfo",
+    "TeacherCacheError", "CaptureInterrupted", "CapturedSequence", "TeacherCacheMeta", "ShardInfo",
     "TeacherCacheWriter", "TeacherCache", "open_teacher_cache",
-    "shard_is_full", "write_shard", "finalize_cache", "manifest_id",
+    "shard_is_full", "write_shard", "finalize_cache", "manifest_id", "partial_dir", "write_shard_record",
+    "read_shard_record", "discard_unfinished",
 ]
 
 
 class TeacherCacheError(Exception):
     """A teacher cache that cannot be used as asked: wrong tokenizer/k/vocab, damaged or missing files."""
+
+
+class CaptureInterrupted(KeyboardInterrupt):
+    """A capture stopped by Ctrl-C (or a signal turned into one): `done` of `total` shards (total None
+    when the segment count was not known) are kept in `partial`, None when nothing was kept."""
+
+    def __init__(self, done: int, total: int | None, partial: Path | None):
+        self.done, self.total, self.partial = done, total, partial
+        of = f" of {total}" if total is not None else ""
+        super().__init__(f"capture interrupted: {done}{of} shards finished, kept in {partial}" if partial
+                         else "capture interrupted before its first shard was finished")
 
 
 @dataclass
@@ -202,6 +219,54 @@ def finalize_cache(tmp_dir: str | os.PathLike, out_root: str | os.PathLike, meta
             raise
         shutil.rmtree(tmp_dir, ignore_errors=True)  # same content already there: keep that copy
     return final
+
+
+def partial_dir(out_root: str | os.PathLike, meta: TeacherCacheMeta, shard_tokens: int) -> Path:
+    """The resumable capture's directory for this meta and shard size (created if absent)."""
+    key = hashlib.sha256(_canonical({"meta": asdict(meta), "shard_tokens": int(shard_tokens)})).hexdigest()
+    path = Path(out_root) / f".partial-{key[:20]}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _record_path(directory: Path, shard_no: int) -> Path:
+    return Path(directory) / f"{_shard_name(shard_no)}.json"
+
+
+def write_shard_record(directory: str | os.PathLike, info: ShardInfo, inputs: str) -> None:
+    """Mark a written shard finished (atomically: the record is what a resumed capture trusts)."""
+    path = Path(directory) / f"{info.file}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**asdict(info), "inputs": inputs}))
+    os.replace(tmp, path)
+
+
+def read_shard_record(directory: str | os.PathLike, shard_no: int, inputs: str | None = None) -> ShardInfo | None:
+    """The record of a finished shard, or None when there is none, it is for other inputs (a digest
+    other than `inputs`, when given) or its file is missing or of another size."""
+    path = _record_path(Path(directory), shard_no)
+    try:
+        rec = json.loads(path.read_text())
+        found = rec.pop("inputs", None)
+        info = ShardInfo(**rec)
+        size = (Path(directory) / info.file).stat().st_size
+    except (OSError, ValueError, TypeError):
+        return None
+    if (inputs is not None and found != inputs) or size != info.bytes or info.file != _shard_name(shard_no):
+        return None
+    return info
+
+
+def discard_unfinished(directory: str | os.PathLike, keep: set[str] | None = None) -> int:
+    """Delete what no record vouches for (a shard cut short, a record's temp file) and, with `keep`,
+    every file not named in it; returns how many shards stay finished."""
+    directory = Path(directory)
+    finished = {f.name[:-len(".json")] for f in directory.glob("shard-*.safetensors.json")}
+    for f in directory.iterdir():
+        vouched = f.name in finished or f.name[:-len(".json")] in finished
+        if not vouched or (keep is not None and f.name not in keep and f.name[:-len(".json")] not in keep):
+            f.unlink(missing_ok=True)
+    return len(finished if keep is None else finished & keep)
 
 
 def make_tmp_dir(out_root: str | os.PathLike) -> Path:

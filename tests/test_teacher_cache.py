@@ -43,11 +43,11 @@ def segments(teacher):
     return out
 
 
-def capture_cache(teacher, segments, root, k=K, temperature=1.0, data="data-a", **kw):
+def capture_cache(teacher, segments, root, k=K, temperature=1.0, data="data-a", progress=False, **kw):
     model, tok = teacher
     return capture_teacher_cache(model, tok, segments, root, k=k, temperature=temperature,
                                  teacher_id="tiny-teacher", teacher_revision="local", data_fingerprint=data,
-                                 batch_size=3, progress=False, shard_tokens=SHARD_TOKENS, **kw)
+                                 batch_size=3, progress=progress, shard_tokens=SHARD_TOKENS, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +214,7 @@ def test_capture_cache_contents_and_streaming(teacher, segments, cache_path):
 def test_cache_id_names_the_content(teacher, segments, cache_path, tmp_path):
     again = capture_cache(teacher, segments, cache_path.parent)
     assert again == cache_path
-    assert not [p for p in cache_path.parent.iterdir() if p.name.startswith(".tmp")]   # no leftovers
+    assert not [p for p in cache_path.parent.iterdir() if p.name.startswith(".")]   # no leftovers
     ids = {cache_path.name,
            capture_cache(teacher, segments, tmp_path, k=K + 1).name,
            capture_cache(teacher, segments, tmp_path, temperature=2.0).name,
@@ -227,6 +227,74 @@ def test_cache_id_names_the_content(teacher, segments, cache_path, tmp_path):
     assert h.meta.logprob_dtype == "float16"
     full = open_teacher_cache(cache_path)
     torch.testing.assert_close(h[3].topk_logprobs, full[3].topk_logprobs, atol=2e-2, rtol=1e-3)
+
+
+# -----------------------------------------------------------------------------
+# interrupted and resumed
+
+N_SHARDS = 3  # LENGTHS cut at SHARD_TOKENS=80: 136, 104 and 81 tokens
+
+
+def interrupt_at_write(monkeypatch, n: int, after_file: bool):
+    """Ctrl-C during the n-th shard write: before its file exists, or once it is written but not yet
+    recorded as finished (the narrowest window). Counts captured shards."""
+    import distill.teacher as teacher_mod
+
+    calls = {"write": 0, "capture": 0}
+    real_write, real_capture = teacher_mod.write_shard, teacher_mod._capture_shard
+
+    def write(*args, **kw):
+        calls["write"] += 1
+        if calls["write"] == n and not after_file:
+            raise KeyboardInterrupt
+        info = real_write(*args, **kw)
+        if calls["write"] == n:
+            raise KeyboardInterrupt
+        return info
+
+    def capture(*args, **kw):
+        calls["capture"] += 1
+        return real_capture(*args, **kw)
+    monkeypatch.setattr(teacher_mod, "write_shard", write)
+    monkeypatch.setattr(teacher_mod, "_capture_shard", capture)
+    return calls
+
+
+def test_interrupted_capture_resumes_to_the_same_bytes(teacher, segments, cache_path, tmp_path, monkeypatch, caplog):
+    from distill.teacher_cache import CaptureInterrupted
+
+    calls = interrupt_at_write(monkeypatch, 2, after_file=True)
+    with pytest.raises(CaptureInterrupted) as e:
+        capture_cache(teacher, segments, tmp_path)
+    assert (e.value.done, e.value.total) == (1, N_SHARDS)
+    # only the finished shard and its record are left, in the one resumable directory
+    assert [p.name for p in tmp_path.iterdir()] == [e.value.partial.name]
+    assert sorted(p.name for p in e.value.partial.iterdir()) == ["shard-00000.safetensors",
+                                                               "shard-00000.safetensors.json"]
+    monkeypatch.undo()
+    calls = interrupt_at_write(monkeypatch, 0, after_file=False)  # count only
+    monkeypatch.setenv("QUASAR_PROGRESS_SECONDS", "0")  # off a terminal: a progress record per update
+    with caplog.at_level("INFO", logger="progress"):
+        resumed = capture_cache(teacher, segments, tmp_path, progress=True)
+    assert calls["capture"] == N_SHARDS - 1  # the finished shard is not captured again
+    assert resumed.name == cache_path.name and [p.name for p in tmp_path.iterdir()] == [resumed.name]
+    for f in sorted(cache_path.iterdir()):
+        assert (resumed / f.name).read_bytes() == f.read_bytes(), f.name
+    assert sorted(p.name for p in resumed.iterdir()) == sorted(p.name for p in cache_path.iterdir())
+    # progress has a total and an ETA, and starts at what was resumed (shard 0: the first four sequences)
+    reports = [r.fields for r in caplog.records if r.getMessage() == "progress"]
+    assert [(f["n"], f["total"]) for f in reports] == [(sum(LENGTHS[:8]), sum(LENGTHS)), (sum(LENGTHS), sum(LENGTHS)),
+                                                       (sum(LENGTHS), sum(LENGTHS))]
+    assert reports[0]["eta_s"] >= 0 and reports[-1]["done"]
+
+
+def test_capture_interrupted_before_a_shard_finished_leaves_nothing(teacher, segments, tmp_path, monkeypatch):
+    from distill.teacher_cache import CaptureInterrupted
+
+    interrupt_at_write(monkeypatch, 1, after_file=True)
+    with pytest.raises(CaptureInterrupted, match="before its first shard was finished") as e:
+        capture_cache(teacher, segments, tmp_path)
+    assert e.value.partial is None and list(tmp_path.iterdir()) == []
 
 
 # -----------------------------------------------------------------------------
@@ -334,3 +402,32 @@ def test_two_process_capture_equals_one_process(teacher, segments, cache_path, t
     assert os.path.basename(path) == cache_path.name                 # same content, same id
     cache = open_teacher_cache(path)
     assert [s.index for s in cache] == list(range(len(segments)))
+
+
+@pytest.mark.slow
+def test_teacher_cache_command_stopped_by_sigterm(tmp_path):
+    """`quasar teacher-cache` under pm2/systemd/docker stop: SIGTERM mid-capture ends it with one line
+    and status 143, no traceback, no temp directory (its only shard was not finished)."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "caches"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", QUASAR_DEBUG="",
+               PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
+    p = subprocess.Popen([sys.executable, "-m", "neurons.cli", "teacher-cache", "--teacher", "tiny", "--data",
+                          "corpus:train", "--k", "8", "--seq-len", "128", "--out", str(out), "--device", "cpu",
+                          "--dtype", "float32", "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env, cwd=tmp_path)
+    deadline = time.time() + 180
+    while not (out.is_dir() and any(out.glob(".partial-*"))) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    assert p.poll() is None, p.communicate()
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr and stdout == ""
+    lines = [line for line in stderr.splitlines() if "quasar teacher-cache" in line]
+    assert lines == ["quasar teacher-cache: capture interrupted before its first shard was finished; nothing was kept"]
+    assert list(out.iterdir()) == []
