@@ -229,6 +229,22 @@ def test_cache_id_names_the_content(teacher, segments, cache_path, tmp_path):
     torch.testing.assert_close(h[3].topk_logprobs, full[3].topk_logprobs, atol=2e-2, rtol=1e-3)
 
 
+def test_disk_figures_formula_is_the_stored_format(cache_path):
+    """scripts/disk_figures.py sizes sn24's caches from a per-token formula: it must be what is stored
+    (plus 16 bytes a sequence and each shard's safetensors header)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("disk_figures", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "disk_figures.py"))
+    figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figures)
+    cache = open_teacher_cache(cache_path)
+    stored = sum(s.bytes for s in cache.shards)
+    rest = stored - cache.num_tokens * figures.cache_bytes_per_token(K) - 16 * len(cache)
+    assert 0 < rest <= 1024 * len(cache.shards), rest
+    assert figures.cache_bytes_per_token(64, "bfloat16") == 8 + 64 * 6
+
+
 # -----------------------------------------------------------------------------
 # interrupted and resumed
 
