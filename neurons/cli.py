@@ -165,7 +165,7 @@ def add_miner_args(p: argparse.ArgumentParser) -> None:
 
     add_chain_args(p)
     p.add_argument("--competition", default=None,
-                   help="shipped competition name or a file (default: the network's own: localnet on local, sn24 on finney)")
+                   help="shipped competition name or a file (default: the network's own: localnet on localnet, sn24 on finney)")
     p.add_argument("--config", default=None, help="distill config file (see configs/)")
     p.add_argument("--set", dest="override", action="append", default=[], metavar="KEY=VALUE",
                    help="a distill config value, e.g. --set steps=2000 (repeatable)")
@@ -209,7 +209,7 @@ def add_validator_args(p: argparse.ArgumentParser) -> None:
 
     add_chain_args(p)
     p.add_argument("--competition", default=None,
-                   help="shipped competition name or a file (default: the network's own: localnet on local, sn24 on finney)")
+                   help="shipped competition name or a file (default: the network's own: localnet on localnet, sn24 on finney)")
     add_out_arg(p, "validator", "the validator's directory: validator.db, fetched submissions, round inputs")
     p.add_argument("--device", default="cpu", help="torch device of the evaluations")
     p.add_argument("--storage-root", default=None, help="local storage root (localnet)")

@@ -65,7 +65,7 @@ def competition_name(args) -> str:
     name = DEFAULT_COMPETITION.get(args.network)
     if name is None:
         raise PreflightError(f"network {args.network!r} has no default competition: name it with --competition "
-                             f"(a shipped name such as 'sn24', or the subnet's competition file)")
+                             f"(a shipped name such as 'sn24', or the subnet's competition file)" + _old_local_hint(args))
     return name
 
 

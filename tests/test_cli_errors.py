@@ -198,6 +198,9 @@ def test_chain_flags_that_do_not_go_together(tmp_path):
     line = refused(["miner", "--network", "local", "--chain.path", str(tmp_path / "chain.db")],
                    match="--chain.path is the SQLite local chain's file: pass --network localnet", seconds=5)
     assert "`--network local` is bittensor's local subtensor node" in line  # the old meaning, named
+    # `local` alone, as it was once meant: its first failing check says what `local` is now
+    refused(["miner", "--network", "local", "--out", str(tmp_path / "m")],
+            match="this toolkit's SQLite local chain is `--network localnet`", seconds=10)
     refused(["validator", "--subtensor.chain_endpoint", "10.0.0.5:9944"], match="expected a ws:// or wss:// URL",
             seconds=5)
     refused(["doctor", "miner", "--network", "localnet", "--subtensor.chain_endpoint", "ws://10.0.0.5:9944"],
