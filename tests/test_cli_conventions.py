@@ -141,3 +141,15 @@ def test_localnet_reuses_only_its_own_run_directory(tmp_path):
         (tmp_path / "other" / "x").write_text("x")
         claim_run_dir(tmp_path / "other", fresh=True)
     assert (tmp_path / "other" / "x").exists()
+
+
+def test_a_neuron_logs_its_deprecated_flags_as_json(home, tmp_path, capsys):
+    rc = cli.main(["miner", "--network", "finney", "--competition", "localnet", "--work-dir", str(tmp_path / "w"),
+                   "--override", "steps=1"])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 2 and err[-1].startswith("quasar miner: error: preflight competition")  # refused, as before
+    events = [json.loads(line) for line in err[:-1]]
+    assert [(e["level"], e["event"], e["detail"]) for e in events] == [
+        ("warning", "deprecated flag", "--work-dir is deprecated; use --out"),
+        ("warning", "deprecated flag", "--override is deprecated; use --set")]
+    assert not (tmp_path / "w").exists()
