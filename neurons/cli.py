@@ -147,7 +147,7 @@ def cmd_status(args) -> int:
         raise ValueError(f"--hotkey {args.hotkey!r} is not an ss58 address ({e})") from None
     competition = load_competition(competition_name(args))
     chain = open_chain_to_read(args)
-    s = standing(chain, competition.schedule, args.hotkey, localnet=args.network == "local")
+    s = standing(chain, competition.schedule, args.hotkey, localnet=args.network == LOCALNET)
     print(json.dumps(s.to_dict()) if args.json else "\n".join(render(s, args.network)))
     return 0
 

@@ -102,7 +102,7 @@ def open_chain(args):
 
 def open_chain_to_read(args):
     """The chain for the parsed flags, without keys: for reads only (`quasar status`)."""
-    if args.network == "local":
+    if args.network == LOCALNET:
         from neurons.localchain import LocalChain
 
         if not Path(args.chain_path).is_file():  # LocalChain would create an empty chain there
@@ -110,4 +110,5 @@ def open_chain_to_read(args):
         return LocalChain(args.chain_path, netuid=args.netuid)
     from neurons.subtensor_chain import SubtensorChain
 
-    return SubtensorChain(args.network, netuid=args.netuid, fallback_endpoints=getattr(args, "chain_fallback", None))
+    return SubtensorChain(getattr(args, "chain_endpoint", None) or args.network, netuid=args.netuid,
+                          fallback_endpoints=getattr(args, "chain_fallback", None))

@@ -108,7 +108,7 @@ class ValidatorState:
             probe.close()
         if version > SCHEMA_VERSION:
             raise ValueError(f"{self.path} has schema version {version}, newer than this validator's "
-                             f"{SCHEMA_VERSION}: upgrade quasar-sn24, or give another --work-dir")
+                             f"{SCHEMA_VERSION}: upgrade quasar-sn24, or give another --out")
         with self._tx() as c:
             version = c.execute("PRAGMA user_version").fetchone()[0]  # again: another process may have migrated it
             if version < SCHEMA_VERSION:

@@ -42,14 +42,14 @@ def local_validator(tmp_path):
     chain = LocalChain(tmp_path / "chain.db")
     keys = tmp_path / "keys"
     chain.register(local_keypair("v-default", keys), local_keypair("cold", keys).ss58_address, stake=100.0)
-    return ["validator", "--network", "local", "--chain.path", str(chain.path), "--wallet.path", str(keys),
+    return ["validator", "--network", "localnet", "--chain.path", str(chain.path), "--wallet.path", str(keys),
             "--wallet.name", "v", "--min-free-gb", "0.01", "--poll-seconds", "0.2"]
 
 
 def run_validator(argv: list[str], work: Path, scrape_metrics: bool = False) -> tuple[list[dict], dict | None]:
     """Start `quasar validator`, wait for its status server, scrape /metrics, SIGTERM it; (stderr
     lines parsed, metrics)."""
-    p = subprocess.Popen([sys.executable, "-m", "neurons.cli", *argv, "--work-dir", str(work)], env=ENV, cwd=REPO,
+    p = subprocess.Popen([sys.executable, "-m", "neurons.cli", *argv, "--out", str(work)], env=ENV, cwd=REPO,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = None
     try:

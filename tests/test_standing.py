@@ -55,7 +55,7 @@ def local(tmp_path):
 
 def test_status_on_the_local_chain(capsys, local):
     chain, m1, m2, m3 = local
-    base = ["--network", "local", "--chain.path", str(chain.path)]
+    base = ["--network", "localnet", "--chain.path", str(chain.path)]
     rc, out, err = status(capsys, [*base, "--hotkey", m1.ss58_address, "--json"])
     assert rc == 0, err
     s = json.loads(out)
