@@ -36,10 +36,14 @@ GIB = 1 << 30
 LOCAL = "localnet"  # neurons.network.LOCALNET: the SQLite local chain
 # the competition a network runs when --competition is not given; any other network names its own
 DEFAULT_COMPETITION = {LOCAL: "localnet", "finney": "sn24"}
-# free disk below which a role refuses to start: this many of the largest checkpoint the competition
-# admits (bf16, 2 bytes a parameter) -- a miner holds its export, the published copy and the
-# training checkpoint; a validator a stored submission, one being fetched and the teacher's cache
+# free disk below which a role refuses to start. A validator: this many of the largest checkpoint the
+# competition admits (bf16, 2 bytes a parameter): a stored submission, one being fetched and the
+# teacher's cache. A miner, per parameter of its own student (the competition's cap when its config
+# cannot say): its export and the copy being published (save_pretrained writes float32, 4 bytes),
+# and the training checkpoints it keeps plus the one being written (float32 weights and AdamW's
+# two moments, 12 bytes); scripts/disk_figures.py measures these rates
 CHECKPOINTS_OF_HEADROOM = 3
+EXPORT_BYTES_PER_PARAM, TRAINING_BYTES_PER_PARAM = 4, 12
 MIN_FREE_BYTES = 1 * GIB
 
 
@@ -78,6 +82,30 @@ def _old_local_hint(args) -> str:
 
 def required_free_bytes(competition) -> int:
     return max(MIN_FREE_BYTES, CHECKPOINTS_OF_HEADROOM * 2 * competition.student.max_total_params)
+
+
+def miner_free_bytes(params: int, keep_checkpoints: int) -> int:
+    per_param = 2 * EXPORT_BYTES_PER_PARAM + (keep_checkpoints + 1) * TRAINING_BYTES_PER_PARAM
+    return max(MIN_FREE_BYTES, per_param * params)
+
+
+def miner_student(args, competition) -> tuple[int, int, str]:
+    """(parameters, training checkpoints kept, where the count came from) for the miner's distill
+    config; the competition's cap when the config cannot be read here (the miner says why later)."""
+    try:
+        from distill.config import load_config
+        from quasar_model import QuasarLongConfig
+        from quasar_model.report import parameter_counts
+
+        cfg = load_config(getattr(args, "config", None), getattr(args, "override", None) or [], check=False)
+        if cfg.student.init_from:
+            config = QuasarLongConfig.from_pretrained(cfg.student.init_from)
+        else:
+            config = QuasarLongConfig.preset(cfg.student.preset, vocab_size=competition.student.vocab_size,
+                                             **cfg.student.overrides)
+        return parameter_counts(config)["total"], cfg.keep_checkpoints, f"its {cfg.student.preset!r} student"
+    except Exception:  # noqa: BLE001 - a bad config is reported by the miner itself, with its own message
+        return competition.student.max_total_params, 2, "the competition's parameter cap"
 
 
 def _timed(fn: Callable, seconds: float, what: str):
@@ -242,12 +270,18 @@ class Preflight:
         d = Path(self.args.work_dir).absolute()
         free = shutil.disk_usage(next(p for p in (d, *d.parents) if p.exists())).free
         gb = getattr(self.args, "min_free_gb", None)
-        need = int(gb * GIB) if gb is not None else required_free_bytes(self.competition)
+        if gb is not None:
+            need, why = int(gb * GIB), "--min-free-gb"
+        elif self.role == "miner":
+            params, keep, source = miner_student(self.args, self.competition)
+            need = miner_free_bytes(params, keep)
+            why = f"{params / 1e9:.2f} B parameters ({source}): its export, a copy, {keep + 1} training checkpoints"
+        else:
+            need, why = required_free_bytes(self.competition), f"{CHECKPOINTS_OF_HEADROOM} of the competition's largest checkpoints"
         if free < need:
-            raise PreflightError(f"{free / GIB:.1f} GiB free under {d}, {need / GIB:.1f} GiB needed "
-                                 f"({CHECKPOINTS_OF_HEADROOM} of the competition's largest checkpoints): free "
+            raise PreflightError(f"{free / GIB:.1f} GiB free under {d}, {need / GIB:.1f} GiB needed ({why}): free "
                                  "space, pick another --out, or lower --min-free-gb")
-        return f"{free / GIB:.1f} GiB free, {need / GIB:.1f} GiB needed"
+        return f"{free / GIB:.1f} GiB free, {need / GIB:.1f} GiB needed ({why})"
 
     def check_chain(self) -> str:
         a = self.args

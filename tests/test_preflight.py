@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -223,3 +224,25 @@ def test_local_chain(tmp_path, capsys):
             match="has no validator permit")
     refused(capsys, ["miner", *common, "--wallet.name", "stranger", "--out", str(tmp_path / "s")],
             match="`quasar localnet` registers its keys")
+
+
+def test_a_miners_disk_need_follows_its_own_student(tmp_path, capsys, fake, pinned):
+    """Export, published copy and training checkpoints of the student the miner's config builds
+    (counted on the meta device): a tiny student passes where a 'preview'-sized one is refused."""
+    from eval.competition import load_competition
+    from neurons.preflight import miner_free_bytes, miner_student
+
+    argv = miner(tmp_path, "--competition", str(pinned), *PUBLIC)
+    del argv[argv.index("--min-free-gb"):argv.index("--min-free-gb") + 2]
+    comp = load_competition(str(pinned))
+    args = type("Args", (), {"config": None, "override": ["student.preset=preview"]})()
+    params, keep, source = miner_student(args, comp)
+    assert source == "its 'preview' student" and keep == 2 and params > 1e9
+    assert miner_free_bytes(params, keep) == params * (2 * 4 + 3 * 12)
+    need = miner_free_bytes(params, keep)
+    free = shutil.disk_usage(tmp_path).free
+    assert need > free, "this machine has room for a preview student's checkpoints: pick a larger preset"
+    refused(capsys, [*argv, "--set", "student.preset=preview"], match="'preview' student")
+    _, out, _, _ = run(capsys, ["doctor", *argv])  # the default config's tiny student fits
+    disk = next(line for line in out.splitlines() if line.split()[1] == "disk")
+    assert disk.split()[0] == "ok" and "'tiny' student" in disk, disk
