@@ -21,13 +21,13 @@ def test_the_localnet_plan_is_what_the_evaluator_runs_counted_by_hand():
     axes = {a.axis: a for a in plan(comp)}
     # 16 documents of 256 tokens
     assert axes["heldout"].tokens == 16 * 256
-    # 5 families x 5 depth bins x 1 item at 512, 1024 and 2048 tokens, then 12 - 1 decode steps each
-    assert axes["recall"].tokens == 25 * (512 + 1024 + 2048) + 3 * 25 * 11 == 90425
-    assert axes["recall"].sequences == 75
+    # 5 families x 3 depth bins x 1 item at 512, 1024 and 2048 tokens, then 12 - 1 decode steps each
+    assert axes["recall"].tokens == 15 * (512 + 1024 + 2048) + 3 * 15 * 11 == 54255
+    assert axes["recall"].sequences == 45
     # 16 probes of 32 tokens; 8 continuations of a 32-token prefix and 31 decode steps
     assert axes["fingerprint"].tokens == 16 * 32
     assert axes["continuations"].tokens == 8 * (32 + 31)
-    assert planned_tokens(comp) == 4096 + 90425 + 512 + 504 == 95537 <= comp.budget.tokens
+    assert planned_tokens(comp) == 4096 + 54255 + 512 + 504 == 59367 <= comp.budget.tokens
 
 
 def test_the_shipped_competitions_fit_their_budgets_and_sn24_is_sized_for_its_cadence():
@@ -46,12 +46,12 @@ def test_the_shipped_competitions_fit_their_budgets_and_sn24_is_sized_for_its_ca
 
 def test_a_competition_over_its_token_budget_is_refused_naming_both_numbers():
     raw = load_competition("localnet").to_dict()
-    raw["budget"]["tokens"] = 95536  # one token short of the plan
+    raw["budget"]["tokens"] = 59366  # one token short of the plan
     with pytest.raises(CompetitionError, match="budget.tokens") as e:
         parse_competition(raw)
-    assert "95,537" in str(e.value) and "95,536" in str(e.value)
+    assert "59,367" in str(e.value) and "59,366" in str(e.value)
     raw = load_competition("localnet").to_dict()
-    raw["recall"]["items_per_cell"] = 2  # doubles recall: 186,387 tokens against 120,000
+    raw["recall"]["items_per_cell"] = 3  # triples recall: 167,877 tokens against 120,000
     with pytest.raises(CompetitionError, match="over the budget of 120,000"):
         parse_competition(raw)
 
@@ -206,7 +206,7 @@ def test_the_plan_is_printed_without_flops_when_the_config_does_not_read(tmp_pat
 
     print_plan(load_competition("localnet"), tmp_path / "nothing-here")
     out = capsys.readouterr().out
-    assert "no FLOP estimate" in out and "95,537 tokens" in out
+    assert "no FLOP estimate" in out and "59,367 tokens" in out
     block = out[out.index("evaluation plan"):out.index("  budget:")]
     assert "FLOPs" not in block and "this student" not in out
 

@@ -239,7 +239,7 @@ def _validator_cmd(net: Subnet, work: Path, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 def test_sigkill_at_random_points_loses_and_double_counts_nothing(tmp_path, models):
-    # more submissions than the other tests: a round long enough to be killed in ten times
+    # more submissions than the other tests: a round long enough to be killed in six times
     net, owners = _subnet_with_copier(tmp_path, models, extra_seeds=range(4, 10), competition=quick_competition())
     # the reference: the same round, never interrupted, on a copy of the chain as it is now
     ref_dir = tmp_path / "ref"
@@ -259,7 +259,7 @@ def test_sigkill_at_random_points_loses_and_double_counts_nothing(tmp_path, mode
     # these kills are the operator's, not a submission's: no evaluation they cut short may count
     # against its submission (tests/test_redteam_isolation.py checks that rule on its own)
     cmd = _validator_cmd(net, work, "--max-eval-attempts", "1000")
-    while len(killed_in) < 10:
+    while len(killed_in) < 6:
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         while not db.exists() and p.poll() is None:  # interpreter and torch start-up are not the round
             time.sleep(0.05)
@@ -279,7 +279,7 @@ def test_sigkill_at_random_points_loses_and_double_counts_nothing(tmp_path, mode
         p = subprocess.run(cmd, env=env, capture_output=True, timeout=300)
         assert p.returncode == 0, p.stderr.decode()[-2000:]
 
-    assert len(killed_in) >= 10, killed_in  # ten kills landed inside the round
+    assert len(killed_in) >= 6, killed_in  # six kills landed inside the round
     rounds = state.rounds()
     assert len(rounds) == 1 and rounds[0].phase == "done"
     rid, ref_rid = rounds[0].id, ref_state.rounds()[0].id
