@@ -249,22 +249,18 @@ def build_student(cfg: DistillConfig, vocab_size: int, tokenizer=None) -> nn.Mod
     return model
 
 
-def freeze_all_but_branches(model: nn.Module) -> list[str]:
+def freeze_all_but_branches(model) -> list[str]:
     """requires_grad only on the hybrid layers' branches and their gates (a, g, c, adapter).
 
     Structural distillation's first phase: the trunk copied from the teacher stays the teacher's,
-    and only what is new learns. Returns the names left trainable.
+    and only what is new learns. Which parameters those are is the model's to say
+    (QuasarLongForCausalLM.branch_parameters). Returns the names left trainable.
     """
-    from quasar_model.layers.hybrid import HybridMixer
-
     model.requires_grad_(False)
     names = []
-    for mname, m in model.named_modules():
-        if isinstance(m, HybridMixer):
-            for pname, p in m.named_parameters():
-                if not pname.startswith("attn."):
-                    p.requires_grad_(True)
-                    names.append(f"{mname}.{pname}")
+    for name, p in model.branch_parameters():
+        p.requires_grad_(True)
+        names.append(name)
     if not names:
         raise ValueError("student.trainable=branches, but the student has no hybrid layers (no branches to train)")
     return names
