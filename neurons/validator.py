@@ -250,7 +250,7 @@ class Validator:
     # ------------------------------------------------------------------ phases
     def _fetch_phase(self, r: Round) -> bool:
         from neurons.fetching import FetchSettings, Job, fetch_round
-        from neurons.storage import FetchLimits
+        from neurons.storage.core import FetchLimits
 
         registered = set(self.chain.metagraph().hotkeys)
         jobs = [Job(hotkey, rec.data, rec.block) for hotkey, rec in sorted(self.chain.commitments().items())
