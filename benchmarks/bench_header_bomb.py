@@ -23,7 +23,8 @@ import neurons
 from neurons.checks import StudentLimits
 from neurons.commitment import Commitment
 from neurons.manifest import SubmissionRejected, write_manifest
-from neurons.storage import FetchLimits, fetch
+from neurons.storage import fetch
+from neurons.storage.core import FetchLimits
 from quasar_model import QuasarLongConfig, QuasarLongForCausalLM
 
 

@@ -66,11 +66,8 @@ def fingerprint(docs: list[str]) -> str:
 
 def write_jsonl(path: str | os.PathLike, docs: list[str]) -> Path:
     """One `{"text": ...}` per line: the format `datasets.load_dataset("json", ...)` reads."""
+    from quasar_model.atomic import write_atomic  # here, not at the top: quasar_model loads transformers (seconds)
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for d in docs:
-            f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))

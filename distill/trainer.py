@@ -249,22 +249,18 @@ def build_student(cfg: DistillConfig, vocab_size: int, tokenizer=None) -> nn.Mod
     return model
 
 
-def freeze_all_but_branches(model: nn.Module) -> list[str]:
+def freeze_all_but_branches(model) -> list[str]:
     """requires_grad only on the hybrid layers' branches and their gates (a, g, c, adapter).
 
     Structural distillation's first phase: the trunk copied from the teacher stays the teacher's,
-    and only what is new learns. Returns the names left trainable.
+    and only what is new learns. Which parameters those are is the model's to say
+    (QuasarLongForCausalLM.branch_parameters). Returns the names left trainable.
     """
-    from quasar_model.layers.hybrid import HybridMixer
-
     model.requires_grad_(False)
     names = []
-    for mname, m in model.named_modules():
-        if isinstance(m, HybridMixer):
-            for pname, p in m.named_parameters():
-                if not pname.startswith("attn."):
-                    p.requires_grad_(True)
-                    names.append(f"{mname}.{pname}")
+    for name, p in model.branch_parameters():
+        p.requires_grad_(True)
+        names.append(name)
     if not names:
         raise ValueError("student.trainable=branches, but the student has no hybrid layers (no branches to train)")
     return names
@@ -513,6 +509,8 @@ class Trainer:
         """Write step-XXXXXXXX atomically (temp dir + rename), point `latest` at it, prune old ones."""
         from safetensors.torch import save_file
 
+        from quasar_model.atomic import write_atomic
+
         model_sd, optim_sd = parallel.full_state_dicts(self.model, self.optimizer)   # collective
         name = f"step-{self.step:08d}"
         final, tmp = self.ckpt_root / name, self.ckpt_root / f".tmp-{name}"
@@ -539,7 +537,7 @@ class Trainer:
                 os.rename(final, old)
                 shutil.rmtree(old)
             os.rename(tmp, final)
-            _write_atomic(self.ckpt_root / "latest", name)
+            write_atomic(self.ckpt_root / "latest", name)
             steps = sorted(p for p in self.ckpt_root.glob("step-*") if p.is_dir())
             for p in steps[: max(0, len(steps) - self.cfg.keep_checkpoints)]:
                 shutil.rmtree(p, ignore_errors=True)
@@ -558,6 +556,8 @@ class Trainer:
     def resume(self, path: str | os.PathLike | None = None) -> bool:
         """Load a checkpoint (default: output_dir's latest); False when there is none."""
         from safetensors.torch import load_file
+
+        from quasar_model.atomic import write_atomic
 
         ckpt = Path(path) if path is not None else self.latest_checkpoint()
         if ckpt is None:
@@ -584,7 +584,7 @@ class Trainer:
         if self.env.is_main and self.metrics_path.exists():
             # a crash after this checkpoint logged steps that will now run again: drop them
             keep = [r for r in read_metrics(self.metrics_path) if r["step"] <= self.step]
-            _write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in keep))
+            write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in keep))
         self.env.barrier()
         self.resumed_from = ckpt
         return True
@@ -635,12 +635,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = list(v) if isinstance(v, tuple) else v
     return out
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def run(cfg: DistillConfig) -> list[dict]:

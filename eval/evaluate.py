@@ -145,6 +145,8 @@ def _teacher_fingerprint(comp: Competition, seed: int, probes: torch.Tensor, ide
                          load_teacher) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, the teacher's fingerprint) on this round's probes, cached by content like the held-out
     outputs so a restart or a replay does not load the teacher again."""
+    from quasar_model.atomic import write_atomic  # here, not at the top: quasar_model loads transformers (seconds)
+
     blob = json.dumps(dict(teacher=identity, seed=seed, probes=probes.tolist()), sort_keys=True)
     path = cache_root / "fingerprint" / f"{hashlib.sha256(blob.encode()).hexdigest()}.pt"
     if path.exists():
@@ -154,9 +156,7 @@ def _teacher_fingerprint(comp: Competition, seed: int, probes: torch.Tensor, ide
     ids = fingerprint_ids(teacher, probes, seed, comp.student.vocab_size)
     fp = logit_fingerprint(teacher, probes, ids)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"ids": ids, "teacher": fp}, tmp)
-    os.replace(tmp, path)  # concurrent validators never read half a file
+    write_atomic(path, lambda tmp: torch.save({"ids": ids, "teacher": fp}, tmp))  # concurrent validators share it
     return ids, fp
 
 

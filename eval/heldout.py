@@ -115,10 +115,11 @@ def cache_key(teacher: dict, k: int, temperature: float, data_fp: str) -> str:
 # the teacher cache: look up, else capture
 
 def _write_json_atomic(path: Path, obj) -> None:
+    """Concurrent validators never read half an index entry."""
+    from quasar_model.atomic import write_atomic  # here, not at the top: quasar_model loads transformers (seconds)
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)  # concurrent validators never read half an index entry
+    write_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def _open_checked(path: Path, docs: Sequence[HeldoutDoc], k: int, vocab_size: int | None, tok_fp: str | None):

@@ -375,10 +375,11 @@ class _RangeFile:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    """Into the shared download cache, made on first use; a concurrent validator never reads half a file."""
+    from quasar_model.atomic import write_atomic  # here, not at the top: quasar_model loads transformers (seconds)
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)   # a concurrent validator never reads half a file
+    write_atomic(path, data)
 
 
 __all__ = ["HeldoutDataError", "DataFile", "Draw", "is_commit", "split_files", "draw_rows", "open_source",

@@ -59,7 +59,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import asdict, dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -291,11 +291,32 @@ def round_targets(ranking: Ranking, top_k: int, decay: float = MAX_DECAY) -> dic
     return {h: v / sum(raw) for h, v in zip(ranked, raw)}
 
 
+def normalized(ema: Mapping, registered: Callable | None = None) -> dict:
+    """The weights an EMA state gives: each value over their sum, {} when nothing is earned. The one
+    place the validator's weights are normalised; the chain then checks and normalises whatever any
+    client sends (neurons.chain.normalize_weights), which moves a vector summing to 1 by rounding only.
+    `registered(key)`: the key to weight it under (a uid), None to drop it; the sum is over what is
+    kept, so the weight of a deregistered hotkey goes to the others."""
+    if registered is not None:
+        ema = {k: v for k, v in ((registered(h), v) for h, v in ema.items()) if k is not None}
+    total = sum(ema.values())
+    return {k: v / total for k, v in ema.items()} if total > 0 else {}
+
+
 def weights_from_scores(ranking: Ranking, top_k: int, ema_alpha: float, state: Mapping[str, float],
                         registered: Iterable[str] | None = None,
                         decay: float = MAX_DECAY) -> tuple[dict[str, float], dict[str, float]]:
-    """(weights summing to 1, new EMA state). `registered`: the hotkeys on the metagraph now (None =
-    keep every hotkey). Empty weights when no hotkey has earned any (e.g. all gated)."""
+    """(weights summing to 1, new EMA state): `ema_from_scores`, normalised. Empty weights when no
+    hotkey has earned any (e.g. all gated)."""
+    new_state = ema_from_scores(ranking, top_k, ema_alpha, state, registered, decay)
+    return normalized(new_state), new_state
+
+
+def ema_from_scores(ranking: Ranking, top_k: int, ema_alpha: float, state: Mapping[str, float],
+                    registered: Iterable[str] | None = None, decay: float = MAX_DECAY) -> dict[str, float]:
+    """The new EMA state, what a validator keeps between rounds; its weights are `normalized` when
+    they are sent, against the metagraph of that moment. `registered`: the hotkeys on the metagraph
+    now (None = keep every hotkey)."""
     if not 0 < ema_alpha <= 1:
         raise ValueError(f"ema_alpha must be in (0, 1], got {ema_alpha}")
     target = round_targets(ranking, top_k, decay)
@@ -308,10 +329,8 @@ def weights_from_scores(ranking: Ranking, top_k: int, ema_alpha: float, state: M
         v = ema_alpha * target.get(h, 0.0) + (1.0 - ema_alpha) * float(state.get(h, 0.0))
         if v > 1e-12:  # forget hotkeys whose weight has decayed to nothing
             new_state[h] = v
-    total = sum(new_state.values())
-    weights = {h: v / total for h, v in new_state.items()} if total > 0 else {}
-    return weights, new_state
+    return new_state
 
 
 __all__ = ["utility", "axis_means", "composite", "paired_differences", "paired_bootstrap", "dethrones",
-           "Entry", "Ranking", "round_ranking", "round_targets", "weights_from_scores"]
+           "Entry", "Ranking", "ema_from_scores", "normalized", "round_ranking", "round_targets", "weights_from_scores"]

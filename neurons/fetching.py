@@ -31,7 +31,8 @@ from .logs import event
 from .manifest import SubmissionRejected
 from .modelstore import ModelStore
 from .state import Submission
-from .storage import FetchLimits, SourceUnavailable, fetch_submission_async
+from .storage import fetch_submission_async
+from .storage.core import FetchLimits, SourceUnavailable
 
 log = logging.getLogger("validator")
 

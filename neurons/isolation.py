@@ -71,11 +71,10 @@ def save_round_inputs(inputs, path: Path) -> Path:
     """Write the round's inputs (eval.evaluate.RoundInputs) for the children, atomically."""
     import torch
 
+    from quasar_model.atomic import write_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(inputs, tmp)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda tmp: torch.save(inputs, tmp))
 
 
 def first_non_finite(value, where: str = "result") -> str | None:
@@ -248,6 +247,8 @@ def _describe(e: BaseException) -> str:
 
 
 def main(argv: list[str]) -> int:
+    from quasar_model.atomic import write_atomic  # loaded already: the child ran the model
+
     _die_with_parent()
     job = json.loads(Path(argv[0]).read_text())
     out = Path(job["out"])
@@ -255,9 +256,7 @@ def main(argv: list[str]) -> int:
         report = {"result": _child(job)}
     except BaseException as e:  # noqa: BLE001 - every way the model can fail is the submission's failure
         report = {"error": _describe(e)}
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report))
-    os.replace(tmp, out)
+    write_atomic(out, json.dumps(report))
     return 0
 
 

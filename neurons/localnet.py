@@ -58,15 +58,14 @@ def train_cache(progress: bool = True) -> Path:
     """The tiny teacher's cache on the corpus train split, captured once per machine."""
     from distill.cli import teacher_cache_main
     from distill.tiny_teacher import cache_root, recipe_id
+    from quasar_model.atomic import write_atomic
 
     index = cache_root() / f"localnet-train-cache-{recipe_id()}.txt"
     if index.exists() and Path(index.read_text().strip()).is_dir():
         return Path(index.read_text().strip())
     path = teacher_cache_main("tiny", "corpus:train", cache_root() / "teacher-caches", k=32, seq_len=128,
                               device="cpu", dtype="float32", progress=progress)
-    tmp = index.with_suffix(".tmp")
-    tmp.write_text(str(path))
-    os.replace(tmp, index)
+    write_atomic(index, str(path))
     return path
 
 

@@ -218,9 +218,9 @@ def write_manifest(directory: str | os.PathLike) -> Manifest:
     """
     directory = Path(directory)
     manifest = build_manifest(directory)
-    tmp = directory / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(manifest.to_json(), encoding="utf-8")
-    os.replace(tmp, directory / MANIFEST_NAME)
+    from quasar_model.atomic import write_atomic  # here, not at the top: quasar_model loads transformers (seconds)
+
+    write_atomic(directory / MANIFEST_NAME, manifest.to_json())
     return manifest
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -106,9 +105,9 @@ class Miner:
         stop_on_signals(self.stop_event, log, abandonable=self._abandonable)
 
     def _save_state(self) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=1))
-        os.replace(tmp, self.state_path)
+        from quasar_model.atomic import write_atomic  # here, not at the top: quasar_model loads transformers (seconds)
+
+        write_atomic(self.state_path, json.dumps(self.state, indent=1))
 
     def _is_validator(self, hotkey: str) -> bool:
         """Registered with a validator permit; the metagraph is re-read at most every 12 s."""

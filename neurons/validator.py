@@ -79,7 +79,7 @@ def score_results(state: ValidatorState, r: Round, results: list, registered: It
     and every model hash's first commit block. Fingerprints are compared only within `r` (each round
     draws its own probes). Shared with the offline replay (neurons.replay) so a replayed round is
     ranked by exactly this code."""
-    from eval.scoring import axis_means, round_ranking, weights_from_scores
+    from eval.scoring import axis_means, ema_from_scores, round_ranking
 
     # while `r` is being scored it is the newest round, so this is state.last_round(); a replay of an
     # older round must not see the leaders of rounds that came after it
@@ -88,7 +88,7 @@ def score_results(state: ValidatorState, r: Round, results: list, registered: It
     spec, schedule = competition.score, competition.schedule
     ranking = round_ranking(results, spec, r.seed, leader_hash=None if previous is None else previous.leader_hash,
                             first_blocks=first_blocks)
-    _, ema = weights_from_scores(ranking, schedule.weights_top_k, spec.ema_alpha, prior_ema, registered=registered)
+    ema = ema_from_scores(ranking, schedule.weights_top_k, spec.ema_alpha, prior_ema, registered=registered)
     by_hotkey = {x.hotkey: x for x in results}
     scores = [dict(hotkey=e.hotkey, uid=uid_of(e.hotkey), model_hash=e.model_hash, composite=e.composite,
                    gate=e.gate, rank=i + 1, axes={**axis_means(by_hotkey[e.hotkey].items), "gate_reason": e.reason,
@@ -250,7 +250,7 @@ class Validator:
     # ------------------------------------------------------------------ phases
     def _fetch_phase(self, r: Round) -> bool:
         from neurons.fetching import FetchSettings, Job, fetch_round
-        from neurons.storage import FetchLimits
+        from neurons.storage.core import FetchLimits
 
         registered = set(self.chain.metagraph().hotkeys)
         jobs = [Job(hotkey, rec.data, rec.block) for hotkey, rec in sorted(self.chain.commitments().items())
@@ -402,10 +402,9 @@ class Validator:
         return True
 
     def _weights_phase(self, r: Round) -> bool:
-        metagraph = self.chain.metagraph()
-        ema = {metagraph.uid_of(h): v for h, v in self.state.ema().items() if metagraph.uid_of(h) is not None}
-        total = sum(ema.values())
-        weights = {uid: v / total for uid, v in sorted(ema.items())} if total > 0 else {}
+        from eval.scoring import normalized
+
+        weights = dict(sorted(normalized(self.state.ema(), self.chain.metagraph().uid_of).items()))
         if not weights:
             event(log, "no weights to set", id=r.id)
             self.state.record_weights(r.id, self.chain.block(), {}, False)

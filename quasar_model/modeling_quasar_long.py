@@ -230,6 +230,30 @@ class QuasarLongModel(QuasarLongPreTrainedModel):
         return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
 
 
+# The parts a parameter count reports, in report order.
+PARAMETER_GROUPS = ("embeddings", "attention", "branches", "ffn_dense", "experts_routed", "experts_shared",
+                    "engram", "latent_memory", "other")
+
+
+def _layer_groups(layer: QuasarLongDecoderLayer) -> list[tuple[str, list[nn.Parameter]]]:
+    """A layer's parameters by part; a parameter not named here (norms, the MoE router) is "other"."""
+    parts = []
+    if isinstance(layer.mixer, HybridMixer):
+        parts.append(("branches", [p for _, p in layer.mixer.branch_parameters()]))
+    parts.append(("attention", list(layer.mixer.parameters())))  # whatever the branches left: GQA
+    if isinstance(layer.ffn, MoE):
+        parts.append(("experts_routed", [layer.ffn.gate_up_proj, layer.ffn.down_proj]))
+        for shared in (layer.ffn.shared_experts, layer.ffn.shared_expert_gate):
+            if shared is not None:
+                parts.append(("experts_shared", list(shared.parameters())))
+    else:
+        parts.append(("ffn_dense", list(layer.ffn.parameters())))
+    for group, module in (("engram", layer.engram), ("latent_memory", layer.memory)):
+        if module is not None:
+            parts.append((group, list(module.parameters())))
+    return parts
+
+
 class QuasarLongForCausalLM(QuasarLongPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -247,6 +271,25 @@ class QuasarLongForCausalLM(QuasarLongPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self):
         return self.lm_head
+
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Every named parameter under exactly one of PARAMETER_GROUPS, decided by the module that
+        owns it (not by its name), so the trainer's frozen set and the report's counts agree."""
+        owner = {}
+        claims = [("embeddings", [*self.model.embed_tokens.parameters(), *self.lm_head.parameters()])]
+        for layer in self.model.layers:
+            claims += _layer_groups(layer)
+        for group, params in claims:
+            for p in params:
+                owner.setdefault(id(p), group)  # first claim wins: branches before the mixer's rest
+        groups = {g: [] for g in PARAMETER_GROUPS}
+        for name, p in self.named_parameters():
+            groups[owner.get(id(p), "other")].append((name, p))
+        return groups
+
+    def branch_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The hybrid layers' branches and the gates on their output (HybridMixer.branch_parameters)."""
+        return self.parameter_groups()["branches"]
 
     def set_output_embeddings(self, value):
         self.lm_head = value

@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     h = comp.heldout
     print(f"  validator held-out cache: {h.documents} docs x {h.seq_len} tokens at top-{h.topk} fp32: "
           f"{cache_bytes_per_token(h.topk) * h.documents * h.seq_len / GB:.2f} GB per seed")
-    cap = 4 * comp.student.max_total_params  # neurons/storage.py FetchLimits: 4 bytes a parameter
+    cap = 4 * comp.student.max_total_params  # neurons/storage/core.py FetchLimits: 4 bytes a parameter
     print(f"  validator submissions: up to {cap / GB:.0f} GB each (fetch cap), evicted beyond --disk-budget-gb "
           f"(500 GB: {int(500 * GB // cap)} at the cap)")
     print(f"  round: cadence {comp.schedule.cadence_blocks} blocks x 12 s = {comp.schedule.cadence_blocks * 12} s")

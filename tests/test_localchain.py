@@ -123,6 +123,21 @@ def test_weights_rate_limit_permit_and_validation(chain):
         chain.set_weights(DAVE, [0], [1.0])
 
 
+def test_the_validators_weights_are_normalised_once_and_reach_the_chain_as_sent(chain):
+    """eval.scoring.normalized is where a validator's weights are normalised: its EMA by hotkey, put
+    on the metagraph's uids, a hotkey no longer registered dropped and its share given to the rest.
+    The chain's own check of the write changes them by rounding only."""
+    from eval.scoring import normalized
+
+    ema = {CHARLIE.ss58_address: 0.1, BOB.ss58_address: 0.3, DAVE.ss58_address: 0.6}  # DAVE: not registered
+    weights = normalized(ema, chain.metagraph().uid_of)
+    bob, charlie = chain.metagraph().uid_of(BOB.ss58_address), chain.metagraph().uid_of(CHARLIE.ss58_address)
+    assert weights == pytest.approx({bob: 0.75, charlie: 0.25}, rel=1e-15)
+    assert chain.set_weights(ALICE, list(weights), list(weights.values())) is True
+    assert chain.latest_weights(ALICE.ss58_address) == pytest.approx(weights, rel=1e-15, abs=0)
+    assert normalized({BOB.ss58_address: 0.0}, chain.metagraph().uid_of) == {}  # nothing earned: nothing sent
+
+
 def test_forged_and_replayed_writes_are_rejected(tmp_path, chain):
     genuine = chain.sign(BOB, "commit", "hf:bob/model@r1#aa")
     # Another key signs a write that claims to be Bob's.

@@ -13,7 +13,8 @@ from neurons.keys import local_keypair
 from neurons.localchain import LocalChain
 from neurons.manifest import read_manifest
 from neurons.miner import Miner, MinerSettings
-from neurons.storage import FetchLimits, fetch
+from neurons.storage import fetch
+from neurons.storage.core import FetchLimits
 from neurons.validator import student_limits
 from test_validator import student
 

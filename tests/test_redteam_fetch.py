@@ -30,7 +30,8 @@ from neurons.modelstore import ModelStore
 from neurons.serve import CheckpointServer
 from neurons.state import Submission, ValidatorState
 from neurons.status import MAX_REJECTIONS, REJECTIONS_PER_HOTKEY, StatusServer
-from neurons.storage import FetchLimits, publish
+from neurons.storage import publish
+from neurons.storage.core import FetchLimits
 from neurons.validator import Validator, ValidatorSettings, student_limits
 from test_storage import MINER, VALIDATOR, VALIDATORS, FakeHub, Rogue, real_files, running
 from test_validator import Subnet, plant, quick_competition, student

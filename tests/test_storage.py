@@ -23,7 +23,8 @@ from bittensor.sp_core import Keypair
 from neurons.commitment import Commitment, encode_commitment, parse_commitment
 from neurons.manifest import ManifestEntry, SubmissionRejected, compute_model_hash, read_manifest, write_manifest
 from neurons.serve import CheckpointServer
-from neurons.storage import FetchLimits, fetch, fetch_submission, publish, release, stage
+from neurons.storage import fetch, fetch_submission, publish, release, stage
+from neurons.storage.core import FetchLimits
 from quasar_model import QuasarLongConfig, QuasarLongForCausalLM
 from servers import running  # noqa: F401 (other tests import it from here)
 from test_submissions import LIMITS, WEIGHTS, edit_config, edit_weights

@@ -279,3 +279,26 @@ def test_init_student_in_bfloat16_halves_the_checkpoint(tmp_path):
         report = json.loads((out / "structural_init.json").read_text())
         assert report["max_abs_logit_gap_to_teacher"] < (1e-4 if dtype == "float32" else 0.5)
     assert sizes["bfloat16"] < 0.55 * sizes["float32"]
+
+
+@pytest.mark.parametrize("overrides", [
+    {},  # tiny: every branch kind, add mode
+    # a Qwen3.5-style hybrid: replace-mode layers (no attention, no a) inside an add model
+    dict(hybrid_attention_layers=[1, 2, 4], hybrid_replace_layers=[2, 4], num_hidden_layers=5),
+])
+def test_trainer_frozen_set_and_report_branch_count_agree(overrides):
+    from distill.trainer import freeze_all_but_branches
+    from quasar_model import QuasarLongConfig
+    from quasar_model.report import parameter_counts
+
+    cfg = QuasarLongConfig.preset("tiny", **overrides)
+    model = QuasarLongForCausalLM(cfg)
+    names = freeze_all_but_branches(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(trainable) == len(names)
+    assert sum(p.numel() for p in trainable) == parameter_counts(cfg)["branches"]
+    # the gates on the branch's output are branch parameters (the spec's a, g, c), the GQA is not
+    for i in cfg.hybrid_attention_layers:
+        assert f"model.layers.{i}.mixer.branch_gain" in names and f"model.layers.{i}.mixer.channel_scale" in names
+        assert (f"model.layers.{i}.mixer.alpha" in names) is not cfg.is_replace_layer(i)
+    assert not any(".attn." in n for n in names)

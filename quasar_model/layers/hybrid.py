@@ -40,6 +40,13 @@ class HybridMixer(nn.Module):
         self.adapter_up = nn.Linear(r, config.hidden_size, bias=False) if r else None
         self.reset_parameters()
 
+    def branch_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Everything but the attention: the branch and the gates a, g, c and the adapter on its
+        output. The spec's wrapper is GQA(x) + sigmoid(a) * Adapter(c * g * Branch(x)): a, g, c and the
+        adapter shape only the branch's contribution, are new rather than copied from a teacher, and
+        train with the branch."""
+        return [(n, p) for n, p in self.named_parameters() if not n.startswith("attn.")]
+
     def reset_parameters(self):
         if self.alpha is not None:
             init.constant_(self.alpha, self.alpha_init)
