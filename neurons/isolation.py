@@ -223,7 +223,9 @@ def _child(job: dict) -> dict:
         torch.cuda.set_per_process_memory_fraction(job["gpu_memory_fraction"])
     elif job["memory_bytes"]:
         # CUDA reserves far more address space than it uses, so this cap is for CPU evaluation only
-        resource.setrlimit(resource.RLIMIT_AS, (job["memory_bytes"], job["memory_bytes"]))
+        # the soft limit only: the child's own error path lifts it to write the report (no code of
+        # the miner's runs here, only its weights and config through our library)
+        resource.setrlimit(resource.RLIMIT_AS, (job["memory_bytes"], resource.getrlimit(resource.RLIMIT_AS)[1]))
     model = load_student(job["checkpoint"], inputs.competition, device, kernel_backend=job["kernel_backend"])
     with torch.no_grad():
         # the fingerprint probes first (a fraction of a second): a model whose logits overflow
@@ -246,6 +248,13 @@ def _describe(e: BaseException) -> str:
     return text
 
 
+def _lift_memory_cap() -> None:
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+
+
 def main(argv: list[str]) -> int:
     from quasar_model.atomic import write_atomic  # loaded already: the child ran the model
 
@@ -255,6 +264,7 @@ def main(argv: list[str]) -> int:
     try:
         report = {"result": _child(job)}
     except BaseException as e:  # noqa: BLE001 - every way the model can fail is the submission's failure
+        _lift_memory_cap()  # a model over its cap must still get its reason written
         report = {"error": _describe(e)}
     write_atomic(out, json.dumps(report))
     return 0
