@@ -37,8 +37,8 @@ from torch import nn
 from distill.data import PackedLoader
 from distill.losses import naive_kd_loss
 from distill.optim import build_optimizer
-from distill.teacher_cache import CapturedSequence, TeacherCacheMeta, TeacherCacheWriter, open_teacher_cache
 from distill.trainer import KDStudent
+from quasar_model.teacher_outputs.cache import CapturedSequence, TeacherCacheMeta, TeacherCacheWriter, open_teacher_cache
 from peak_rss import PeakRSS
 from quasar_model import QuasarLongConfig, QuasarLongForCausalLM
 

@@ -48,7 +48,7 @@ def random_qwen35(out: Path, layers: int) -> Path:
     """A small random Qwen3.5 text model with the tiny teacher's tokenizer, as a checkpoint."""
     from transformers import AutoTokenizer, Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
-    from distill.tiny_teacher import tiny_teacher
+    from quasar_model.teacher_outputs.tiny_teacher import tiny_teacher
 
     tok = AutoTokenizer.from_pretrained(tiny_teacher(progress=False))
     torch.manual_seed(0)

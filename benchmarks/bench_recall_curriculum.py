@@ -28,13 +28,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from distill.corpus import local_split  # noqa: E402
 from distill.recall_curriculum import FAMILIES, DocMaker, curriculum_length, filler_units, recall_batch  # noqa: E402
-from distill.tiny_teacher import tiny_teacher  # noqa: E402
 from eval.evaluate import HFTextTokenizer  # noqa: E402
 from eval.recall import run_recall  # noqa: E402
 from eval.recall_tasks import FAMILIES as VALIDATOR_FAMILIES, generate_items  # noqa: E402
 from quasar_model import QuasarLongConfig, QuasarLongForCausalLM  # noqa: E402
+from quasar_model.corpus import local_split  # noqa: E402
+from quasar_model.teacher_outputs.tiny_teacher import tiny_teacher  # noqa: E402
 
 
 @torch.no_grad()

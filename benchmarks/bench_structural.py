@@ -55,7 +55,7 @@ def main(argv=None) -> int:
 
     from distill.cli import main as cli_main
     from distill.cli import teacher_cache_main
-    from distill.tiny_teacher import cache_root
+    from quasar_model.paths import cache_root
 
     root = cache_root() / "test-teacher-caches"
     kw = dict(k=16, seq_len=128, batch_size=64, progress=False)

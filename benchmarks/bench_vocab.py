@@ -9,7 +9,7 @@ rows); the teacher is a small random transformers Qwen3.5 (gated DeltaNet + gate
 hidden size --dim), the student a small Quasar-Long at the same vocabulary. Four measurements, each
 in a fresh subprocess:
 
-  capture  chunked   distill.teacher.capture_teacher_cache: LM head in [token_chunk, vocab_chunk] blocks
+  capture  chunked   quasar_model.teacher_outputs.capture.capture_teacher_cache: LM head in [token_chunk, vocab_chunk] blocks
            full      the baseline: model(...).logits [T, V] -> log_softmax -> top-k + tail, same writer
   step     chunked   the trainer's step: KDStudent (sparse KD from the final hidden states) + AdamW
            full      the baseline: student(...).logits [T, V] -> naive_kd_loss -> backward + AdamW
@@ -41,7 +41,7 @@ from peak_rss import PeakRSS  # noqa: E402
 def teacher(args):
     from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
-    from distill.teacher import pytorch_kernels_on_cpu
+    from quasar_model.teacher_outputs.capture import pytorch_kernels_on_cpu
 
     torch.manual_seed(0)
     heads = max(args.dim // 32, 1)
@@ -67,8 +67,8 @@ def student(args):
 
 
 def token_ids(args) -> list[int]:
-    from distill.corpus import local_split
     from eval.tokenizer import qwen_tokenizer
+    from quasar_model.corpus import local_split
 
     tok = qwen_tokenizer(args.tokenizer)
     ids = [t for d in local_split("heldout") for t in tok.encode(d)][: args.tokens]
@@ -79,8 +79,8 @@ def token_ids(args) -> list[int]:
 
 def capture_full(model, tok, ids, out, args):
     """The baseline capture: the model's own [T, V] logits, then the same sparse record."""
-    from distill.teacher_cache import CapturedSequence, TeacherCacheMeta, TeacherCacheWriter
-    from distill.tokenizers import token_table
+    from quasar_model.teacher_outputs.cache import CapturedSequence, TeacherCacheMeta, TeacherCacheWriter
+    from quasar_model.tokenization import token_table
 
     table = token_table(tok)
     with torch.no_grad():
@@ -96,7 +96,7 @@ def capture_full(model, tok, ids, out, args):
 
 
 def capture_chunked(model, tok, ids, out, args):
-    from distill.teacher import capture_teacher_cache
+    from quasar_model.teacher_outputs.capture import capture_teacher_cache
 
     return capture_teacher_cache(model, tok, [ids], out, k=args.k, temperature=1.0, teacher_id="random-qwen3.5",
                                  teacher_revision=None, data_fingerprint="bench", progress=False)
@@ -120,8 +120,8 @@ def run_step(mode, args):
     from distill.data import PackedBatch, iterate_once
     from distill.losses import naive_kd_loss
     from distill.optim import build_optimizer
-    from distill.teacher_cache import open_teacher_cache
     from distill.trainer import KDStudent
+    from quasar_model.teacher_outputs.cache import open_teacher_cache
 
     cache = open_teacher_cache(args.cache)
     model = student(args)
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
         args.out = tmp
         for mode in ("full", "chunked"):
             res[f"capture {mode}"] = spawn(f"capture:{mode}", args)
-        from distill.teacher_cache import open_teacher_cache
+        from quasar_model.teacher_outputs.cache import open_teacher_cache
 
         a, b = (open_teacher_cache(res[f"capture {m}"]["cache"])[0] for m in ("full", "chunked"))
         same = (a.topk_ids == b.topk_ids).float().mean().item()

@@ -30,14 +30,13 @@ import signal
 import sys
 from pathlib import Path
 
-from .tiny_teacher import resolve_teacher
 
 CORPUS_PREFIX = "corpus:"
 
 
 def read_documents(data: str, *, split: str, text_field: str, max_docs: int | None) -> list[str]:
     """The texts of a data source (`corpus:<split>` = the local corpus, else via distill.data.load_texts)."""
-    from . import corpus
+    from quasar_model import corpus
     from .data import load_texts
 
     if data.startswith(CORPUS_PREFIX):
@@ -65,9 +64,10 @@ def teacher_cache_main(teacher: str, data: str, out: str | os.PathLike, *, k: in
     reuse: when `out` already holds an intact cache of this teacher, tokenizer, data, k, temperature
     and storage dtype, return it instead of capturing again.
     """
-    from . import corpus
+    from quasar_model import corpus
     from .data import tokenize_segments
-    from .teacher import capture_teacher_cache, load_teacher
+    from quasar_model.teacher_outputs.capture import capture_teacher_cache, load_teacher
+    from quasar_model.teacher_outputs.tiny_teacher import resolve_teacher
 
     out = Path(out)
     teacher_path = resolve_teacher(teacher, progress=progress)
@@ -77,7 +77,7 @@ def teacher_cache_main(teacher: str, data: str, out: str | os.PathLike, *, k: in
     if reuse:
         from transformers import AutoTokenizer
 
-        from .tokenizers import tokenizer_fingerprint
+        from quasar_model.tokenization import tokenizer_fingerprint
 
         tok = AutoTokenizer.from_pretrained(teacher_path, revision=revision)
         want = dict(teacher_id=teacher_path, teacher_revision=revision, k=k, temperature=float(temperature),
@@ -97,7 +97,7 @@ def find_cache(out: Path, want: dict) -> Path | None:
     """An intact cache under `out` whose meta has every field of `want`, else None."""
     from dataclasses import asdict
 
-    from .teacher_cache import TeacherCacheError, open_teacher_cache
+    from quasar_model.teacher_outputs.cache import TeacherCacheError, open_teacher_cache
 
     if not out.is_dir():
         return None
@@ -127,8 +127,9 @@ def text_cache_main(tokenizer_path: str, data: str, out: str | os.PathLike, *, s
 
 def cmd_teacher_generate(args) -> int:
     """Teacher continuations of document openings, as a jsonl text dataset (sequence-level KD)."""
-    from .teacher import load_teacher
-    from .tokenizers import generate_teacher_texts, write_teacher_texts
+    from quasar_model.teacher_outputs.capture import load_teacher
+    from quasar_model.teacher_outputs.tiny_teacher import resolve_teacher
+    from quasar_model.tokenization import generate_teacher_texts, write_teacher_texts
 
     teacher = resolve_teacher(args.teacher)
     docs = read_documents(args.data, split=args.split, text_field=args.text_field, max_docs=args.max_docs)
@@ -267,8 +268,10 @@ def cmd_init_student(args) -> int:
     import torch
 
     from .config import json_or_text
+    from quasar_model.teacher_outputs.capture import load_teacher
+    from quasar_model.teacher_outputs.tiny_teacher import resolve_teacher
+
     from .structural import init_student, logit_gap
-    from .teacher import load_teacher
 
     teacher = resolve_teacher(args.teacher)
     overrides = {}

@@ -17,7 +17,6 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
 
 
@@ -131,7 +130,7 @@ class DistillConfig:
                 fail(key, "must be in [0, 1)")
         if self.optim.engram_lr_multiplier is not None and not self.optim.engram_lr_multiplier > 0:
             fail("optim.engram_lr_multiplier", "must be > 0")
-        from .losses import KINDS  # here, not at the top: reading a config file must not import torch
+        from quasar_model.teacher_outputs.buckets import KINDS  # here, not at the top: reading a config file must not import torch
 
         if self.loss.kind not in KINDS:
             fail("loss.kind", f"must be one of {KINDS}")
@@ -320,37 +319,13 @@ def apply_override(cfg: DistillConfig, item: str) -> None:
         obj = getattr(obj, part)
 
 
-def read_file(path: str | os.PathLike) -> dict:
-    """A JSON or YAML (.yaml/.yml) config file -> dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file {str(path)!r}: not found")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError as e:
-            raise ValueError(f"config file {str(path)!r}: YAML needs pyyaml (pip install pyyaml), "
-                             "or write the config as JSON") from e
-        try:
-            d = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ValueError(f"config file {str(path)!r}: invalid YAML: {' '.join(str(e).split())}") from None
-    else:
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"config file {str(path)!r}: invalid JSON: {e}") from e
-    if not isinstance(d, dict):
-        raise ValueError(f"config file {str(path)!r}: must hold a mapping at the top level")
-    return d
-
-
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = (), *, check: bool = True,
                 **fields) -> DistillConfig:
     """File (optional), then keyword sections/fields (dicts for sections), then dotted overrides.
     check=False: each value's type is checked, the whole config is not (a preflight reading the
     student section before the miner fills in its data paths)."""
+    from quasar_model.files import read_file  # here, not at the top: importing this module must not import torch
+
     d = read_file(path) if path is not None else {}
     for name, value in fields.items():
         if isinstance(value, dict) and isinstance(d.get(name), dict):

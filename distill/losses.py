@@ -53,74 +53,13 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-KINDS = ("fkl", "rkl", "jsd")
-TAIL_EPS = 1e-6                 # floor on the teacher's and the student's tail probability
-TEACHER_LOGPROB_FLOOR = -100.0  # exp(-100) ~ 4e-44: "zero" without 0 * -inf = NaN
+from quasar_model.teacher_outputs.buckets import (
+    KINDS, TAIL_EPS, bucket_kd, bucket_kd_grad, log1mexp, student_buckets, teacher_buckets,
+)
+
 IGNORE_INDEX = -100
 
-__all__ = [
-    "KINDS", "TAIL_EPS", "TEACHER_LOGPROB_FLOOR", "IGNORE_INDEX",
-    "log1mexp", "tail_logprob", "teacher_buckets", "student_buckets", "bucket_kd", "bucket_kd_grad",
-    "naive_kd_loss", "chunked_kd_loss", "hidden_mse",
-]
-
-
-# -----------------------------------------------------------------------------
-# bucket math: [..., k] log-probs -> [..., k+1] log-probs -> per-position divergence
-
-def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x < 0, accurate at both ends (Maechler 2012)."""
-    # near 0, 1 - exp(x) = -expm1(x) keeps its digits; far from 0, log1p(-exp(x)) does. Both branches
-    # are finite for any x < 0, so torch.where's unused branch never leaks a NaN into the gradient.
-    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
-
-def tail_logprob(topk_logprobs: torch.Tensor) -> torch.Tensor:
-    """[..., k] log-probs of k distinct ids -> [...] log of the mass on all other ids (>= ~log TAIL_EPS)."""
-    # log sum_k p is kept <= -TAIL_EPS, so the tail 1 - exp(.) is >= ~TAIL_EPS. Clamp the input of
-    # log1mexp, not its output: a clamped tail is then a constant with a zero gradient (not
-    # 0 * inf = NaN). Floats are dense near 0, so the clamp keeps the tail's digits down to TAIL_EPS.
-    return log1mexp(torch.logsumexp(topk_logprobs, dim=-1).clamp(max=-TAIL_EPS))
-
-
-def teacher_buckets(topk_logprobs: torch.Tensor, tail: torch.Tensor | None = None,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Teacher [..., k] top-k log-probs (+ optional stored tail [...]) -> [..., k+1] bucket log-probs."""
-    lp = topk_logprobs.to(dtype).clamp(min=TEACHER_LOGPROB_FLOOR)       # [..., k]
-    if tail is None:
-        lt_tail = tail_logprob(lp)                                      # [...]
-    else:
-        lt_tail = torch.log(tail.to(dtype).clamp(TAIL_EPS, 1.0))        # [...]
-    return torch.cat([lp, lt_tail.unsqueeze(-1)], dim=-1)               # [..., k+1]
-
-
-def student_buckets(topk_logprobs: torch.Tensor) -> torch.Tensor:
-    """Student log-probs on the teacher's ids [..., k] -> [..., k+1] bucket log-probs (differentiable)."""
-    return torch.cat([topk_logprobs, tail_logprob(topk_logprobs).unsqueeze(-1)], dim=-1)
-
-
-def bucket_kd(ls: torch.Tensor, lt: torch.Tensor, kind: str, beta: float = 0.5) -> torch.Tensor:
-    """Divergence per position from bucket log-probs ls (student), lt (teacher) [..., B] -> [...]."""
-    if kind == "fkl":   # sum p (log p - log q)
-        return (lt.exp() * (lt - ls)).sum(-1)
-    if kind == "rkl":   # sum q (log q - log p)
-        return (ls.exp() * (ls - lt)).sum(-1)
-    if kind == "jsd":   # beta KL(p || m) + (1 - beta) KL(q || m), log m by logaddexp (no underflow)
-        lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
-        return beta * (lt.exp() * (lt - lm)).sum(-1) + (1 - beta) * (ls.exp() * (ls - lm)).sum(-1)
-    raise ValueError(f"kind: unknown loss kind {kind!r}; expected one of {KINDS}")
-
-
-def bucket_kd_grad(ls: torch.Tensor, lt: torch.Tensor, kind: str, beta: float = 0.5) -> torch.Tensor:
-    """d bucket_kd / d ls, in closed form [..., B] (q_b = exp(ls_b) moves with ls_b)."""
-    if kind == "fkl":   # d/dl [-p l] = -p
-        return -lt.exp()
-    if kind == "rkl":   # d/dl [e^l (l - a)] = q (l - a + 1)
-        return ls.exp() * (ls - lt + 1)
-    if kind == "jsd":   # dm/dl = (1-beta) q; the -p/m, -q/m, +1 terms cancel: (1-beta) q (l - log m)
-        lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
-        return (1 - beta) * ls.exp() * (ls - lm)
-    raise ValueError(f"kind: unknown loss kind {kind!r}; expected one of {KINDS}")
+__all__ = ["IGNORE_INDEX", "naive_kd_loss", "chunked_kd_loss", "hidden_mse"]
 
 
 # -----------------------------------------------------------------------------

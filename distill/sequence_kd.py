@@ -19,7 +19,7 @@ from typing import Iterable
 
 import torch
 
-from .teacher_cache import CapturedSequence, TeacherCacheMeta, TeacherCacheWriter
+from quasar_model.teacher_outputs.cache import CapturedSequence, TeacherCacheMeta, TeacherCacheWriter
 
 TEXT_TEACHER_ID = "text-only"
 
@@ -31,7 +31,7 @@ def is_text_cache(meta) -> bool:
 def write_text_cache(tokenizer, segments: Iterable[list[int]], out_root: str | os.PathLike, *,
                      data_fingerprint: str, source: str = "") -> Path:
     """Student-tokenised segments -> a cache whose row t is the one-hot token t+1 (last row: itself)."""
-    from .tokenizers import real_vocab_size, tokenizer_fingerprint
+    from quasar_model.tokenization import real_vocab_size, tokenizer_fingerprint
 
     meta = TeacherCacheMeta(teacher_id=TEXT_TEACHER_ID, teacher_revision=source or None,
                             tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),

@@ -462,9 +462,9 @@ def load_live_teacher(tcfg, meta, student_config, device) -> LiveTeacher:
     """
     import warnings
 
-    from .teacher import load_teacher
-    from .tiny_teacher import resolve_teacher
-    from .tokenizers import tokenizer_fingerprint
+    from quasar_model.teacher_outputs.capture import load_teacher
+    from quasar_model.teacher_outputs.tiny_teacher import resolve_teacher
+    from quasar_model.tokenization import tokenizer_fingerprint
 
     name = resolve_teacher(tcfg.model)
     model, tok = load_teacher(name, revision=tcfg.revision, dtype=tcfg.dtype, device=str(device))

@@ -159,7 +159,7 @@ def heldout_kl(model: nn.Module, cache, *, seq_len: int, batch_size: int = 8, te
 
 def resolve_cache_dir(path: str | os.PathLike) -> Path:
     """A cache directory, or a directory holding exactly one (what `quasar teacher-cache --out` makes)."""
-    from .teacher_cache import TeacherCacheError, open_teacher_cache
+    from quasar_model.teacher_outputs.cache import TeacherCacheError, open_teacher_cache
 
     path = Path(path)
     if not path.exists():
@@ -184,7 +184,7 @@ def resolve_cache_dir(path: str | os.PathLike) -> Path:
 
 def open_caches(cfg: DistillConfig):
     """(train cache, held-out cache or None), checked against each other."""
-    from .teacher_cache import open_teacher_cache
+    from quasar_model.teacher_outputs.cache import open_teacher_cache
 
     train = open_teacher_cache(resolve_cache_dir(cfg.data.train_cache))
     m = train.meta
@@ -211,7 +211,7 @@ def load_tokenizer(cfg: DistillConfig, meta):
     """The teacher's tokenizer (exported with the student), checked against the cache's fingerprint."""
     from transformers import AutoTokenizer
 
-    from .tokenizers import tokenizer_fingerprint
+    from quasar_model.tokenization import tokenizer_fingerprint
 
     name = cfg.data.tokenizer or meta.teacher_id
     try:
@@ -409,7 +409,7 @@ class Trainer:
         `should_stop()`, checked after every step, ends training at that step boundary the same way (the
         caller checkpoints: `save_checkpoint`). `on_step(record)` sees every step's record (step, loss,
         ...: the miner's metrics), not only the logged ones."""
-        from distill.progress import progress_bar
+        from quasar_model.progress import progress_bar
 
         cfg = self.cfg
         cfg_steps = cfg.steps

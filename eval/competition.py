@@ -37,7 +37,7 @@ class CompetitionError(ValueError):
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    id: str                    # Hugging Face repo id or local path; "tiny-teacher" = distill.tiny_teacher
+    id: str                    # Hugging Face repo id or local path; "tiny-teacher" = quasar_model.teacher_outputs.tiny_teacher
     revision: str              # pinned commit on the Hub ("local" for the tiny teacher)
     # parameter count, pinned here so the student bound is checked offline before any download
     params: int
@@ -47,7 +47,7 @@ class TeacherSpec:
 @dataclass(frozen=True)
 class TokenizerSpec:
     id: str                    # where the tokenizer is loaded from (usually the teacher's)
-    fingerprint: str = ""      # distill.tokenizers.tokenizer_fingerprint; "" = not pinned (localnet)
+    fingerprint: str = ""      # quasar_model.tokenization.tokenizer_fingerprint; "" = not pinned (localnet)
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class StudentSpec:
 
 @dataclass(frozen=True)
 class HeldoutSpec:
-    dataset: str               # "local" (distill.corpus heldout split) or a Hub dataset name
+    dataset: str               # "local" (quasar_model.corpus heldout split) or a Hub dataset name
     # the dataset's pinned commit (40 hex); "local" = this machine's local corpus (localnet); the
     # local corpus can be pinned too, by the first 40 hex of its fingerprint (eval.heldout_data)
     revision: str
@@ -303,7 +303,7 @@ def load_competition(name_or_path: str | os.PathLike) -> Competition:
     if not path.is_file():
         shipped = sorted(p.stem for p in SHIPPED.glob("*.json"))
         raise CompetitionError(f"competition {str(name_or_path)!r}: no such file, and not a shipped name {shipped}")
-    from distill.config import read_file
+    from quasar_model.files import read_file
 
     try:
         raw = read_file(path)  # JSON, or YAML by extension: the same reader as distill configs

@@ -13,7 +13,7 @@ Gates are not applied here: the result holds what they read (fingerprint, contin
 scoring rule decides. The continuations are greedy outputs from prefixes of the round's held-out
 documents: natural text, fresh every round, so a model cannot be tuned to look sane on fixed prompts.
 
-"tiny-teacher" in a competition's teacher or tokenizer id means distill.tiny_teacher (trained on
+"tiny-teacher" in a competition's teacher or tokenizer id means quasar_model.teacher_outputs.tiny_teacher (trained on
 this machine on first use); any other id is a Hugging Face repo or a local checkpoint directory.
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ def teacher_location(competition: Competition) -> tuple[str, str | None]:
     """(path or repo id, revision) of the teacher; the tiny teacher is trained here on first use."""
     t = competition.teacher
     if t.id == TINY_TEACHER:
-        from distill.tiny_teacher import tiny_teacher
+        from quasar_model.teacher_outputs.tiny_teacher import tiny_teacher
 
         return str(tiny_teacher(progress=False)), None
     return t.id, t.revision
@@ -76,14 +76,14 @@ def resolve_tokenizer(competition: Competition):
 
     spec = competition.tokenizer
     if spec.id == TINY_TEACHER:
-        from distill.tiny_teacher import tiny_teacher
+        from quasar_model.teacher_outputs.tiny_teacher import tiny_teacher
 
         tok = AutoTokenizer.from_pretrained(tiny_teacher(progress=False))
     else:
         revision = competition.teacher.revision if spec.id == competition.teacher.id else None
         tok = AutoTokenizer.from_pretrained(spec.id, revision=revision)
     if spec.fingerprint:
-        from distill.tokenizers import tokenizer_fingerprint
+        from quasar_model.tokenization import tokenizer_fingerprint
 
         got = tokenizer_fingerprint(tok)
         if got != spec.fingerprint:
@@ -106,7 +106,7 @@ def recall_items(competition: Competition, seed: int, tokenizer) -> list[TaskIte
 
 
 def default_cache_root() -> Path:
-    from distill.tiny_teacher import cache_root
+    from quasar_model.paths import cache_root
 
     return cache_root() / "eval"
 
@@ -178,7 +178,7 @@ def prepare_round(competition, seed: int, *, cache_root=None, device="cpu", prog
 
     def load():  # at most once per round, and only on a cache miss
         if not loaded:
-            from distill.teacher import load_teacher
+            from quasar_model.teacher_outputs.capture import load_teacher
 
             loaded.append(load_teacher(location, revision=revision, dtype=comp.teacher.dtype, device=device))
             check_teacher_params(comp, loaded[0][0])

@@ -14,7 +14,7 @@ captured, and the teacher's own CE per document is stored beside it: it puts the
 context and costs one extra teacher forward per document, once per round.
 
 KL is the competition's distillation target: per position KL(p || q) over the teacher's k ids and
-one tail bucket (distill.losses bucket math), at the competition temperature, averaged over the
+one tail bucket (quasar_model.teacher_outputs.buckets), at the competition temperature, averaged over the
 document's positions. CE is the student's full-softmax cross-entropy at temperature 1. Both are
 nats per token. Positions 0..T-2 are scored (position t predicts token t+1).
 """
@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from distill.losses import bucket_kd, student_buckets, teacher_buckets
+from quasar_model.teacher_outputs.buckets import bucket_kd, student_buckets, teacher_buckets
 
 INDEX_DIR = "heldout"   # under the cache root: <key>.json -> which teacher cache, and teacher CE
 CAPTURE_DIR = "teacher"  # under the cache root: the teacher caches themselves
@@ -51,7 +51,7 @@ class HeldoutSet:
     docs: list[HeldoutDoc]
     data_fingerprint: str    # sha256 over the token ids, in order
     key: str                 # content address of the teacher cache
-    cache: object            # distill.teacher_cache.TeacherCache, row i <-> docs[i]
+    cache: object            # quasar_model.teacher_outputs.cache.TeacherCache, row i <-> docs[i]
     teacher_ce: list[float] | None  # per document; None when the cache came without it
 
 
@@ -123,7 +123,7 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 
 def _open_checked(path: Path, docs: Sequence[HeldoutDoc], k: int, vocab_size: int | None, tok_fp: str | None):
-    from distill.teacher_cache import open_teacher_cache
+    from quasar_model.teacher_outputs.cache import open_teacher_cache
 
     cache = open_teacher_cache(path, tokenizer_fingerprint=tok_fp or None, k=k, vocab_size=vocab_size)
     if len(cache) != len(docs):
@@ -157,7 +157,7 @@ def prepare_heldout(docs: Sequence[HeldoutDoc], seed: int, *, teacher: dict, k: 
             return HeldoutSet(seed, list(docs), fp, key, cache, entry.get("teacher_ce"))
         # the index outlived its cache (someone cleaned the capture dir): capture again
 
-    from distill.teacher import capture_teacher_cache
+    from quasar_model.teacher_outputs.capture import capture_teacher_cache
 
     model, tok = load_teacher()
     path = Path(capture_teacher_cache(
@@ -230,7 +230,7 @@ def score_document(model, input_ids: Sequence[int], captured=None, temperature: 
 
 def score_documents(model, docs: Sequence[HeldoutDoc], cache=None, temperature: float = 1.0, *, device=None,
                     progress: bool = False, desc: str = "held-out", chunk: int = HEAD_CHUNK) -> list[DocScore]:
-    from distill.progress import progress_bar
+    from quasar_model.progress import progress_bar
 
     if hasattr(model, "eval"):
         model.eval()

@@ -23,7 +23,7 @@ Sources:
   Cost: once per (dataset, commit) one footer per data file; per round at most `documents` row
   groups' text columns (pyarrow reads a column chunk whole, so a dataset written with very large
   row groups costs that much per drawn document) and the footers of the files they lie in.
-- `LocalSource`: the local corpus (distill.corpus) split into fixed shards of `LOCAL_SHARD_DOCS`
+- `LocalSource`: the local corpus (quasar_model.corpus) split into fixed shards of `LOCAL_SHARD_DOCS`
   documents: the same draw over "files", without a network. Its revision is "local" (this machine's
   corpus, unchecked: localnet) or the first 40 hex of the split's corpus fingerprint, checked.
 """
@@ -140,14 +140,14 @@ def open_source(dataset: str, split: str, text_field: str, revision: str, *, cac
 
 def local_revision(split: str) -> str:
     """What pins the local corpus: its split's fingerprint (CPython's pydoc topics differ by version)."""
-    from distill.corpus import fingerprint, local_split
+    from quasar_model.corpus import fingerprint, local_split
 
     return fingerprint(local_split(split))[:40]
 
 
 class LocalSource:
     def __init__(self, split: str, revision: str):
-        from distill.corpus import local_split
+        from quasar_model.corpus import local_split
 
         self.split, self.revision = split, revision
         self.docs = local_split(split)

@@ -48,8 +48,8 @@ def near_copy(victim: Path, dst: Path, competition: Competition | None = None, *
     import torch.nn.functional as F
     from transformers import AutoTokenizer
 
-    from distill.corpus import local_split
     from quasar_model import QuasarLongForCausalLM
+    from quasar_model.corpus import local_split
 
     tok = AutoTokenizer.from_pretrained(victim)
     model = QuasarLongForCausalLM.from_pretrained(victim, dtype=torch.float32).train()
@@ -95,8 +95,8 @@ def teacher(victim: Path | None, dst: Path, competition: Competition) -> Path:
     import torch
 
     from distill.structural import init_student
-    from distill.teacher import load_teacher
     from eval.evaluate import teacher_location
+    from quasar_model.teacher_outputs.capture import load_teacher
 
     location, revision = teacher_location(competition)
     model, tok = load_teacher(location, revision=revision, dtype="float32")

@@ -331,9 +331,9 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _is_teacher_cache_error(e: BaseException) -> bool:
-    """A distill.teacher_cache.TeacherCacheError, without importing that module (it imports torch: a
+    """A quasar_model.teacher_outputs.cache.TeacherCacheError, without importing that module (it imports torch: a
     command that never loaded it cannot have raised one, and a bad flag must fail without torch)."""
-    module = sys.modules.get("distill.teacher_cache")
+    module = sys.modules.get("quasar_model.teacher_outputs.cache")
     return module is not None and isinstance(e, module.TeacherCacheError)
 
 

@@ -57,8 +57,9 @@ def say(t0: float, msg: str) -> None:
 def train_cache(progress: bool = True) -> Path:
     """The tiny teacher's cache on the corpus train split, captured once per machine."""
     from distill.cli import teacher_cache_main
-    from distill.tiny_teacher import cache_root, recipe_id
     from quasar_model.atomic import write_atomic
+    from quasar_model.paths import cache_root
+    from quasar_model.teacher_outputs.tiny_teacher import recipe_id
 
     index = cache_root() / f"localnet-train-cache-{recipe_id()}.txt"
     if index.exists() and Path(index.read_text().strip()).is_dir():
@@ -233,7 +234,7 @@ def run_localnet(run_dir: Path, *, rounds: int = 2, block_time: float = 1.0, tim
     competition = load_competition("localnet")
 
     say(t0, "teacher: the tiny Qwen3 trained on the local corpus (cached after the first run)")
-    from distill.tiny_teacher import tiny_teacher
+    from quasar_model.teacher_outputs.tiny_teacher import tiny_teacher
     tiny_teacher()
     say(t0, "teacher cache: top-32 log-probs on the corpus train split")
     cache = train_cache()
@@ -357,8 +358,8 @@ def _wait_for_commits(t0, chain, hotkeys, procs, seen, timeout, logs, cadence, d
 
 def _watch(t0, run_dir, chain, hotkeys, procs, rounds, timeout, logs, seen) -> int | None:
     """Show progress until the validator has scored `rounds` rounds; an exit status on failure."""
-    from distill.progress import progress_bar
     from neurons.state import ValidatorState
+    from quasar_model.progress import progress_bar
 
     names = {hk: n for n, hk in hotkeys.items()}
     state = None

@@ -6,7 +6,7 @@ Operators grep and ship these; a line is `log.info("event", extra={"fields": {..
 `setup` makes stderr carry nothing else: Python warnings and transformers' own logger (which
 otherwise writes plain `[transformers] ...` lines through a handler of its own) go through the JSON
 handler, and off a terminal the Hugging Face progress bars are off (ours report as `progress`
-events instead: distill.progress). The level comes from `--log-level` or bittensor's
+events instead: quasar_model.progress). The level comes from `--log-level` or bittensor's
 `--logging.trace` / `--logging.debug` / `--logging.info` (`add_args`).
 """
 from __future__ import annotations

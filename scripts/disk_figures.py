@@ -28,7 +28,7 @@ LOGPROB_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def cache_bytes_per_token(k: int, logprob_dtype: str = "float32") -> int:
-    """distill/teacher_cache.py's layout: int32 input id, k int32 ids, k log-probs, fp32 tail mass."""
+    """quasar_model/teacher_outputs/cache.py's layout: int32 input id, k int32 ids, k log-probs, fp32 tail mass."""
     return 4 + 4 * k + LOGPROB_BYTES[logprob_dtype] * k + 4
 
 
@@ -47,7 +47,8 @@ def _numel(shape) -> int:
 
 
 def measure_cache(cache: Path | None) -> dict | None:
-    from distill.tiny_teacher import cache_root, recipe_id
+    from quasar_model.paths import cache_root
+    from quasar_model.teacher_outputs.tiny_teacher import recipe_id
 
     if cache is None:
         index = cache_root() / f"localnet-train-cache-{recipe_id()}.txt"

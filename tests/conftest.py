@@ -52,8 +52,8 @@ def distilled_student():
     miner, the same model, trained once instead of once per module."""
     from transformers import AutoTokenizer
 
-    from distill.teacher import load_teacher
-    from distill.tiny_teacher import tiny_teacher
+    from quasar_model.teacher_outputs.capture import load_teacher
+    from quasar_model.teacher_outputs.tiny_teacher import tiny_teacher
     from distilled import distill, train_stream
 
     path = tiny_teacher(progress=False)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 def train_stream(tokenizer) -> torch.Tensor:
     """The corpus train split as one token stream, documents separated by EOS (a HF tokenizer)."""
-    from distill.corpus import local_split
+    from quasar_model.corpus import local_split
 
     eos = tokenizer.eos_token_id
     return torch.tensor([t for d in local_split("train") for t in tokenizer.encode(d, add_special_tokens=False) + [eos]])

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from distill.teacher import load_teacher
-from distill.tiny_teacher import tiny_teacher
+from quasar_model.teacher_outputs.capture import load_teacher
+from quasar_model.teacher_outputs.tiny_teacher import tiny_teacher
 from distilled import distill, train_stream
 from eval.competition import load_competition
 from eval.evaluate import checkpoint_hash

@@ -10,7 +10,7 @@ from distill.data import (
     DataPosition, PackedLoader, iterate_once, load_texts, pack_row, tokenize_segments,
 )
 from distill.losses import IGNORE_INDEX
-from distill.teacher_cache import CapturedSequence
+from quasar_model.teacher_outputs.cache import CapturedSequence
 
 K, V = 4, 50
 

@@ -29,8 +29,8 @@ import torch
 
 from distill.cli import teacher_cache_main
 from distill.config import load_config
-from distill.tiny_teacher import cache_root
 from distill.trainer import Trainer, read_metrics
+from quasar_model.paths import cache_root
 
 STEPS = 3
 REL = 1e-6

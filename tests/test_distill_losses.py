@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 
 
-from distill.losses import (
-    bucket_kd, bucket_kd_grad, chunked_kd_loss, hidden_mse, naive_kd_loss, student_buckets,
-)
+from distill.losses import chunked_kd_loss, hidden_mse, naive_kd_loss
+from quasar_model.teacher_outputs.buckets import bucket_kd, bucket_kd_grad, student_buckets
 
 N, V, D, K = 37, 101, 16, 8   # D < N so that lm_head_weight [V, D] is smaller than N x V
 

@@ -17,9 +17,9 @@ from distill.cli import main as cli_main
 from distill.cli import teacher_cache_main
 from distill.config import load_config
 from distill.optim import WarmupCosine, build_optimizer, build_scheduler, is_engram, no_weight_decay
-from distill.teacher_cache import TeacherCacheError, open_teacher_cache
-from distill.tiny_teacher import cache_root
 from distill.trainer import Trainer, heldout_kl, read_metrics
+from quasar_model.paths import cache_root
+from quasar_model.teacher_outputs.cache import TeacherCacheError, open_teacher_cache
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "distill_tiny.json"
 

@@ -54,7 +54,7 @@ def round_inputs(comp, cache_root):
 
 @pytest.fixture(scope="session")
 def teacher(comp):
-    from distill.teacher import load_teacher
+    from quasar_model.teacher_outputs.capture import load_teacher
 
     return load_teacher(teacher_location(comp)[0], dtype="float32")[0]
 

@@ -97,7 +97,7 @@ LIBRARIES = textwrap.dedent("""
     hf_logging.get_logger("transformers.modeling_utils").info("a transformers info line")
     for bar in [hf_logging.tqdm(range(3), desc="transformers bar")]:
         list(bar)
-    from distill.progress import progress_bar
+    from quasar_model.progress import progress_bar
     for _ in progress_bar(range(3), desc="our work", enabled=True):
         pass
     logging.getLogger("neurons.example").debug("our debug line")

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def tok():
     from transformers import AutoTokenizer
 
-    from distill.tiny_teacher import tiny_teacher
+    from quasar_model.teacher_outputs.tiny_teacher import tiny_teacher
     return AutoTokenizer.from_pretrained(tiny_teacher(progress=False))
 
 

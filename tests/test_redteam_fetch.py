@@ -308,10 +308,10 @@ def pinned_for_a_real_network(raw: dict) -> dict:
     """The competition as a real network needs it (Competition.unpinned() == []): the tiny
     tokenizer's real fingerprint, this machine's stack, a commit-shaped revision (the tiny teacher
     is local and ignores it), the local corpus pinned by its own revision."""
-    from distill.tokenizers import tokenizer_fingerprint
     from eval.evaluate import resolve_tokenizer
     from eval.heldout_data import local_revision
     from eval.stack import installed_versions
+    from quasar_model.tokenization import tokenizer_fingerprint
 
     raw = json.loads(json.dumps(raw))
     raw["teacher"]["revision"] = "0" * 40

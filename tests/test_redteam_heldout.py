@@ -205,7 +205,7 @@ def test_the_competition_pins_the_dataset_revision_and_drops_the_pool():
 
 
 def test_localnet_draws_its_local_corpus_by_shard_and_offset():
-    from distill.corpus import local_split
+    from quasar_model.corpus import local_split
 
     comp = load_competition("localnet")
     src = heldout_source(comp.heldout)

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from distill.structural import init_student, logit_gap
-from distill.teacher import load_teacher
-from distill.tiny_teacher import tiny_teacher
+from quasar_model.teacher_outputs.capture import load_teacher
+from quasar_model.teacher_outputs.tiny_teacher import tiny_teacher
 from distilled import distill, train_stream
 from eval.competition import CompetitionError, load_competition, parse_competition
 from eval.gates import fingerprint_ids, fingerprint_probes, fingerprint_similarity, logit_fingerprint, without_teacher

@@ -5,20 +5,20 @@ import math
 
 import pytest
 
-from distill import corpus
 from distill.cli import main as distill_main
 from distill.config import load_config
-from distill.teacher_cache import open_teacher_cache
-from distill.tiny_teacher import train_tokenizer
-from distill.tokenizers import VocabMap
 from distill.trainer import Trainer
+from quasar_model import corpus
+from quasar_model.teacher_outputs.cache import open_teacher_cache
+from quasar_model.teacher_outputs.tiny_teacher import train_tokenizer
+from quasar_model.tokenization import VocabMap
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from distill.tiny_teacher import tiny_teacher
+    from quasar_model.teacher_outputs.tiny_teacher import tiny_teacher
 
     d = tmp_path_factory.mktemp("seqkd")
     student_tok = train_tokenizer(corpus.local_split("train")[:120], 400)  # another vocabulary than the teacher's

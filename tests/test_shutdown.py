@@ -159,7 +159,7 @@ def _free_port() -> int:
 def _train_cache() -> Path:
     """The tiny teacher's cache of the local corpus, as tests/test_distill_train.py builds it (shared)."""
     from distill.cli import teacher_cache_main
-    from distill.tiny_teacher import cache_root
+    from quasar_model.paths import cache_root
 
     return teacher_cache_main("tiny", "corpus:train", cache_root() / "test-teacher-caches" / "train",
                               k=16, seq_len=128, batch_size=64, progress=False)

@@ -196,8 +196,8 @@ def test_structural_distillation_end_to_end(tmp_path, capsys):
     from distill.cli import main as cli_main
     from distill.cli import teacher_cache_main
     from distill.config import load_config
-    from distill.tiny_teacher import cache_root
     from distill.trainer import Trainer, read_metrics
+    from quasar_model.paths import cache_root
 
     root = cache_root() / "test-teacher-caches"
     kw = dict(k=16, seq_len=128, batch_size=64, progress=False)
@@ -229,9 +229,10 @@ def test_branches_only_training_and_live_teacher_errors(tmp_path):
     from distill.cli import main as cli_main
     from distill.cli import teacher_cache_main
     from distill.config import load_config
-    from distill.tiny_teacher import cache_root, train_tokenizer
-    from distill import corpus
     from distill.trainer import Trainer
+    from quasar_model import corpus
+    from quasar_model.paths import cache_root
+    from quasar_model.teacher_outputs.tiny_teacher import train_tokenizer
 
     root = cache_root() / "test-teacher-caches"
     train = teacher_cache_main("tiny", "corpus:train", root / "train", k=16, seq_len=128, batch_size=64,

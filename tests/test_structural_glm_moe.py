@@ -189,8 +189,8 @@ def test_refusals_name_the_field(tmp_path, capsys):
 
 
 def _tokenizer(path):
-    from distill import corpus
-    from distill.tiny_teacher import train_tokenizer
+    from quasar_model import corpus
+    from quasar_model.teacher_outputs.tiny_teacher import train_tokenizer
 
     train_tokenizer(corpus.local_split("train")[:20], V).save_pretrained(path)
 

@@ -181,9 +181,9 @@ def test_qwen35_refusals_name_the_field():
 def test_init_student_command_on_a_qwen35_checkpoint(tmp_path, capsys):
     import json
 
-    from distill import corpus
     from distill.cli import main as cli_main
-    from distill.tiny_teacher import train_tokenizer
+    from quasar_model import corpus
+    from quasar_model.teacher_outputs.tiny_teacher import train_tokenizer
 
     teacher_dir = tmp_path / "qwen35"
     qwen35().save_pretrained(teacher_dir)
@@ -209,9 +209,9 @@ def test_init_student_command_on_a_vision_language_qwen35_checkpoint(tmp_path):
 
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
-    from distill import corpus
     from distill.cli import main as cli_main
-    from distill.tiny_teacher import train_tokenizer
+    from quasar_model import corpus
+    from quasar_model.teacher_outputs.tiny_teacher import train_tokenizer
 
     text = qwen35()
     vl = Qwen3_5ForConditionalGeneration(Qwen3_5Config(

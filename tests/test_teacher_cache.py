@@ -13,13 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.corpus import local_split
-from distill.teacher import capture_teacher_cache, capture_topk, load_teacher
-from distill.teacher_cache import (
+from quasar_model.corpus import local_split
+from quasar_model.teacher_outputs.cache import (
     CapturedSequence, TeacherCacheError, TeacherCacheMeta, TeacherCacheWriter, open_teacher_cache,
 )
-from distill.tiny_teacher import tiny_teacher
-from distill.tokenizers import real_vocab_size, tokenizer_fingerprint
+from quasar_model.teacher_outputs.capture import capture_teacher_cache, capture_topk, load_teacher
+from quasar_model.teacher_outputs.tiny_teacher import tiny_teacher
+from quasar_model.tokenization import real_vocab_size, tokenizer_fingerprint
 
 LENGTHS = [40, 7, 25, 64, 3, 50, 18, 33, 9, 60, 12]
 SHARD_TOKENS = 80
@@ -254,7 +254,7 @@ N_SHARDS = 3  # LENGTHS cut at SHARD_TOKENS=80: 136, 104 and 81 tokens
 def interrupt_at_write(monkeypatch, n: int, after_file: bool):
     """Ctrl-C during the n-th shard write: before its file exists, or once it is written but not yet
     recorded as finished (the narrowest window). Counts captured shards."""
-    import distill.teacher as teacher_mod
+    import quasar_model.teacher_outputs.capture as teacher_mod
 
     calls = {"write": 0, "capture": 0}
     real_write, real_capture = teacher_mod.write_shard, teacher_mod._capture_shard
@@ -277,7 +277,7 @@ def interrupt_at_write(monkeypatch, n: int, after_file: bool):
 
 
 def test_interrupted_capture_resumes_to_the_same_bytes(teacher, segments, cache_path, tmp_path, monkeypatch, caplog):
-    from distill.teacher_cache import CaptureInterrupted
+    from quasar_model.teacher_outputs.cache import CaptureInterrupted
 
     calls = interrupt_at_write(monkeypatch, 2, after_file=True)
     with pytest.raises(CaptureInterrupted) as e:
@@ -305,7 +305,7 @@ def test_interrupted_capture_resumes_to_the_same_bytes(teacher, segments, cache_
 
 
 def test_capture_interrupted_before_a_shard_finished_leaves_nothing(teacher, segments, tmp_path, monkeypatch):
-    from distill.teacher_cache import CaptureInterrupted
+    from quasar_model.teacher_outputs.cache import CaptureInterrupted
 
     interrupt_at_write(monkeypatch, 1, after_file=True)
     with pytest.raises(CaptureInterrupted, match="before its first shard was finished") as e:

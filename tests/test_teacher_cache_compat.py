@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from distill.teacher_cache import CapturedSequence, TeacherCacheMeta, TeacherCacheWriter, open_teacher_cache
+from quasar_model.teacher_outputs.cache import CapturedSequence, TeacherCacheMeta, TeacherCacheWriter, open_teacher_cache
 
 FIXTURE = Path(__file__).parent / "data" / "teacher_cache_v1"
 CACHE_ID = "6727916c4d87b3733b233ac45e5af46edc699761c41e6c947de79a0ad2b9959b"

@@ -9,9 +9,9 @@ import torch
 from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
 import transformers.models.qwen3_5.modeling_qwen3_5 as qwen35_modeling
-from distill import teacher
-from distill.teacher import capture_topk, load_teacher
-from distill.tiny_teacher import tiny_teacher
+from quasar_model.teacher_outputs import capture as teacher
+from quasar_model.teacher_outputs.capture import capture_topk, load_teacher
+from quasar_model.teacher_outputs.tiny_teacher import tiny_teacher
 
 
 def test_a_qwen35_teacher_loaded_on_the_cpu_runs_on_its_pytorch_path(tmp_path, monkeypatch):

@@ -8,11 +8,11 @@ from functools import lru_cache
 import pytest
 import torch
 
-from distill.corpus import local_split
 from distill.losses import chunked_kd_loss
-from distill.teacher import capture_topk, load_teacher
-from distill.tiny_teacher import tiny_teacher
-from distill.tokenizers import (
+from quasar_model.corpus import local_split
+from quasar_model.teacher_outputs.capture import capture_topk, load_teacher
+from quasar_model.teacher_outputs.tiny_teacher import tiny_teacher
+from quasar_model.tokenization import (
     TokenTable, VocabMap, align, encode_plain, gather_aligned, generate_teacher_texts, real_vocab_size,
     token_table, tokenizer_fingerprint, write_teacher_texts,
 )
@@ -100,7 +100,7 @@ def test_normalised_token_bytes(tiny, sentencepiece_tok):
     sp = token_table(sentencepiece_tok)
     assert sp.scheme == "sentencepiece" and tiny.scheme == "byte-level"
     assert sp.tokens[sentencepiece_tok.convert_tokens_to_ids("▁the")] == b" the"
-    from distill.tokenizers import _from_sentencepiece
+    from quasar_model.tokenization import _from_sentencepiece
     assert _from_sentencepiece("<0xE2>") == b"\xe2" and _from_sentencepiece("▁▁x") == b"  x"
     for table in (tiny, qwen(), cl100k()):                    # byte-level: every single byte is a token
         assert {bytes([b]) for b in range(256)} <= set(table.by_bytes)

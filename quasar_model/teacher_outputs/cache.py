@@ -21,7 +21,7 @@ how many processes captured it, so a torchrun capture has the same id as a singl
 
 A cache is written into a temporary directory next to its final place and renamed when complete:
 a reader never sees half a cache, and two writers of the same content both end with one copy.
-A capture (distill.teacher.capture_teacher_cache) writes into `out_root/.partial-<key>/` instead,
+A capture (quasar_model.teacher_outputs.capture.capture_teacher_cache) writes into `out_root/.partial-<key>/` instead,
 named by what it captures (the meta and shard_tokens), and records each finished shard there
 (`shard-NNNNN.safetensors.json`: its manifest record and a digest of its input tokens): stopped at
 any point, it keeps only finished shards, and the same capture run again skips them. Shard bytes
@@ -89,7 +89,7 @@ class CapturedSequence:
 class TeacherCacheMeta:
     teacher_id: str
     teacher_revision: str | None
-    tokenizer_fingerprint: str      # distill.tokenizers.tokenizer_fingerprint of the teacher's tokenizer
+    tokenizer_fingerprint: str      # quasar_model.tokenization.tokenizer_fingerprint of the teacher's tokenizer
     vocab_size: int                 # real vocab size: every stored id is < this (never a padded LM-head row)
     k: int
     temperature: float
@@ -489,7 +489,7 @@ def open_teacher_cache(path: str | os.PathLike, *, tokenizer_fingerprint: str | 
     if tokenizer_fingerprint is not None and tokenizer_fingerprint != meta.tokenizer_fingerprint:
         raise TeacherCacheError(f"teacher cache {path} was captured with another tokenizer: its tokenizer "
                                 f"fingerprint is {meta.tokenizer_fingerprint[:16]}..., yours is "
-                                f"{tokenizer_fingerprint[:16]}... (map vocabularies with distill.tokenizers.VocabMap, "
+                                f"{tokenizer_fingerprint[:16]}... (map vocabularies with quasar_model.tokenization.VocabMap, "
                                 "or capture with this tokenizer)")
     if k is not None and k != meta.k:
         raise TeacherCacheError(f"teacher cache {path}: k mismatch: the cache stores k={meta.k} ids per "

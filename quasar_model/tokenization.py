@@ -12,7 +12,7 @@ Three ways to pair a teacher with a student:
 
 - same tokenizer (equal fingerprints): ids mean the same thing, use the teacher cache as is;
 - same family, padded LM head (Qwen: 151,936 head rows, ~151,665 tokens): capture with
-  real_vocab = real_vocab_size(tokenizer) so no padded row reaches the top-k (distill.teacher);
+  real_vocab = real_vocab_size(tokenizer) so no padded row reaches the top-k (quasar_model.teacher_outputs.capture);
 - different tokenizers: VocabMap sends each teacher id to the student id with the same bytes;
   mass on unmatched ids moves to the tail bucket. Positions are matched with `align`: a student
   position gets a teacher target only where both tokenizations end a token at the same byte
@@ -460,6 +460,6 @@ def generate_teacher_texts(model, tokenizer, prompts: Sequence[str], max_new_tok
 
 def write_teacher_texts(path: str | os.PathLike, texts: Sequence[str]) -> Path:
     """The generations as a `{"text": ...}` jsonl dataset (what the trainer reads for plain CE)."""
-    from .corpus import write_jsonl
+    from quasar_model.corpus import write_jsonl
 
     return write_jsonl(path, list(texts))

@@ -34,11 +34,11 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .teacher_cache import (
+from quasar_model.teacher_outputs.cache import (
     DEFAULT_SHARD_TOKENS, CapturedSequence, CaptureInterrupted, TeacherCacheMeta, discard_unfinished, finalize_cache,
     partial_dir, read_shard_record, shard_is_full, write_shard, write_shard_record,
 )
-from .tokenizers import token_table
+from quasar_model.tokenization import token_table
 
 __all__ = ["load_teacher", "capture_topk", "capture_teacher_cache", "VOCAB_CHUNK", "TOKEN_CHUNK"]
 
@@ -363,7 +363,7 @@ def capture_teacher_cache(model, tokenizer, segments: Iterable[list[int]], out_r
     tmp = Path(_broadcast(dist, str(partial_dir(out_root, meta, shard_tokens)) if rank == 0 else None, device))
     total, n_planned = _shard_tokens_of_rank(segments, shard_tokens, rank, world)
 
-    from distill.progress import progress_bar
+    from quasar_model.progress import progress_bar
     bar, resumed = None, 0
     n_shards = 0
     try:

@@ -20,8 +20,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import corpus
-from .progress import progress_bar
+from quasar_model import corpus
+from quasar_model.paths import cache_root
+from quasar_model.progress import progress_bar
 
 EOS = "<|endoftext|>"
 
@@ -30,10 +31,6 @@ RECIPE = dict(
     num_key_value_heads=2, head_dim=32, intermediate_size=384,
     seq_len=128, batch_size=8, steps=700, lr=3e-3, warmup=30, weight_decay=0.01, seed=0,
 )
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("QUASAR_CACHE", Path.home() / ".cache" / "quasar"))
 
 
 def train_tokenizer(docs: list[str], vocab_size: int):

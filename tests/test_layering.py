@@ -1,0 +1,43 @@
+"""The package layering the design fixes, read statically (ast, no imports run): quasar_model
+imports nothing of ours, and eval and distill do not import each other (what both roles need lives in
+quasar_model). Imports inside functions count: they are links all the same."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _imported_packages(path: Path) -> set[str]:
+    """Top-level package of every absolute import in the file, at any depth of the syntax tree."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            out.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def _violations(package: str, forbidden: set[str]) -> list[str]:
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert files, f"no modules under {package}/"
+    return [f"{f.relative_to(ROOT)} imports {sorted(_imported_packages(f) & forbidden)}"
+            for f in files if _imported_packages(f) & forbidden]
+
+
+@pytest.mark.parametrize("package, forbidden", [
+    ("quasar_model", {"distill", "eval", "neurons"}),
+    ("eval", {"distill"}),
+    ("distill", {"eval"}),
+])
+def test_packages_import_only_downwards(package, forbidden):
+    assert _violations(package, forbidden) == []
+
+
+def test_the_scan_sees_imports_inside_functions(tmp_path):
+    mod = tmp_path / "m.py"
+    mod.write_text("def f():\n    from distill.losses import chunked_kd_loss\n    import neurons.cli\n")
+    assert _imported_packages(mod) == {"distill", "neurons"}
