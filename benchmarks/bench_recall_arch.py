@@ -34,11 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_recall_curriculum import grade, save_png, train  # noqa: E402
 from distill.recall_curriculum import DocMaker, filler_units  # noqa: E402
-from eval.evaluate import HFTextTokenizer  # noqa: E402
 from eval.recall_tasks import generate_items  # noqa: E402
 from quasar_model import QuasarLongConfig, QuasarLongForCausalLM  # noqa: E402
 from quasar_model.corpus import local_split  # noqa: E402
 from quasar_model.teacher_outputs.tiny_teacher import tiny_teacher  # noqa: E402
+from quasar_model.tokenization import PlainTextTokenizer  # noqa: E402
 
 ONE_LOOP = dict(num_loops=1, use_looped_injection=False)
 PLAIN = dict(num_experts=0, first_k_dense_replace=6, engram_layers=[], hybrid_attention_layers=[],
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     items = {}
     for n in LENGTHS:    # a family too long for L at 1x is left out at every length
         try:
-            items[n] = generate_items(1, HFTextTokenizer(tok), a.seq_len, families=fams, lengths=(n,),
+            items[n] = generate_items(1, PlainTextTokenizer(tok), a.seq_len, families=fams, lengths=(n,),
                                       depth_bins=2, items_per_cell=2)
         except ValueError as e:
             print(f"error: {e} (raise --seq-len or drop the family)", file=sys.stderr)

@@ -29,12 +29,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from distill.recall_curriculum import FAMILIES, DocMaker, curriculum_length, filler_units, recall_batch  # noqa: E402
-from eval.evaluate import HFTextTokenizer  # noqa: E402
 from eval.recall import run_recall  # noqa: E402
 from eval.recall_tasks import FAMILIES as VALIDATOR_FAMILIES, generate_items  # noqa: E402
 from quasar_model import QuasarLongConfig, QuasarLongForCausalLM  # noqa: E402
 from quasar_model.corpus import local_split  # noqa: E402
 from quasar_model.teacher_outputs.tiny_teacher import tiny_teacher  # noqa: E402
+from quasar_model.tokenization import PlainTextTokenizer  # noqa: E402
 
 
 @torch.no_grad()
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tiny_teacher())
     maker = DocMaker(tok, filler_units(tok, local_split("train")), families=a.train_families.split(","))
-    items = generate_items(1, HFTextTokenizer(tok), a.context_len, families=fams, lengths=(1,), depth_bins=4,
+    items = generate_items(1, PlainTextTokenizer(tok), a.context_len, families=fams, lengths=(1,), depth_bins=4,
                            items_per_cell=2)
     try:
         cfg = QuasarLongConfig.preset("tiny", vocab_size=len(tok), **overrides)

@@ -67,8 +67,8 @@ def student(args):
 
 
 def token_ids(args) -> list[int]:
-    from eval.tokenizer import qwen_tokenizer
     from quasar_model.corpus import local_split
+    from quasar_model.tokenization import qwen_tokenizer
 
     tok = qwen_tokenizer(args.tokenizer)
     ids = [t for d in local_split("heldout") for t in tok.encode(d)][: args.tokens]
@@ -103,7 +103,7 @@ def capture_chunked(model, tok, ids, out, args):
 
 
 def run_capture(mode, args):
-    from eval.tokenizer import qwen_tokenizer
+    from quasar_model.tokenization import qwen_tokenizer
 
     model, tok, ids = teacher(args), qwen_tokenizer(args.tokenizer), token_ids(args)
     fn = capture_full if mode == "full" else capture_chunked

@@ -129,7 +129,8 @@ def cmd_teacher_generate(args) -> int:
     """Teacher continuations of document openings, as a jsonl text dataset (sequence-level KD)."""
     from quasar_model.teacher_outputs.capture import load_teacher
     from quasar_model.teacher_outputs.tiny_teacher import resolve_teacher
-    from quasar_model.tokenization import generate_teacher_texts, write_teacher_texts
+
+    from .sequence_kd import generate_teacher_texts, write_teacher_texts
 
     teacher = resolve_teacher(args.teacher)
     docs = read_documents(args.data, split=args.split, text_field=args.text_field, max_docs=args.max_docs)

@@ -13,9 +13,10 @@ has no next token) would train on nothing real.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 
@@ -59,3 +60,66 @@ def text_fingerprint(texts: list[str], seq_len: int) -> str:
         b = t.encode()
         h.update(len(b).to_bytes(8, "big") + b)
     return h.hexdigest()
+
+
+# -----------------------------------------------------------------------------
+# the teacher's generations: what the student trains on
+
+def _row_seed(seed: int, i: int) -> int:
+    # one generator per prompt: the text of prompt i does not depend on batching or the other prompts
+    return int.from_bytes(hashlib.sha256(f"{seed}:{i}".encode()).digest()[:8], "big") >> 1
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for src in (getattr(model, "generation_config", None), model.config, tokenizer):
+        e = getattr(src, "eos_token_id", None)
+        ids.update(e if isinstance(e, (list, tuple)) else [] if e is None else [e])
+    return ids
+
+
+@torch.no_grad()
+def generate_teacher_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, *,
+                           temperature: float = 1.0, seed: int = 0, include_prompt: bool = True) -> list[str]:
+    """Sample a continuation of each prompt from the teacher (HF causal LM + its HF tokenizer).
+
+    temperature 0 = greedy. Deterministic for a given seed: prompt i samples with its own generator
+    seeded from (seed, i). Returns prompt + continuation (include_prompt) or the continuation alone,
+    decoded without special tokens, ready for write_teacher_texts.
+    """
+    if max_new_tokens < 0 or temperature < 0:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) and temperature ({temperature}) must be >= 0")
+    device = next(model.parameters()).device
+    eos = _eos_ids(model, tokenizer)
+    # only the last position's logits are needed; older/remote models may not take logits_to_keep
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    texts = []
+    for i, prompt in enumerate(prompts):
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        if not prompt_ids:
+            raise ValueError(f"generate_teacher_texts: prompt {i} is empty and the tokenizer adds no BOS")
+        gen = torch.Generator().manual_seed(_row_seed(seed, i))
+        x = torch.tensor([prompt_ids], device=device)
+        cache, new = None, []
+        for _ in range(max_new_tokens):
+            out = model(input_ids=x, cache=cache, use_cache=True, **last_only)
+            cache = out.cache
+            z = out.logits[0, -1].float().cpu()                          # [V]
+            if temperature == 0:
+                nxt = int(z.argmax())
+            else:
+                nxt = int(torch.multinomial(torch.softmax(z / temperature, -1), 1, generator=gen))
+            if nxt in eos:
+                break
+            new.append(nxt)
+            x = torch.tensor([[nxt]], device=device)
+        ids = prompt_ids + new if include_prompt else new
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return texts
+
+
+def write_teacher_texts(path: str | os.PathLike, texts: Sequence[str]) -> Path:
+    """The generations as a `{"text": ...}` jsonl dataset (what the trainer reads for plain CE)."""
+    from quasar_model.corpus import write_jsonl
+
+    return write_jsonl(path, list(texts))

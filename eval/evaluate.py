@@ -23,7 +23,6 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -35,22 +34,9 @@ from eval.heldout import HeldoutSet, draw_documents, heldout_source, prepare_hel
 from eval.recall import greedy_decode, run_recall
 from eval.recall_tasks import TaskItem, generate_items
 from eval.results import ItemResult, SubmissionResult
+from quasar_model.tokenization import PlainTextTokenizer, tokenizer_fingerprint
 
 TINY_TEACHER = "tiny-teacher"
-
-
-class HFTextTokenizer:
-    """A Hugging Face tokenizer as eval's two-method tokenizer: plain text in, ids out, no specials
-    added and no whitespace clean-up on decode (it would break the exact-match answer spans)."""
-
-    def __init__(self, tok):
-        self.hf = tok
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.hf.encode(text, add_special_tokens=False))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.hf.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 # -----------------------------------------------------------------------------
@@ -83,8 +69,6 @@ def resolve_tokenizer(competition: Competition):
         revision = competition.teacher.revision if spec.id == competition.teacher.id else None
         tok = AutoTokenizer.from_pretrained(spec.id, revision=revision)
     if spec.fingerprint:
-        from quasar_model.tokenization import tokenizer_fingerprint
-
         got = tokenizer_fingerprint(tok)
         if got != spec.fingerprint:
             raise ValueError(f"tokenizer {spec.id!r}: fingerprint {got} differs from the competition's pinned "
@@ -133,7 +117,7 @@ def check_teacher_params(competition: Competition, teacher) -> None:
 class RoundInputs:
     competition: Competition
     seed: int
-    tokenizer: HFTextTokenizer
+    tokenizer: PlainTextTokenizer
     heldout: HeldoutSet
     items: list[TaskItem]
     probes: torch.Tensor    # [fingerprint_probes, PROBE_LEN], from the seed
@@ -168,7 +152,7 @@ def prepare_round(competition, seed: int, *, cache_root=None, device="cpu", prog
     comp = _as_competition(competition)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-    tok = HFTextTokenizer(resolve_tokenizer(comp))
+    tok = PlainTextTokenizer(resolve_tokenizer(comp))
     h = comp.heldout
     root = Path(cache_root or default_cache_root())
     source = heldout_source(h, cache_root=root, endpoint=hf_endpoint)
@@ -305,6 +289,6 @@ def evaluate_checkpoint(model_or_path, competition, seed: int, *, cache_root=Non
                        device=device, progress=progress)
 
 
-__all__ = ["HFTextTokenizer", "RoundInputs", "teacher_location", "resolve_tokenizer", "recall_items",
+__all__ = ["RoundInputs", "teacher_location", "resolve_tokenizer", "recall_items",
            "default_cache_root", "check_teacher_params", "prepare_round", "continuations", "score_model", "checkpoint_hash",
            "state_dict_hash", "load_student", "evaluate_checkpoint"]

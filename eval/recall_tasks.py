@@ -30,19 +30,22 @@ requesting fewer families or bins never changes the items that are generated.
 `oracle_answer(item, tokenizer)` re-derives the answer from the decoded prompt and the item's
 forms alone, proving it is recoverable.
 """
+from __future__ import annotations
 
 import hashlib
 import json
 import random
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from eval import haystack
 from eval.recall_forms import (  # noqa: F401  the word lists are re-exported: tests and callers read them here
     DEFAULT_FORMS, FIRST_NAMES, FORMS_KINDS, INTROS, KEY_ADJECTIVES, KEY_NOUNS, LAST_NAMES, RELATIONS, VALUE_WORDS,
     WORDING, resolve_forms)
-from eval.tokenizer import TextTokenizer
+
+if TYPE_CHECKING:  # annotations only: generating tasks needs neither torch nor transformers at import
+    from quasar_model.tokenization import TextTokenizer
 
 FAMILIES = ("passkey", "niah_multikey", "multivalue", "assoc_recall", "variable_tracking")
 # families whose every answer part is stated exactly once in the prompt (a variable name in

