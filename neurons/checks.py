@@ -111,7 +111,7 @@ class TensorInfo:
     end: int
 
 
-def _reject(stage: str, reason: str) -> SubmissionRejected:
+def _reject(reason: str, stage: str) -> SubmissionRejected:  # SubmissionRejected's order
     return SubmissionRejected(reason, stage)
 
 
@@ -152,36 +152,36 @@ def check_config_schema(raw: dict, limits: StudentLimits) -> None:
     """
     model_type = raw.get("model_type")
     if model_type != limits.allowed_model_type:
-        raise _reject("config", f"config.json model_type {str(model_type)[:40]!r} is not {limits.allowed_model_type!r}")
+        raise _reject(f"config.json model_type {str(model_type)[:40]!r} is not {limits.allowed_model_type!r}", "config")
     from quasar_model import QuasarLongConfig
 
     fields = QuasarLongConfig.__annotations__
     for key, value in raw.items():
         if key in CODE_KEYS:
-            raise _reject("config", f"config.json key {key!r} is not accepted "
-                                    "(it makes loaders run code or reinterpret the weights)")
+            raise _reject(f"config.json key {key!r} is not accepted "
+                          "(it makes loaders run code or reinterpret the weights)", "config")
         if key in BOOKKEEPING_KEYS:
             continue
         if key not in fields:
-            raise _reject("config", f"config.json has the unknown key {key[:60]!r}")
+            raise _reject(f"config.json has the unknown key {key[:60]!r}", "config")
         annotation = fields[key]
         if not isinstance(annotation, str):  # evaluated annotations (no `from __future__`): spell them
             annotation = annotation.__name__ if isinstance(annotation, type) else str(annotation)
         try:
             ok = _type_ok(annotation, value)
         except TypeError:  # a field type this checker does not know: fail closed, loudly
-            raise _reject("config", f"config.json field {key!r} has a type the validator cannot check") from None
+            raise _reject(f"config.json field {key!r} has a type the validator cannot check", "config") from None
         if not ok:
-            raise _reject("config", f"config.json field {key!r} has the wrong type or value: "
-                                    f"{str(value)[:60]!r} (expected {fields[key]})")
+            raise _reject(f"config.json field {key!r} has the wrong type or value: "
+                          f"{str(value)[:60]!r} (expected {fields[key]})", "config")
     if "architectures" in raw and raw["architectures"] != ARCHITECTURES:
-        raise _reject("config", f"config.json architectures {str(raw['architectures'])[:80]} is not {ARCHITECTURES}")
+        raise _reject(f"config.json architectures {str(raw['architectures'])[:80]} is not {ARCHITECTURES}", "config")
     for key in ("dtype", "torch_dtype"):
         if key in raw and not (isinstance(raw[key], str) and raw[key] in CONFIG_DTYPES):
-            raise _reject("config", f"config.json {key} {str(raw[key])[:40]!r} is not one of {sorted(CONFIG_DTYPES)}")
+            raise _reject(f"config.json {key} {str(raw[key])[:40]!r} is not one of {sorted(CONFIG_DTYPES)}", "config")
     if "transformers_version" in raw and not (isinstance(raw["transformers_version"], str)
                                                and len(raw["transformers_version"]) <= 32):
-        raise _reject("config", "config.json transformers_version is not a short string")
+        raise _reject("config.json transformers_version is not a short string", "config")
 
 
 def build_config(raw: dict):
@@ -192,7 +192,7 @@ def build_config(raw: dict):
     try:
         return QuasarLongConfig(**fields)
     except (ValueError, TypeError) as e:
-        raise _reject("config", f"config.json is not a valid QuasarLongConfig: {str(e)[:300]}") from None
+        raise _reject(f"config.json is not a valid QuasarLongConfig: {str(e)[:300]}", "config") from None
 
 
 def check_config_bounds(config, limits: StudentLimits) -> None:
@@ -203,7 +203,7 @@ def check_config_bounds(config, limits: StudentLimits) -> None:
     hash primes in Python at construction.
     """
     def over(field_name: str, value, bound, rule: str):
-        raise _reject("config", f"config.json {field_name}={value} is outside the competition bounds ({rule} {bound})")
+        raise _reject(f"config.json {field_name}={value} is outside the competition bounds ({rule} {bound})", "config")
 
     if config.vocab_size != limits.vocab_size:
         over("vocab_size", config.vocab_size, limits.vocab_size, "must equal the competition tokenizer's")
@@ -250,25 +250,25 @@ def count_parameters(config, limits: StudentLimits) -> dict[str, int]:
         counts = parameter_counts(config)
     except Exception as e:  # our own library refusing a shape (overflow, bad sizes): still a rejection
         first_line = (str(e).splitlines() or [""])[0][:200]
-        raise _reject("config", f"config.json does not build a model: {type(e).__name__}: {first_line}") from None
+        raise _reject(f"config.json does not build a model: {type(e).__name__}: {first_line}", "config") from None
     if counts["total"] > limits.max_total_params:
-        raise _reject("config", f"model has {counts['total']:,} parameters, "
-                                f"over the competition cap of {limits.max_total_params:,}")
+        raise _reject(f"model has {counts['total']:,} parameters, "
+                      f"over the competition cap of {limits.max_total_params:,}", "config")
     if limits.max_active_params is not None and counts["active"] > limits.max_active_params:
-        raise _reject("config", f"model has {counts['active']:,} active parameters, over the competition cap of "
-                                f"{limits.max_active_params:,} (student.max_active_params_vs_teacher x teacher.params: "
-                                "a student must be smaller than its teacher)")
+        raise _reject(f"model has {counts['active']:,} active parameters, over the competition cap of "
+                      f"{limits.max_active_params:,} (student.max_active_params_vs_teacher x teacher.params: "
+                      "a student must be smaller than its teacher)", "config")
     if limits.max_eval_flops is not None and limits.eval_plan:
         from eval.budget import model_cost
 
         cost = model_cost(config, counts)
         flops = sum(cost.axis_flops(a) for a in limits.eval_plan)
         if flops > limits.max_eval_flops:
-            raise _reject("config", f"evaluating this model costs an estimated {flops:.3e} FLOPs, over the competition's "
-                                    f"budget.max_flops of {limits.max_eval_flops:.3e} (eval.budget: num_loops="
-                                    f"{config.num_loops} x {cost.layer_params:,} active layer parameters, attention width "
-                                    f"{cost.attention_width:,} summed over layers, {cost.recurrent:,} recurrent FLOPs per "
-                                    "token; `quasar eval` prints the estimate)")
+            raise _reject(f"evaluating this model costs an estimated {flops:.3e} FLOPs, over the competition's "
+                          f"budget.max_flops of {limits.max_eval_flops:.3e} (eval.budget: num_loops="
+                          f"{config.num_loops} x {cost.layer_params:,} active layer parameters, attention width "
+                          f"{cost.attention_width:,} summed over layers, {cost.recurrent:,} recurrent FLOPs per "
+                          "token; `quasar eval` prints the estimate)", "config")
     return counts
 
 
@@ -277,18 +277,18 @@ def _check_generation_config(directory: Path, manifest: Manifest) -> None:
     if manifest.entry("generation_config.json") is not None:
         raw = read_small_file(directory / "generation_config.json", MAX_CONFIG_BYTES, "generation_config.json", "config")
         if not isinstance(strict_json_loads(raw, "generation_config.json", "config"), dict):
-            raise _reject("config", "generation_config.json is not a JSON object")
+            raise _reject("generation_config.json is not a JSON object", "config")
 
 
 def check_config(directory: str | os.PathLike, limits: StudentLimits, manifest: Manifest):
     """(config, parameter counts) of a checkpoint, or SubmissionRejected(stage="config")."""
     directory = Path(directory)
     if manifest.entry("config.json") is None:
-        raise _reject("config", "config.json is missing")
+        raise _reject("config.json is missing", "config")
     raw = read_small_file(directory / "config.json", MAX_CONFIG_BYTES, "config.json", "config")
     body = strict_json_loads(raw, "config.json", "config")
     if not isinstance(body, dict):
-        raise _reject("config", "config.json is not a JSON object")
+        raise _reject("config.json is not a JSON object", "config")
     check_config_schema(body, limits)
     config = build_config(body)
     check_config_bounds(config, limits)
@@ -312,7 +312,7 @@ def read_safetensors_header(path: Path, file_name: str, max_header_bytes: int = 
     trailing bytes (as safetensors itself requires), so no hidden payload rides along.
     """
     def bad(why: str):
-        return _reject("header", f"{file_name}: {why}")
+        return _reject(f"{file_name}: {why}", "header")
 
     file_size = path.stat().st_size
     if file_size < 8:
@@ -397,22 +397,22 @@ def _weight_files(directory: Path, manifest: Manifest) -> tuple[list[str], dict[
     """The safetensors files to read and, when sharded, the index's tensor -> file map."""
     shards = sorted(n for n in manifest.names if n.endswith(".safetensors"))
     if not shards:
-        raise _reject("header", "checkpoint has no .safetensors weights")
+        raise _reject("checkpoint has no .safetensors weights", "header")
     if manifest.entry(INDEX_NAME) is None:
         if shards != ["model.safetensors"]:
-            raise _reject("header", f"weights {shards[:5]} need {INDEX_NAME}, or one file named model.safetensors")
+            raise _reject(f"weights {shards[:5]} need {INDEX_NAME}, or one file named model.safetensors", "header")
         return shards, None
     raw = read_small_file(directory / INDEX_NAME, MAX_INDEX_BYTES, INDEX_NAME, "header")
     index = strict_json_loads(raw, INDEX_NAME, "header")
     if not isinstance(index, dict) or not set(index) <= {"metadata", "weight_map"} or "weight_map" not in index:
-        raise _reject("header", f"{INDEX_NAME} must be an object with 'weight_map' (and optional 'metadata')")
+        raise _reject(f"{INDEX_NAME} must be an object with 'weight_map' (and optional 'metadata')", "header")
     weight_map = index["weight_map"]
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise _reject("header", f"{INDEX_NAME} weight_map must map tensor names to file names")
+        raise _reject(f"{INDEX_NAME} weight_map must map tensor names to file names", "header")
     referenced = set(weight_map.values())
     if referenced != set(shards):
         unknown, unused = sorted(referenced - set(shards))[:3], sorted(set(shards) - referenced)[:3]
-        raise _reject("header", f"{INDEX_NAME} references files {unknown} not in the checkpoint, or leaves {unused} unused")
+        raise _reject(f"{INDEX_NAME} references files {unknown} not in the checkpoint, or leaves {unused} unused", "header")
     return shards, weight_map
 
 
@@ -426,33 +426,33 @@ def check_headers(directory: str | os.PathLike, manifest: Manifest, config) -> l
     for shard in shards:
         for t in read_safetensors_header(directory / shard, shard, cap):
             if t.name in declared:
-                raise _reject("header", f"tensor {t.name[:120]!r} is stored twice ({declared[t.name].file} and {shard})")
+                raise _reject(f"tensor {t.name[:120]!r} is stored twice ({declared[t.name].file} and {shard})", "header")
             if weight_map is not None and weight_map.get(t.name) != shard:
-                raise _reject("header", f"tensor {t.name[:120]!r} is in {shard} "
-                                        f"but {INDEX_NAME} says {weight_map.get(t.name)!r}")
+                raise _reject(f"tensor {t.name[:120]!r} is in {shard} "
+                              f"but {INDEX_NAME} says {weight_map.get(t.name)!r}", "header")
             declared[t.name] = t
     if weight_map is not None and set(weight_map) != set(declared):
         absent = sorted(set(weight_map) - set(declared))[:3]
-        raise _reject("header", f"{INDEX_NAME} lists tensors the shards do not hold: {absent}")
+        raise _reject(f"{INDEX_NAME} lists tensors the shards do not hold: {absent}", "header")
 
     for name in sorted(declared):
         if name in aliases:
-            raise _reject("header", f"tensor {name!r} is tied to {aliases[name]!r} and must not be stored separately")
+            raise _reject(f"tensor {name!r} is tied to {aliases[name]!r} and must not be stored separately", "header")
         if name not in expected:
-            raise _reject("header", f"unexpected tensor {name[:120]!r} (not in the Quasar-Long model for this config)")
+            raise _reject(f"unexpected tensor {name[:120]!r} (not in the Quasar-Long model for this config)", "header")
     missing = sorted(set(expected) - set(declared))
     if missing:
-        raise _reject("header", f"{len(missing)} tensor(s) missing, e.g. {missing[:3]}")
+        raise _reject(f"{len(missing)} tensor(s) missing, e.g. {missing[:3]}", "header")
     for name, t in declared.items():
         shape, torch_dtype = expected[name]
         if t.shape != shape:
-            raise _reject("header", f"tensor {name!r} has shape {list(t.shape)}, the model expects {list(shape)}")
+            raise _reject(f"tensor {name!r} has shape {list(t.shape)}, the model expects {list(shape)}", "header")
         if torch_dtype.is_floating_point:
             if t.dtype not in FLOAT_DTYPES:
-                raise _reject("header", f"tensor {name!r} has dtype {t.dtype}; "
-                                        f"weights must be one of {sorted(FLOAT_DTYPES)}")
+                raise _reject(f"tensor {name!r} has dtype {t.dtype}; "
+                              f"weights must be one of {sorted(FLOAT_DTYPES)}", "header")
         elif t.dtype != _safetensors_dtype(torch_dtype):
-            raise _reject("header", f"tensor {name!r} has dtype {t.dtype}, the model's buffer is {torch_dtype}")
+            raise _reject(f"tensor {name!r} has dtype {t.dtype}, the model's buffer is {torch_dtype}", "header")
     return list(declared.values())
 
 
@@ -484,12 +484,12 @@ def check_finite(directory: str | os.PathLike, tensors: list[TensorInfo]) -> Non
                     for chunk in chunks:
                         bad = int((~torch.isfinite(chunk)).sum())
                         if bad:
-                            raise _reject("weights", f"tensor {t.name!r} in {file_name} has {bad} "
-                                                     "non-finite value(s) (NaN/Inf)")
+                            raise _reject(f"tensor {t.name!r} in {file_name} has {bad} "
+                                          "non-finite value(s) (NaN/Inf)", "weights")
         except SubmissionRejected:
             raise
         except Exception as e:  # safetensors refusing the file after our header checks passed
-            raise _reject("weights", f"{file_name} cannot be read by safetensors: {str(e)[:200]}") from None
+            raise _reject(f"{file_name} cannot be read by safetensors: {str(e)[:200]}", "weights") from None
 
 
 # ================================================================================== all
@@ -508,7 +508,7 @@ def check_submission(directory: str | os.PathLike, limits: StudentLimits, *, man
         if hotkey is None:
             raise ValueError("checking against a commitment needs the hotkey that made it")
         if not commitment.matches(manifest.model_hash, hotkey):
-            raise _reject("manifest", unbound_reason(manifest.model_hash, commitment, hotkey))
+            raise _reject(unbound_reason(manifest.model_hash, commitment, hotkey), "manifest")
     verify_manifest(directory, manifest)
     config, counts = check_config(directory, limits, manifest)
     tensors = check_headers(directory, manifest, config)

@@ -51,7 +51,8 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-MAX_COMMITMENT_BYTES = 128
+from neurons.chain import MAX_COMMITMENT_BYTES
+
 VERSION = "q2"
 RETIRED_VERSIONS = {"q1": "version 1 committed a bare model hash, which a copier could commit as its own"}
 KINDS = ("hf", "http", "local")

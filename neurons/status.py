@@ -14,7 +14,7 @@ import time
 
 from aiohttp import web
 
-from neurons.commitment import MAX_COMMITMENT_BYTES
+from neurons.chain import MAX_COMMITMENT_BYTES
 from neurons.metrics import BackgroundApp, Registry, metrics_handler
 from neurons.state import PHASES, ValidatorState
 

@@ -10,6 +10,8 @@ import math
 
 from transformers import PreTrainedConfig
 
+from .ops.backend import KERNEL_BACKENDS
+
 BRANCH_KINDS = ("quasar", "raven", "gla")
 LONG_CONTEXT_MODES = ("rope_short_nope_long", "rope", "nope")
 BALANCING_METHODS = ("smebu", "sign", "none")
@@ -18,7 +20,6 @@ REPLACEMENT_MODES = ("add", "replace")  # "replace": the branch alone (see layer
 QUASAR_STEPS = ("sigmoid", "softplus")  # the continuous-time beta's parameterisation (layers/quasar.py)
 QUASAR_OUTPUT_GATES = ("low_rank", "silu_z")
 RAVEN_DECAY_TYPES = ("Mamba2",)
-KERNEL_BACKENDS = ("auto", "torch", "triton")
 
 
 class QuasarLongConfig(PreTrainedConfig):

@@ -13,10 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from neurons.chain import MAX_COMMITMENT_BYTES
 from neurons.checks import StudentLimits, check_submission
-from neurons.commitment import (
-    MAX_COMMITMENT_BYTES, Commitment, CommitmentRejected, encode_commitment, parse_commitment,
-)
+from neurons.commitment import Commitment, CommitmentRejected, encode_commitment, parse_commitment
 from neurons.manifest import (
     Manifest, ManifestEntry, SubmissionRejected, build_manifest, compute_model_hash, read_manifest,
     verify_manifest, write_manifest,

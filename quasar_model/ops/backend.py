@@ -12,13 +12,13 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton")
+KERNEL_BACKENDS = ("auto", "torch", "triton")
 
 
 def resolve_backend(x: torch.Tensor, backend: str | None = None) -> str:
     backend = backend or os.environ.get("QUASAR_KERNEL_BACKEND", "auto")
-    if backend not in BACKENDS:
-        raise ValueError(f"kernel backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if x.is_cuda else "torch"
     if backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
