@@ -34,13 +34,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from distill.config import DTYPE_ALIASES
 from distill.data import PackedLoader
 from distill.losses import naive_kd_loss
 from distill.optim import build_optimizer
 from distill.trainer import KDStudent
-from quasar_model.teacher_outputs.cache import CapturedSequence, TeacherCacheMeta, TeacherCacheWriter, open_teacher_cache
 from peak_rss import PeakRSS
 from quasar_model import QuasarLongConfig, QuasarLongForCausalLM
+from quasar_model.teacher_outputs.cache import CapturedSequence, TeacherCacheMeta, TeacherCacheWriter, open_teacher_cache
 
 
 def synthetic_cache(root: Path, n_seq: int, seq_len: int, vocab: int, k: int, seed: int = 0) -> Path:
@@ -81,7 +82,7 @@ def build_student(args):
 
 
 def uses_amp(args) -> bool:
-    return args.device.startswith("cuda") and args.dtype == "bf16"
+    return args.device.startswith("cuda") and args.dtype == "bfloat16"
 
 
 def check_same_loss(args) -> dict:
@@ -163,7 +164,8 @@ def main():
     ap.add_argument("--seq", type=int, default=None, help="row length (default 2048 CUDA, 128 CPU)")
     ap.add_argument("--batch", type=int, default=None, help="rows per step (default 4 CUDA, 8 CPU)")
     ap.add_argument("--k", type=int, default=64)
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="autocast on CUDA; CPU is fp32")
+    ap.add_argument("--dtype", default="bfloat16", type=lambda s: DTYPE_ALIASES.get(s, s),
+                    choices=["bfloat16", "float32"], help="autocast on CUDA (bf16/fp32 accepted); CPU is float32")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--modes", nargs="+", default=["sparse", "naive"], choices=["sparse", "naive"])
@@ -205,7 +207,7 @@ def main():
                 continue
             results[mode] = r
 
-    amp = "bf16 autocast" if on_gpu and args.dtype == "bf16" else "fp32"
+    amp = "bf16 autocast" if on_gpu and args.dtype == "bfloat16" else "fp32"
     print(f"{args.preset} distill step (cache read + pack + fwd/bwd + KD + AdamW + MoE bias), "
           f"{args.batch}x{args.seq} tokens, k={args.k}, {amp}, {args.device}")
     for mode, r in results.items():

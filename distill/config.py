@@ -18,6 +18,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+# torch's dtype names are the code's spelling; the short forms are read at the config boundary only
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+
+
+def canonical_dtype(value):
+    """A dtype name as the code spells it ("bf16" -> "bfloat16"); anything else unchanged, for check() to judge."""
+    return DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
 
 
 @dataclass
@@ -95,7 +102,7 @@ class DistillConfig:
     output_dir: str = "runs/distill"
     seed: int = 0
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
-    dtype: str = "bf16"                   # autocast dtype on CUDA (bf16 | fp32); CPU always runs fp32
+    dtype: str = "bfloat16"               # autocast dtype on CUDA (bfloat16 | float32); CPU always runs float32
     parallel: str = "ddp"                 # under torchrun: ddp | fsdp (FSDP2 fully_shard)
     log_every: int = 1
     eval_every: int = 0                   # steps between held-out KL evaluations; 0 = start and end only
@@ -108,6 +115,8 @@ class DistillConfig:
     def check(self) -> "DistillConfig":
         def fail(key, why):
             raise ValueError(f"config {key}: {why} (got {_get(self, key)!r})")
+
+        self.dtype, self.teacher.dtype = canonical_dtype(self.dtype), canonical_dtype(self.teacher.dtype)
 
         for key in ("steps", "data.seq_len", "data.batch_size", "data.grad_accum", "log_every",
                     "checkpoint_every", "keep_checkpoints", "loss.chunk_size"):
@@ -147,8 +156,8 @@ class DistillConfig:
             fail("teacher.dtype", "must be auto, float32, bfloat16 or float16")
         if self.student.trainable not in ("all", "branches"):
             fail("student.trainable", "must be all or branches")
-        if self.dtype not in ("bf16", "fp32"):
-            fail("dtype", "must be bf16 or fp32")
+        if self.dtype not in ("bfloat16", "float32"):
+            fail("dtype", "must be bfloat16 or float32 (bf16, fp32)")
         if self.parallel not in ("ddp", "fsdp"):
             fail("parallel", "must be ddp or fsdp")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

@@ -320,7 +320,7 @@ class Trainer:
             from .recall_curriculum import FAMILIES, DocMaker, units_from_ids
             self.recall_maker = DocMaker(self.tokenizer, units_from_ids(self.train_cache, self.tokenizer.eos_token_id),
                                          families=cfg.recall.families or FAMILIES)
-        self.autocast_dtype = torch.bfloat16 if (self.device.type == "cuda" and cfg.dtype == "bf16") else None
+        self.autocast_dtype = torch.bfloat16 if (self.device.type == "cuda" and cfg.dtype == "bfloat16") else None
         self.step, self.tokens_seen = 0, 0
         self.resumed_from: Path | None = None
         if cfg.resume:

@@ -20,6 +20,8 @@ from distill.optim import WarmupCosine, build_optimizer, build_scheduler, is_eng
 from distill.trainer import Trainer, heldout_kl, read_metrics
 from quasar_model.paths import cache_root
 from quasar_model.teacher_outputs.cache import TeacherCacheError, open_teacher_cache
+from quasar_model.teacher_outputs.capture import load_teacher
+from quasar_model.teacher_outputs.tiny_teacher import tiny_teacher
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "distill_tiny.json"
 
@@ -103,6 +105,16 @@ def test_config_file_overrides_and_errors(tmp_path):
     j.write_text(json.dumps({"data": {"train_cache": "x", "seq_len": "long"}}))
     with pytest.raises(ValueError, match=r"data.seq_len: expected int, got str 'long'"):
         load_config(j)
+
+
+def test_dtype_short_spellings_are_read_at_the_config_boundary_only():
+    cfg = load_config(CONFIG, ["dtype=bf16", "teacher.dtype=fp16"])
+    assert (cfg.dtype, cfg.teacher.dtype) == ("bfloat16", "float16")     # the code sees one spelling
+    assert load_config(CONFIG, ["dtype=fp32"]).dtype == "float32"
+    with pytest.raises(ValueError, match="config dtype: must be bfloat16 or float32"):
+        load_config(CONFIG, ["dtype=half"])
+    with pytest.raises(ValueError, match=r"dtype: unknown 'bf16'"):      # past the boundary: torch's names
+        load_teacher(tiny_teacher(progress=False), dtype="bf16")
 
 
 # -----------------------------------------------------------------------------

@@ -47,8 +47,7 @@ __all__ = ["load_teacher", "capture_topk", "capture_teacher_cache", "VOCAB_CHUNK
 VOCAB_CHUNK = 32768
 TOKEN_CHUNK = 2048
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # -----------------------------------------------------------------------------
