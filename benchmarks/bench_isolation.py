@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--startup-only", action="store_true", help="only the children's fixed cost, fresh vs zygote")
     args = ap.parse_args()
 
     comp = load_competition(args.competition)
@@ -60,7 +61,8 @@ def main() -> None:
         except EvaluationFailed:
             pass
 
-    in_process()  # warm-up: first-call costs belong to neither side
+    if not args.startup_only:
+        in_process()  # warm-up: first-call costs belong to neither side
     startup(False)  # starts the zygote (once per validator)
     kinds = {"fresh": True, "zygote": False}
     starts = {kind: [] for kind in kinds}
@@ -69,6 +71,12 @@ def main() -> None:
             t0 = time.perf_counter()
             startup(fresh)
             starts[kind].append(time.perf_counter() - t0)
+    f, z = statistics.median(starts["fresh"]), statistics.median(starts["zygote"])
+    startup_line = f"  child start-up alone (to a missing checkpoint): fresh {f:.2f} s, zygote {z:.2f} s ({f / z:.1f}x faster)"
+    if args.startup_only:
+        print(f"{args.iters} runs each (median):")
+        print(startup_line)
+        return
     times = {"in-process": [], **{f"child ({kind})": [] for kind in kinds}}
     runs = {"in-process": in_process, **{f"child ({kind})": (lambda f=fresh: child(f)) for kind, fresh in kinds.items()}}
     same = True
@@ -86,8 +94,7 @@ def main() -> None:
         if name != "in-process":
             b = statistics.median(times[name])
             print(f"  {name:14s}  {b:7.2f} s   overhead {b - a:+.2f} s per submission ({b / a:.2f}x)")
-    f, z = statistics.median(starts["fresh"]), statistics.median(starts["zygote"])
-    print(f"  child start-up alone (to a missing checkpoint): fresh {f:.2f} s, zygote {z:.2f} s ({f / z:.1f}x faster)")
+    print(startup_line)
     print(f"  round inputs written once per round: {save_s:.2f} s, {path.stat().st_size / 1e6:.1f} MB")
     print(f"  identical results: {same}")
 
