@@ -98,15 +98,15 @@ def evaluate_isolated(checkpoint: Path, inputs_path: Path, model_hash: str, *, d
                       limits: EvalLimits = EvalLimits(), stop=None, fresh: bool | None = None) -> dict:
     """The submission's result dict (eval.results.SubmissionResult.to_dict), or EvaluationFailed;
     EvaluationStopped when `stop` (a threading.Event) is set first. `fresh`: a fresh interpreter
-    (True) or a fork of the zygote (False); by default fresh exactly when the device is CUDA."""
+    (True) or a fork of the zygote (False); by default `forks_from_zygote(device)` decides."""
     if fresh is None:
-        fresh = device.startswith("cuda")
+        fresh = not forks_from_zygote(device)
     with tempfile.TemporaryDirectory(prefix="quasar-eval-") as tmp:
         job, out = Path(tmp) / "job.json", Path(tmp) / "out.json"
         job.write_text(json.dumps({
             "checkpoint": str(checkpoint), "inputs": str(inputs_path), "model_hash": model_hash, "device": device,
             "memory_bytes": limits.memory_bytes, "gpu_memory_fraction": limits.gpu_memory_fraction,
-            "kernel_backend": limits.kernel_backend, "out": str(out), "validator_pid": os.getpid()}))
+            "kernel_backend": limits.kernel_backend, "out": str(out)}))
         child = (_FreshChild if fresh else _ZygoteChild)(job, Path(tmp) / "child.log")
         deadline = time.monotonic() + limits.timeout
         try:
@@ -132,6 +132,11 @@ def evaluate_isolated(checkpoint: Path, inputs_path: Path, model_hash: str, *, d
     if bad:
         raise EvaluationFailed(f"non-finite output: {bad} is NaN or infinite")
     return result
+
+
+def forks_from_zygote(device: str) -> bool:
+    """CPU evaluations fork from the zygote; CUDA ones need a fresh interpreter (module docstring)."""
+    return not device.startswith("cuda")
 
 
 class _FreshChild:
@@ -172,10 +177,10 @@ def start_zygote() -> None:
 
 
 class _ZygoteChild:
-    """A fork of the zygote running `_forked_main(JOB, LOG)` (which starts a session of its own)."""
+    """A fork of the zygote running `_forked_main(JOB, LOG, VALIDATOR_PID)` (which starts a session of its own)."""
 
     def __init__(self, job: Path, log: Path):
-        self.proc = _zygote().Process(target=_forked_main, args=(str(job), str(log)), name="quasar-eval")
+        self.proc = _zygote().Process(target=_forked_main, args=(str(job), str(log), os.getpid()), name="quasar-eval")
         self.proc.start()
 
     def poll(self) -> int | None:
@@ -285,9 +290,9 @@ def _watch_validator(pid: int) -> None:
     threading.Thread(target=watch, daemon=True, name="watch-validator").start()
 
 
-def _forked_main(job: str, log: str) -> None:
+def _forked_main(job: str, log: str, validator_pid: int) -> None:
     os.setsid()  # a process group of its own: a timeout kills it and anything it started
-    _watch_validator(json.loads(Path(job).read_text())["validator_pid"])
+    _watch_validator(validator_pid)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.dup2(fd, 1)
     os.dup2(fd, 2)

@@ -30,8 +30,8 @@ from eval.competition import Competition
 from eval.stack import check_stack
 from neurons.chain import Chain, ChainError
 from neurons.checks import StudentLimits
-from neurons.isolation import (EvalLimits, EvaluationFailed, EvaluationStopped, evaluate_isolated, save_round_inputs,
-                               start_zygote)
+from neurons.isolation import (EvalLimits, EvaluationFailed, EvaluationStopped, evaluate_isolated,
+                               forks_from_zygote, save_round_inputs, start_zygote)
 from neurons.logs import event
 from neurons.metrics import Registry
 from neurons.modelstore import ModelStore
@@ -232,7 +232,7 @@ class Validator:
     def run_round(self, r: Round) -> bool:
         """Carry `r` from its stored phase to `done`; False if stopped first."""
         event(log, "round", id=r.id, sync_block=r.sync_block, seed=r.seed, phase=r.phase)
-        if self._evaluate == self._evaluate_checkpoint and not self.settings.device.startswith("cuda"):
+        if self._evaluate == self._evaluate_checkpoint and forks_from_zygote(self.settings.device):
             start_zygote()  # CPU evaluations fork from it (neurons.isolation)
         steps = {"fetch": self._fetch_phase, "evaluate": self._evaluate_phase, "score": self._score_phase,
                  "weights": self._weights_phase}
