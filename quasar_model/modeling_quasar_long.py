@@ -26,6 +26,7 @@ from .layers.attention import GQAttention
 from .layers.engram import Engram
 from .layers.hybrid import HybridMixer
 from .layers.latent_memory import LatentMemory
+from .layers.loading import load_
 from .layers.mlp import SwiGLU
 from .layers.moe import MoE
 from .layers.norm import RMSNorm
@@ -77,6 +78,48 @@ class QuasarLongDecoderLayer(nn.Module):
         self.ffn_out_norm = sandwich() if sandwich else None
         self.engram = Engram(config, layer_idx) if layer_idx in config.engram_layers else None
         self.memory = LatentMemory(config) if layer_idx in config.latent_memory_layers else None
+
+    # Loading weights given from outside (quasar_model/conversion: a teacher's), in plain nn.Linear
+    # terms; each sublayer lays them into its own parameters.
+    @torch.no_grad()
+    def load_norms(self, input_norm, post_norm, mixer_out=None, ffn_out=None, *, zero_centered=False) -> None:
+        """The norms before the mixer and the FFN, and with sandwich_norm those of their outputs;
+        zero_centered: the given weights scale by (1 + w)."""
+        for norm, w, name in ((self.input_norm, input_norm, "input_norm"), (self.post_norm, post_norm, "post_norm"),
+                              (self.mixer_out_norm, mixer_out, "mixer_out_norm"),
+                              (self.ffn_out_norm, ffn_out, "ffn_out_norm")):
+            if (norm is None) != (w is None):
+                raise ValueError(f"layers.{self.layer_idx}.{name}: the student has {'none' if norm is None else 'one'}, "
+                                 f"the teacher {'none' if w is None else 'one'} (sandwich_norm)")
+            if norm is not None:
+                norm.load_scale(w, zero_centered=zero_centered, name=f"layers.{self.layer_idx}.{name}")
+
+    def load_attention(self, weights: dict, *, into_branch: bool = True) -> None:
+        """An attention (GQAttention.load_weights' arguments): the layer's own, or on a hybrid layer the
+        attention beside the branch and, with into_branch, the branch's start."""
+        if self.is_hybrid:
+            self.mixer.load_from_attention(weights, into_branch=into_branch)
+        else:
+            self.mixer.load_weights(**weights)
+
+    def load_gated_deltanet(self, weights: dict) -> None:
+        """A gated DeltaNet layer (QuasarBranch.load_gated_deltanet's arguments): a replace-mode quasar layer."""
+        if not (self.is_hybrid and self.mixer.replace and self.mixer.kind == "quasar"):
+            raise ValueError(f"layer {self.layer_idx}: the teacher's gated DeltaNet maps onto a replace-mode quasar "
+                             "layer only (hybrid_replace_layers, cycle 'quasar')")
+        self.mixer.branch.load_gated_deltanet(**weights)
+
+    def load_dense_ffn(self, gate, up, down) -> None:
+        """A dense SwiGLU: this layer's, or on a MoE layer the shared expert the routed ones upcycle from."""
+        name = f"layers.{self.layer_idx}.ffn"
+        (self.ffn.upcycle if isinstance(self.ffn, MoE) else self.ffn.load_weights)(gate, up, down, name=name)
+
+    def load_moe_ffn(self, weights: dict) -> None:
+        """A MoE (MoE.load_weights' arguments)."""
+        if not isinstance(self.ffn, MoE):
+            raise ValueError(f"layer {self.layer_idx}: the teacher's layer is MoE, the student's is dense "
+                             "(first_k_dense_replace differs)")
+        self.ffn.load_weights(**weights, name=f"layers.{self.layer_idx}.ffn")
 
     def forward(self, h: torch.Tensor, ctx: StepContext, state: dict | None) -> torch.Tensor:
         if self.engram is not None:
@@ -293,6 +336,17 @@ class QuasarLongForCausalLM(QuasarLongPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value):
         self.lm_head = value
+
+    @torch.no_grad()
+    def load_outer_weights(self, embed_tokens, norm, lm_head=None, *, norm_zero_centered=False) -> None:
+        """What lies outside the layers: token embeddings, final norm, and the LM head (None, and
+        ignored, when tie_word_embeddings makes the embeddings the head)."""
+        load_(self.model.embed_tokens.weight, embed_tokens, "embed_tokens")
+        self.model.norm.load_scale(norm, zero_centered=norm_zero_centered, name="norm")
+        if self.config.tie_word_embeddings:
+            self.tie_weights()
+        else:
+            load_(self.lm_head.weight, lm_head, "lm_head")
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,

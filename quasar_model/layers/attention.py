@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .loading import load_
 from .norm import RMSNorm
 from .rotary import apply_rotary
 
@@ -26,6 +27,21 @@ class GQAttention(nn.Module):
         zc = config.zero_centered_rms_norm
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, zero_centered=zc) if config.use_qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, zero_centered=zc) if config.use_qk_norm else nn.Identity()
+
+    @torch.no_grad()
+    def load_weights(self, q, k, v, o, *, q_bias=None, k_bias=None, v_bias=None, gate=None, q_norm=None,
+                     k_norm=None, norms_zero_centered=False) -> None:
+        """An attention given as separate q, k, v (and gate) rows, fused here into qkv_proj."""
+        load_(self.qkv_proj.weight, torch.cat([q, k, v] + ([gate] if self.gated else [])), "qkv_proj")
+        if (self.qkv_proj.bias is None) != (q_bias is None):
+            raise ValueError("qkv_proj: the teacher's q/k/v biases and the student's attention_qkv_bias disagree")
+        if q_bias is not None:
+            gate_bias = [torch.zeros_like(q_bias)] if self.gated else []  # no teacher has both: the gate's stays 0
+            load_(self.qkv_proj.bias, torch.cat([q_bias, k_bias, v_bias] + gate_bias), "qkv_proj.bias")
+        load_(self.o_proj.weight, o, "o_proj")
+        if q_norm is not None:
+            self.q_norm.load_scale(q_norm, zero_centered=norms_zero_centered, name="q_norm")
+            self.k_norm.load_scale(k_norm, zero_centered=norms_zero_centered, name="k_norm")
 
     def forward(self, x, rope, attn_mask=None, state: dict | None = None):
         # x [B, T, hidden]; rope = (cos, sin) [B, T, rotary_dim] or None

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import initialization as init
 
 from ..ops.gla import gated_linear_attention
+from .loading import load_, load_gqa_shaped_branch
 from .norm import RMSNorm
 from .packing import flat
 from .rotary import apply_rotary
@@ -49,6 +50,15 @@ class GLABranch(nn.Module):
 
     def reset_parameters(self):
         init.copy_(self.log_decay, fixed_log_decay(*self.decay_args))  # not saved: rebuilt on load
+
+    @torch.no_grad()
+    def load_from_attention(self, q, k, v, o, *, gate=None, q_norm=None, k_norm=None, norms_zero_centered=False,
+                            **_) -> None:
+        """An attention's projections as the branch's start (its q/k biases have no place here); an
+        attention output gate becomes g_proj: both gate the read-out by sigmoid(W x) per channel."""
+        load_gqa_shaped_branch(self, q, k, v, o, q_norm=q_norm, k_norm=k_norm, norms_zero_centered=norms_zero_centered)
+        if gate is not None:
+            load_(self.g_proj.weight, gate, "branch.g_proj")
 
     def forward(self, x, state=None, token_mask=None, cu_seqlens=None, rope=None, **_):
         B, T, _ = x.shape

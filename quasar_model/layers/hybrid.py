@@ -47,6 +47,16 @@ class HybridMixer(nn.Module):
         train with the branch."""
         return [(n, p) for n, p in self.named_parameters() if not n.startswith("attn.")]
 
+    @torch.no_grad()
+    def load_from_attention(self, weights: dict, *, into_branch: bool = True) -> None:
+        """An attention (GQAttention.load_weights' arguments) into the attention beside the branch, if
+        any, and, with into_branch, into the branch as its start (its load_from_attention); what is
+        not an attention projection (gates, decays, slot routers, a, g, c) keeps its fresh init."""
+        if self.attn is not None:
+            self.attn.load_weights(**weights)
+        if into_branch:
+            self.branch.load_from_attention(**weights)
+
     def reset_parameters(self):
         if self.alpha is not None:
             init.constant_(self.alpha, self.alpha_init)

@@ -49,6 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .loading import load_
 from .mlp import SwiGLU
 
 BALANCING = ("smebu", "sign", "none")
@@ -319,6 +320,42 @@ class MoE(nn.Module):
         # same scheme an HF `_init_weights` applies to nn.Linear: N(0, std)
         nn.init.normal_(self.gate_up_proj, mean=0.0, std=std)
         nn.init.normal_(self.down_proj, mean=0.0, std=std)
+
+    @torch.no_grad()
+    def load_weights(self, router, gate_up, down, *, expert_bias=None, shared=None, shared_gate=None,
+                     name: str = "ffn") -> None:
+        """Another MoE's, the experts in nn.Linear's layout (transposed here to x @ W): router [E, hidden];
+        gate_up [E, 2I, hidden] ([gate | up] rows), down [E, hidden, I]; expert_bias a selection-only
+        bias (b's role); shared (gate, up, down) of the shared expert; shared_gate [1, hidden]."""
+        load_(self.gate.weight, router, f"{name}.gate.weight")
+        load_(self.gate_up_proj, gate_up.transpose(1, 2), f"{name}.gate_up_proj")
+        load_(self.down_proj, down.transpose(1, 2), f"{name}.down_proj")
+        if expert_bias is not None:
+            load_(self.expert_bias, expert_bias, f"{name}.expert_bias")
+        for part, given, mine in (("shared_experts", shared, self.shared_experts),
+                                  ("shared_expert_gate", shared_gate, self.shared_expert_gate)):
+            if given is not None and mine is None:
+                raise ValueError(f"{name}: the teacher's MoE has {part}, the student's has none "
+                                 "(moe_shared_expert_gate / num_shared_experts differ)")
+        if shared is not None:
+            self.shared_experts.load_weights(*shared, name=f"{name}.shared_experts")
+        if shared_gate is not None:
+            load_(self.shared_expert_gate.weight, shared_gate, f"{name}.shared_expert_gate.weight")
+
+    @torch.no_grad()
+    def upcycle(self, gate, up, down, name: str = "ffn") -> None:
+        """A dense SwiGLU (nn.Linear's layout) as this MoE's start. It becomes the shared expert, and
+        routed expert e starts as slice e mod (I / I_moe) of its hidden units, writing nothing (down = 0):
+        the layer's output is the dense one's, and the experts grow from known features."""
+        if self.shared_experts is None:
+            raise ValueError(f"{name}: upcycling a dense MLP needs a shared expert (num_shared_experts >= 1)")
+        self.shared_experts.load_weights(gate, up, down, name=f"{name}.shared_experts")
+        I_moe = self.moe_intermediate_size
+        n_slices = gate.shape[0] // I_moe
+        for e in range(self.num_experts):
+            rows = slice((e % n_slices) * I_moe, (e % n_slices + 1) * I_moe)
+            load_(self.gate_up_proj[e], torch.cat([gate[rows], up[rows]]).t(), f"{name}.gate_up_proj[{e}]")
+        self.down_proj.zero_()
 
     def _apply(self, fn, *args, **kwargs):
         # model.to(bfloat16) would cast the balancing state too; bf16 cannot

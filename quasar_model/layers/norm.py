@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from transformers import initialization as init
 
+from .loading import load_
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = True, zero_centered: bool = False):
@@ -30,3 +32,9 @@ class RMSNorm(nn.Module):
     def reset_parameters(self):
         if self.weight is not None:
             (init.zeros_ if self.zero_centered else init.ones_)(self.weight)
+
+    def load_scale(self, w: torch.Tensor, *, zero_centered: bool, name: str = "norm") -> None:
+        """w: another norm's weight, scaling by (1 + w) when zero_centered, else by w; stored in this
+        norm's own convention (the offset is added only when the two differ, so a copy stays exact)."""
+        offset = float(zero_centered) - float(self.zero_centered)
+        load_(self.weight, w if offset == 0 else w + offset, name)

@@ -36,6 +36,7 @@ from transformers import initialization as init
 
 from ..ops.delta_rule import delta_rule
 from ..ops.short_conv import short_conv
+from .loading import load_
 from .norm import RMSNorm
 from .packing import flat
 
@@ -90,6 +91,34 @@ class QuasarBranch(nn.Module):
         init.copy_(self.A_log, torch.empty_like(self.A_log).uniform_(0, 16).clamp_min(1e-4).log())
         dt = torch.exp(torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(0.1)))
         init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+
+    @torch.no_grad()
+    def load_from_attention(self, q, k, v, o, **_) -> None:
+        """A GQA attention's q, k, v, o as the branch's start, the usual linearisation init: one q/k/v
+        per head, each KV head's rows repeated over its group (norms, biases and gates are left out)."""
+        if k.shape[0] % self.head_dim or self.n_k_heads % (k.shape[0] // self.head_dim):
+            raise ValueError(f"branch.qkv_proj: teacher k rows {k.shape[0]} are not whole heads of the "
+                             f"branch's {self.n_k_heads} heads of dim {self.head_dim}")
+        n_kv = k.shape[0] // self.head_dim
+        rep = self.n_k_heads // n_kv
+
+        def repeat_heads(w):  # [n_kv*d, hidden] -> [n_kv*rep*d, hidden]
+            return w.view(n_kv, self.head_dim, -1).repeat_interleave(rep, dim=0).reshape(n_kv * rep * self.head_dim, -1)
+
+        load_(self.qkv_proj.weight, torch.cat([q, repeat_heads(k), repeat_heads(v)]), "branch.qkv_proj")
+        load_(self.o_proj.weight, o, "branch.o_proj")
+
+    @torch.no_grad()
+    def load_gated_deltanet(self, qkv, conv, beta, decay, A_log, dt_bias, o_norm, z, o) -> None:
+        """A gated DeltaNet (Qwen3.5's linear attention) in this branch's gated-DeltaNet form: the same
+        math and the same [q; k; v] layout. conv [C, K] (a depthwise kernel's taps); o_norm is the
+        z-gated norm's plain weight."""
+        for dst, src, name in ((self.qkv_proj.weight, qkv, "qkv_proj"), (self.conv_weight, conv, "conv_weight"),
+                               (self.beta_proj.weight, beta, "beta_proj"), (self.decay_proj.weight, decay, "decay_proj"),
+                               (self.A_log, A_log, "A_log"), (self.dt_bias, dt_bias, "dt_bias"),
+                               (self.o_norm.weight, o_norm, "o_norm"), (self.z_proj.weight, z, "z_proj"),
+                               (self.o_proj.weight, o, "o_proj")):
+            load_(dst, src, f"branch.{name}")
 
     def log_decay(self, xh: torch.Tensor) -> torch.Tensor:
         """x^ [B, T, hidden] -> psi [B, T, H] (fp32, <= 0)."""

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import initialization as init
 
 from ..ops.gated_slot import gated_slot_attention
+from .loading import load_gqa_shaped_branch
 from .norm import RMSNorm
 from .packing import flat
 
@@ -44,6 +45,11 @@ class RavenBranch(nn.Module):
         init.copy_(self.A_log, torch.empty_like(self.A_log).uniform_(0, 16).clamp_min(1e-4).log())
         dt = torch.exp(torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(0.1)))
         init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+
+    @torch.no_grad()
+    def load_from_attention(self, q, k, v, o, *, q_norm=None, k_norm=None, norms_zero_centered=False, **_) -> None:
+        """An attention's projections as the branch's start; its biases and output gate have no place here."""
+        load_gqa_shaped_branch(self, q, k, v, o, q_norm=q_norm, k_norm=k_norm, norms_zero_centered=norms_zero_centered)
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, hidden] -> r [B, T, H, M]: top-k slot weights per head, renormalised to sum 1."""
