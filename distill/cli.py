@@ -253,7 +253,7 @@ def _refuse_early(teacher: str, revision: str | None) -> None:
     vision-language checkpoint (Qwen3.5's), and that is the teacher."""
     from transformers import AutoConfig
 
-    from .structural import check_teacher
+    from quasar_model.conversion import check_teacher
 
     try:
         tc = AutoConfig.from_pretrained(teacher, revision=revision)
@@ -272,7 +272,7 @@ def cmd_init_student(args) -> int:
     from quasar_model.teacher_outputs.capture import load_teacher
     from quasar_model.teacher_outputs.tiny_teacher import resolve_teacher
 
-    from .structural import init_student, logit_gap
+    from quasar_model.conversion import init_student, logit_gap
 
     teacher = resolve_teacher(args.teacher)
     overrides = {}

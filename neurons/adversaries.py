@@ -94,7 +94,7 @@ def teacher(victim: Path | None, dst: Path, competition: Competition) -> Path:
     competition's teacher's weights, computing its function (the branches start switched off)."""
     import torch
 
-    from distill.structural import init_student
+    from quasar_model.conversion import init_student
     from eval.evaluate import teacher_location
     from quasar_model.teacher_outputs.capture import load_teacher
 

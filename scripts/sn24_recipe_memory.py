@@ -67,7 +67,7 @@ def main(argv=None) -> int:
 
     from transformers import Qwen3_5ForCausalLM
 
-    from distill.structural import student_config
+    from quasar_model.conversion import student_config
     from eval.competition import load_competition
     from quasar_model.report import parameter_counts
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.structural import init_student, logit_gap
+from quasar_model.conversion import init_student, logit_gap
 from quasar_model.teacher_outputs.capture import load_teacher
 from quasar_model.teacher_outputs.tiny_teacher import tiny_teacher
 from distilled import distill, train_stream

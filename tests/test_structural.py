@@ -9,10 +9,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, Qwen3Config, Qwen3ForCausalLM
 
-from distill.structural import (
-    LiveTeacher, check_teacher, default_hybrid_layers, init_student, layer_map, logit_gap, student_config,
-)
+from distill.structural import LiveTeacher, layer_map
 from quasar_model import QuasarLongForCausalLM
+from quasar_model.conversion import check_teacher, default_hybrid_layers, init_student, logit_gap, student_config
 from quasar_model.layers.moe import MoE
 
 

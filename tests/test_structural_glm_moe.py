@@ -13,7 +13,7 @@ from transformers import (
     Glm4Config, Glm4ForCausalLM, Glm4MoeConfig, Glm4MoeForCausalLM, Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig,
 )
 
-from distill.structural import check_teacher, init_student, logit_gap
+from quasar_model.conversion import check_teacher, init_student, logit_gap
 from quasar_model import QuasarLongForCausalLM
 from quasar_model.cache import QuasarLongCache
 from quasar_model.layers.moe import MoE

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
-from distill.structural import check_teacher, init_student, logit_gap
+from quasar_model.conversion import check_teacher, init_student, logit_gap
 from quasar_model import QuasarLongConfig, QuasarLongForCausalLM
 from quasar_model.cache import QuasarLongCache
 
