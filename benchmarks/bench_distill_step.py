@@ -36,9 +36,9 @@ from torch import nn
 
 from distill.config import DTYPE_ALIASES
 from distill.data import PackedLoader
+from distill.kd_student import KDStudent
 from distill.losses import naive_kd_loss
 from distill.optim import build_optimizer
-from distill.trainer import KDStudent
 from peak_rss import PeakRSS
 from quasar_model import QuasarLongConfig, QuasarLongForCausalLM
 from quasar_model.teacher_outputs.cache import CapturedSequence, TeacherCacheMeta, TeacherCacheWriter, open_teacher_cache

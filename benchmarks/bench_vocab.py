@@ -118,9 +118,9 @@ def run_capture(mode, args):
 
 def run_step(mode, args):
     from distill.data import PackedBatch, iterate_once
+    from distill.kd_student import KDStudent
     from distill.losses import naive_kd_loss
     from distill.optim import build_optimizer
-    from distill.trainer import KDStudent
     from quasar_model.teacher_outputs.cache import open_teacher_cache
 
     cache = open_teacher_cache(args.cache)

@@ -29,7 +29,8 @@ import torch
 
 from distill.cli import teacher_cache_main
 from distill.config import load_config
-from distill.trainer import Trainer, read_metrics
+from distill.metrics_log import read_metrics
+from distill.trainer import Trainer
 from quasar_model.paths import cache_root
 
 STEPS = 3

@@ -16,8 +16,10 @@ import torch
 from distill.cli import main as cli_main
 from distill.cli import teacher_cache_main
 from distill.config import load_config
+from distill.kd_student import heldout_kl
+from distill.metrics_log import read_metrics
 from distill.optim import WarmupCosine, build_optimizer, build_scheduler, is_engram, no_weight_decay
-from distill.trainer import Trainer, heldout_kl, read_metrics
+from distill.trainer import Trainer
 from quasar_model.paths import cache_root
 from quasar_model.teacher_outputs.cache import TeacherCacheError, open_teacher_cache
 from quasar_model.teacher_outputs.capture import load_teacher

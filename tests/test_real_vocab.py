@@ -15,8 +15,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from distill.data import iterate_once
+from distill.kd_student import KDStudent, heldout_kl
 from distill.losses import naive_kd_loss
-from distill.trainer import KDStudent, heldout_kl
 from eval.heldout import HeldoutDoc, score_documents
 from quasar_model import QuasarLongConfig, QuasarLongForCausalLM
 from quasar_model.corpus import local_split

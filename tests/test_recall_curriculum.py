@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from distill.config import load_config
+from distill.metrics_log import read_metrics
 from distill.recall_curriculum import FAMILIES, DocMaker, curriculum_length, recall_batch
-from distill.trainer import Trainer, read_metrics
+from distill.trainer import Trainer
 from test_distill_train import caches, tiny_config  # noqa: F401  (module fixture, reused)
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -195,7 +195,8 @@ def test_structural_distillation_end_to_end(tmp_path, capsys):
     from distill.cli import main as cli_main
     from distill.cli import teacher_cache_main
     from distill.config import load_config
-    from distill.trainer import Trainer, read_metrics
+    from distill.metrics_log import read_metrics
+    from distill.trainer import Trainer
     from quasar_model.paths import cache_root
 
     root = cache_root() / "test-teacher-caches"
@@ -287,7 +288,7 @@ def test_init_student_in_bfloat16_halves_the_checkpoint(tmp_path):
     dict(hybrid_attention_layers=[1, 2, 4], hybrid_replace_layers=[2, 4], num_hidden_layers=5),
 ])
 def test_trainer_frozen_set_and_report_branch_count_agree(overrides):
-    from distill.trainer import freeze_all_but_branches
+    from distill.setup import freeze_all_but_branches
     from quasar_model import QuasarLongConfig
     from quasar_model.report import parameter_counts
 
