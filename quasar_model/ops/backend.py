@@ -26,18 +26,3 @@ def resolve_backend(x: torch.Tensor, backend: str | None = None) -> str:
                          "TRITON_INTERPRET=1); use 'torch' on CPU")
     return backend
 
-
-def check_cu_seqlens(cu_seqlens, batch: int) -> None:
-    """Structure of packed-document boundaries: a 1-D int32/int64 [N+1] tensor over one row."""
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError("cu_seqlens must be a 1-D integer tensor [N+1] of document boundaries")
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"cu_seqlens must be int32/int64 (LongTensor), got {cu_seqlens.dtype}")
-    if batch != 1:
-        raise ValueError(f"cu_seqlens needs packed inputs with batch size 1, got B={batch}")
-
-
-def check_cu_seqlens_bounds(bounds: list[int], T: int) -> None:
-    """Values of the boundaries (host-side: only where the caller needs them on the host anyway)."""
-    if bounds[0] != 0 or bounds[-1] != T or any(b < a for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"cu_seqlens must rise from 0 to T={T} without decreasing, got {bounds}")

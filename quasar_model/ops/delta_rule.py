@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from .backend import resolve_backend
+from .varlen import check_cu_seqlens, per_document
 
 __all__ = ["delta_rule", "delta_rule_chunked", "delta_rule_recurrent"]
 
@@ -70,12 +71,7 @@ def _check_inputs(q, k, v, beta, initial_state, cu_seqlens=None, g=None):
     V = v.shape[-1]
     N = B
     if cu_seqlens is not None:
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(f"cu_seqlens must be a 1-D tensor [N+1], got shape {tuple(cu_seqlens.shape)}")
-        if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
-            raise ValueError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
-        if B != 1:
-            raise ValueError(f"cu_seqlens (packed documents) requires batch size 1, got q with B={B}")
+        check_cu_seqlens(cu_seqlens, B)
         N = cu_seqlens.numel() - 1
     if initial_state is not None and tuple(initial_state.shape) != (N, H, K, V):
         what = "N = len(cu_seqlens) - 1" if cu_seqlens is not None else "N = B"
@@ -316,19 +312,5 @@ def delta_rule(
     if cu_seqlens is None:
         return _delta_rule_torch(q, k, v, beta, scale, initial_state, output_final_state, g=g)
 
-    # packed documents: run each one on its own and concatenate (value checks need the host copy)
-    bounds = cu_seqlens.tolist()
-    T = q.shape[1]
-    if bounds[0] != 0 or bounds[-1] != T or any(a > b for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"cu_seqlens must be non-decreasing from 0 to T={T}, got {bounds}")
-    outs, finals = [], []
-    for i, (bos, eos) in enumerate(zip(bounds[:-1], bounds[1:])):
-        h0 = None if initial_state is None else initial_state[i : i + 1]
-        o_i, s_i = _delta_rule_torch(
-            q[:, bos:eos], k[:, bos:eos], v[:, bos:eos], beta[:, bos:eos], scale, h0, output_final_state,
-            g=None if g is None else g[:, bos:eos],
-        )
-        outs.append(o_i)
-        finals.append(s_i)
-    o = torch.cat(outs, dim=1)  # [1, T, H, V]
-    return o, (torch.cat(finals, dim=0) if output_final_state else None)
+    return per_document(lambda q, k, v, beta, g, h0, final: _delta_rule_torch(q, k, v, beta, scale, h0, final, g=g),
+                        (q, k, v, beta, g), cu_seqlens, initial_state, output_final_state)

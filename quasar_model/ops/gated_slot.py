@@ -24,7 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .backend import check_cu_seqlens, check_cu_seqlens_bounds, resolve_backend
+from .backend import resolve_backend
+from .varlen import check_cu_seqlens, check_cu_seqlens_bounds, per_document
 
 __all__ = ["gated_slot_attention", "gated_slot_chunked", "gated_slot_recurrent"]
 
@@ -365,20 +366,11 @@ def gated_slot_attention(
                           output_final_state=output_final_state, cu_seqlens=cu_seqlens)
         return o.to(q.dtype), (tuple(final) if output_final_state else None)
 
-    op = gated_slot_recurrent if T == 1 else gated_slot_chunked
-    if cu_seqlens is None:
-        return op(q, k, v, s, g, scale, initial_state, output_final_state)
+    def run(q, k, v, s, g, h0, final):
+        # a single token (a decode step, or a one-token document) takes the token loop
+        op = gated_slot_recurrent if q.shape[1] == 1 else gated_slot_chunked
+        return op(q, k, v, s, g, scale, h0, final)
 
-    # packed documents: run each segment on its own, from its own initial state
-    bounds = cu_seqlens.tolist()
-    outs, hks, hvs = [], [], []
-    for n, (t0, t1) in enumerate(zip(bounds, bounds[1:])):
-        h0 = None if initial_state is None else tuple(x[n:n + 1] for x in initial_state)
-        seg = [x[:, t0:t1] for x in (q, k, v, s, g)]
-        seg_op = gated_slot_recurrent if t1 - t0 == 1 else gated_slot_chunked
-        o, final = seg_op(*seg, scale, h0, True)
-        outs.append(o)
-        hks.append(final[0])
-        hvs.append(final[1])
-    o = torch.cat(outs, 1)
-    return o, ((torch.cat(hks, 0), torch.cat(hvs, 0)) if output_final_state else None)
+    if cu_seqlens is None:
+        return run(q, k, v, s, g, initial_state, output_final_state)
+    return per_document(run, (q, k, v, s, g), cu_seqlens, initial_state, output_final_state)

@@ -29,7 +29,8 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from .backend import check_cu_seqlens, check_cu_seqlens_bounds, resolve_backend
+from .backend import resolve_backend
+from .varlen import check_cu_seqlens, per_document
 
 __all__ = ["gla_recurrent", "gla_chunked", "gated_linear_attention"]
 
@@ -323,14 +324,5 @@ def gated_linear_attention(q, k, v, g, scale, initial_state=None, output_final_s
     if cu_seqlens is None:
         return _torch_gla(q, k, v, g, scale, initial_state, output_final_state)
 
-    # packed documents: run each segment on its own, then glue the outputs back together
-    bounds = cu_seqlens.tolist()
-    check_cu_seqlens_bounds(bounds, q.shape[1])
-    outs, finals = [], []
-    for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
-        h0 = None if initial_state is None else initial_state[i:i + 1]
-        o_i, h_i = _torch_gla(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], scale, h0, output_final_state)
-        outs.append(o_i)
-        finals.append(h_i)
-    o = torch.cat(outs, dim=1)                                    # [1, T, H, V]
-    return o, (torch.cat(finals, dim=0) if output_final_state else None)   # [N, H, K, V]
+    return per_document(lambda q, k, v, g, h0, final: _torch_gla(q, k, v, g, scale, h0, final),
+                        (q, k, v, g), cu_seqlens, initial_state, output_final_state)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .varlen import per_document
+
 __all__ = ["short_conv", "short_conv_reference"]
 
 
@@ -70,9 +72,7 @@ def short_conv(x, weight, state=None, output_final_state=False, cu_seqlens=None)
     if cu_seqlens is not None:
         if x.shape[0] != 1 or state is not None:
             raise ValueError("short_conv: packed documents (cu_seqlens) need B == 1 and no state")
-        bounds = cu_seqlens.tolist()
-        y = torch.cat([_conv(x[:, a:b], weight, None)[0] for a, b in zip(bounds[:-1], bounds[1:])], dim=1)
-        return y, None
+        return per_document(lambda x, h0, final: (_conv(x, weight, None)[0], None), (x,), cu_seqlens)
     y, xp = _conv(x, weight, state)
     # the state is the last K-1 inputs, including history when T < K-1 (a decode step)
     return y, (xp[:, xp.shape[1] - (K - 1):] if output_final_state else None)
