@@ -189,6 +189,11 @@ class QuasarLongConfig(PreTrainedConfig):
         def fail(field: str, why: str):
             raise ValueError(f"QuasarLongConfig.{field}: {why} (got {getattr(self, field)!r})")
 
+        def layers_exist(field: str):
+            for i in getattr(self, field):
+                if not 0 <= i < self.num_hidden_layers:
+                    fail(field, f"layer {i} out of range [0, {self.num_hidden_layers})")
+
         # The bounds below exist so that a hostile config is refused before allocation.
         for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                       "num_key_value_heads", "head_dim", "intermediate_size", "num_loops",
@@ -240,9 +245,7 @@ class QuasarLongConfig(PreTrainedConfig):
             fail("moe_balancing", f"must be one of {BALANCING_METHODS}")
         if len(set(self.hybrid_attention_layers)) != len(self.hybrid_attention_layers):
             fail("hybrid_attention_layers", "has repeated layers")
-        for i in self.hybrid_attention_layers:
-            if not 0 <= i < self.num_hidden_layers:
-                fail("hybrid_attention_layers", f"layer {i} out of range [0, {self.num_hidden_layers})")
+        layers_exist("hybrid_attention_layers")
         if self.hybrid_attention_layers and not self.hybrid_layerwise_cycle:
             fail("hybrid_layerwise_cycle", "must name at least one branch")
         for name in self.hybrid_layerwise_cycle:
@@ -283,9 +286,7 @@ class QuasarLongConfig(PreTrainedConfig):
             fail("kernel_backend", f"must be one of {KERNEL_BACKENDS}")
         if not math.isfinite(self.hybrid_alpha_init):
             fail("hybrid_alpha_init", "must be finite")
-        for i in self.engram_layers:
-            if not 0 <= i < self.num_hidden_layers:
-                fail("engram_layers", f"layer {i} out of range [0, {self.num_hidden_layers})")
+        layers_exist("engram_layers")
         if self.engram_layers:
             if self.engram_num_heads < 1 or self.engram_dim % self.engram_num_heads:
                 fail("engram_num_heads", f"must divide engram_dim={self.engram_dim}")
@@ -293,9 +294,7 @@ class QuasarLongConfig(PreTrainedConfig):
                 fail("engram_ngram_orders", "orders must be >= 2")
             if self.engram_slots < 2:
                 fail("engram_slots", "must be >= 2")
-        for i in self.latent_memory_layers:
-            if not 0 <= i < self.num_hidden_layers:
-                fail("latent_memory_layers", f"layer {i} out of range [0, {self.num_hidden_layers})")
+        layers_exist("latent_memory_layers")
         if self.latent_memory_layers and (self.latent_memory_slots < 1 or self.latent_memory_segment < 1):
             fail("latent_memory_slots", "slots and segment must be positive")
 

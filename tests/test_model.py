@@ -251,6 +251,7 @@ def test_replace_mode_layers_have_no_attention_and_pack_like_separate_documents(
     (dict(hybrid_layerwise_cycle=["quasar", "mamba"]), "hybrid_layerwise_cycle"),
     (dict(hybrid_attention_layers=[1, 6]), "hybrid_attention_layers"),
     (dict(engram_layers=[7]), "engram_layers"),
+    (dict(latent_memory_layers=[6]), "latent_memory_layers"),
     (dict(partial_rotary_factor=0.3), "partial_rotary_factor"),
     (dict(long_context_mode="yarn"), "long_context_mode"),
     (dict(moe_balancing="aux_loss"), "moe_balancing"),
