@@ -243,6 +243,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
+        """Checkpoint the current step (collective: every rank calls it)."""
         return save_checkpoint(self.ckpt_root, step=self.step, tokens_seen=self.tokens_seen, model=self.model,
                                optimizer=self.optimizer, scheduler=self.scheduler, loader=self.loader,
                                cfg=self.cfg, env=self.env)
