@@ -33,8 +33,8 @@ from neurons.shutdown import die_with_parent
 
 HONEST = {
     # name: (total steps, steps per self-evaluation cycle), best first: their composites must keep this order
-    "miner-long": (400, 400),
-    "miner-short": (250, 250),
+    "miner-long": (200, 200),
+    "miner-short": (100, 100),
 }
 BEST = "miner-long"
 ADVERSARIES = {
