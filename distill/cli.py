@@ -30,6 +30,7 @@ import signal
 import sys
 from pathlib import Path
 
+from quasar_model.teacher_outputs import TeacherCacheError
 
 CORPUS_PREFIX = "corpus:"
 
@@ -402,13 +403,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distill.cli", description=__doc__.split("\n")[0])
     add_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    from neurons.cli import _is_teacher_cache_error
-
     try:
         return args.func(args)
-    except Exception as e:   # config, data and cache errors: the message says it all
-        if not isinstance(e, ValueError) and not _is_teacher_cache_error(e):
-            raise
+    except (ValueError, TeacherCacheError) as e:   # config, data and cache errors: the message says it all
         print(f"error: {e}", file=sys.stderr)
         return 2
 

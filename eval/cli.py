@@ -16,6 +16,8 @@ import argparse
 import sys
 import time
 
+from eval.checkpoint_layout import check_checkpoint_files
+
 
 def cmd_eval(args) -> int:
     from eval.competition import load_competition
@@ -37,38 +39,6 @@ def cmd_eval(args) -> int:
     print(format_summary(summarize(result, comp, args.seed)))
     print(f"evaluated in {time.perf_counter() - t0:.1f} s; wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
-
-
-def check_checkpoint_files(checkpoint) -> None:
-    """ValueError naming what makes `checkpoint` unreadable, found without torch: not a directory, no
-    or unparsable config.json, no *.safetensors, a weights file whose header or length is broken
-    (truncated). Only layout: the evaluation itself checks the contents."""
-    import json
-    from pathlib import Path
-
-    from neurons.checks import read_safetensors_header
-    from neurons.manifest import SubmissionRejected
-
-    d, shown = Path(checkpoint), repr(str(checkpoint))
-    if not d.is_dir():
-        raise ValueError(f"checkpoint {shown}: {'no such directory' if not d.exists() else 'not a directory'}")
-    config = d / "config.json"
-    if not config.is_file():
-        raise ValueError(f"checkpoint {shown}: no config.json (is this a checkpoint directory?)")
-    try:
-        raw = json.loads(config.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"checkpoint {shown}: config.json is not valid JSON ({e})") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
-        raise ValueError(f"checkpoint {shown}: config.json has no model_type (is this a checkpoint directory?)")
-    weights = sorted(d.glob("*.safetensors"))
-    if not weights:
-        raise ValueError(f"checkpoint {shown}: no *.safetensors weights (model.safetensors is missing)")
-    for w in weights:
-        try:
-            read_safetensors_header(w, w.name)
-        except SubmissionRejected as e:
-            raise ValueError(f"checkpoint {shown}: {e.reason}") from None
 
 
 def print_plan(comp, checkpoint) -> None:

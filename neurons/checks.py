@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import math
 import os
-import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from eval.checkpoint_layout import (
+    FLOAT_DTYPES, MAX_HEADER_BYTES, LayoutError, TensorInfo, is_int, read_safetensors_header,
+)
 
 from .commitment import Commitment, unbound_reason
 from .manifest import (
@@ -27,7 +30,6 @@ from .manifest import (
 
 MAX_CONFIG_BYTES = 64 << 10  # a real config.json is ~2-3 KiB; the cap also bounds every list in it
 MAX_INDEX_BYTES = 16 << 20
-MAX_HEADER_BYTES = 100 << 20  # safetensors' own loader refuses headers over 100 MB
 # A header's size follows from the tensors the config implies: each entry is its name plus a
 # dtype, a shape of at most 8 dims and two offsets (under 256 bytes of JSON however large the
 # numbers); __metadata__ and alignment padding get a fixed allowance. A real tiny header is ~10 KB,
@@ -36,11 +38,6 @@ HEADER_BYTES_PER_TENSOR = 256
 HEADER_METADATA_BYTES = 64 << 10
 SLICE_BYTES = 64 << 20  # NaN scan reads at most this much of one tensor at a time
 
-# safetensors dtype -> bytes per element, for the dtypes a weight may have.
-FLOAT_DTYPES = {"F32": 4, "BF16": 2, "F16": 2}
-# Non-float tensors (integer buffers such as engram's canonical_ids) must keep the meta model's
-# exact dtype; these are the ones we know the width of.
-INT_DTYPES = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 # Keys transformers writes into config.json that are not QuasarLongConfig fields.
 BOOKKEEPING_KEYS = {"architectures", "model_type", "transformers_version", "dtype", "torch_dtype"}
 ARCHITECTURES = ["QuasarLongForCausalLM"]
@@ -101,32 +98,18 @@ class CheckedSubmission:
     summary: SubmissionSummary
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    file: str
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-
 def _reject(reason: str, stage: str) -> SubmissionRejected:  # SubmissionRejected's order
     return SubmissionRejected(reason, stage)
 
 
 # ================================================================================== config
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _type_ok(annotation: str, v) -> bool:
     """Whether a JSON value fits a QuasarLongConfig field annotation (kept as a string)."""
     if annotation == "int":
-        return _is_int(v)
+        return is_int(v)
     if annotation == "float":
         try:  # float() of a 4000-digit integer overflows rather than returning inf
-            return (_is_int(v) or isinstance(v, float)) and math.isfinite(float(v))
+            return (is_int(v) or isinstance(v, float)) and math.isfinite(float(v))
         except OverflowError:
             return False
     if annotation == "bool":
@@ -134,13 +117,13 @@ def _type_ok(annotation: str, v) -> bool:
     if annotation == "str":
         return isinstance(v, str) and len(v) <= 64
     if annotation == "int | None":
-        return v is None or _is_int(v)
+        return v is None or is_int(v)
     if annotation == "list[int] | None":
-        return v is None or (isinstance(v, list) and all(_is_int(x) for x in v))
+        return v is None or (isinstance(v, list) and all(is_int(x) for x in v))
     if annotation == "list[str] | None":
         return v is None or (isinstance(v, list) and all(isinstance(x, str) and len(x) <= 64 for x in v))
     if annotation == "int | list[int] | None":
-        return v is None or _is_int(v) or (isinstance(v, list) and all(_is_int(x) for x in v))
+        return v is None or is_int(v) or (isinstance(v, list) and all(is_int(x) for x in v))
     raise TypeError(annotation)
 
 
@@ -303,70 +286,6 @@ def header_cap(tensor_names) -> int:
     return HEADER_METADATA_BYTES + sum(len(n.encode()) + HEADER_BYTES_PER_TENSOR for n in tensor_names)
 
 
-def read_safetensors_header(path: Path, file_name: str, max_header_bytes: int = MAX_HEADER_BYTES) -> list[TensorInfo]:
-    """The tensors a safetensors file declares, after checking its layout; reads only the header.
-
-    Format: 8-byte little-endian header length N, N bytes of JSON, then the data region. Every
-    tensor must have an allowed dtype, a shape, and [begin, end) offsets whose length is exactly
-    numel * itemsize; together the tensors must tile the data region with no gap, overlap or
-    trailing bytes (as safetensors itself requires), so no hidden payload rides along.
-    """
-    def bad(why: str):
-        return _reject(f"{file_name}: {why}", "header")
-
-    file_size = path.stat().st_size
-    if file_size < 8:
-        raise bad(f"file is {file_size} bytes, too short for a safetensors header")
-    with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        if header_len > max_header_bytes:
-            raise bad(f"header length {header_len} is over the {max_header_bytes}-byte cap "
-                      "(what this config's tensors need, with slack)")
-        if 8 + header_len > file_size:
-            raise bad(f"header length {header_len} runs past the end of the {file_size}-byte file (truncated?)")
-        raw = f.read(header_len)
-    if len(raw) != header_len:
-        raise bad("header shorter than its declared length (truncated?)")
-    header = strict_json_loads(raw, f"{file_name} header", "header")
-    if not isinstance(header, dict):
-        raise bad("header is not a JSON object")
-    metadata = header.pop("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise bad("__metadata__ must map strings to strings")
-
-    tensors = []
-    for name, spec in header.items():
-        shown = repr(name[:120])
-        if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
-            raise bad(f"tensor {shown} entry must have exactly dtype, shape, data_offsets")
-        dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
-        if dtype not in FLOAT_DTYPES and dtype not in INT_DTYPES:
-            raise bad(f"tensor {shown} has dtype {str(dtype)[:20]!r}; weights must be one of {sorted(FLOAT_DTYPES)}")
-        if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(d) and d >= 0 for d in shape):
-            raise bad(f"tensor {shown} has an invalid shape {str(shape)[:80]}")
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1]):
-            raise bad(f"tensor {shown} has invalid data_offsets {str(offsets)[:80]}")
-        nbytes = math.prod(shape) * {**FLOAT_DTYPES, **INT_DTYPES}[dtype]
-        if offsets[1] - offsets[0] != nbytes:
-            raise bad(f"tensor {shown} offsets span {offsets[1] - offsets[0]} bytes, "
-                      f"its shape {shape} {dtype} needs {nbytes}")
-        tensors.append(TensorInfo(name, file_name, dtype, tuple(shape), offsets[0], offsets[1]))
-
-    data_len = file_size - 8 - header_len
-    cursor = 0
-    for t in sorted(tensors, key=lambda t: (t.begin, t.end)):
-        if t.begin != cursor:
-            what = "overlaps the previous tensor" if t.begin < cursor else f"leaves a gap at byte {cursor}"
-            raise bad(f"tensor {t.name[:120]!r} {what} (data offsets must tile the data region)")
-        cursor = t.end
-    if cursor != data_len:
-        if cursor > data_len:
-            raise bad(f"tensors need {cursor} data bytes but the file has {data_len} (truncated?)")
-        raise bad(f"{data_len - cursor} trailing bytes after the last tensor")
-    return tensors
-
-
 def expected_tensors(config) -> tuple[dict[str, tuple[tuple[int, ...], object]], dict[str, str]]:
     """From the meta model: name -> (shape, torch dtype) of every stored tensor, and tied aliases.
 
@@ -424,7 +343,11 @@ def check_headers(directory: str | os.PathLike, manifest: Manifest, config) -> l
     cap = min(MAX_HEADER_BYTES, header_cap(expected))
     declared: dict[str, TensorInfo] = {}
     for shard in shards:
-        for t in read_safetensors_header(directory / shard, shard, cap):
+        try:
+            declared_here = read_safetensors_header(directory / shard, shard, cap)
+        except LayoutError as e:
+            raise _reject(str(e), "header") from None
+        for t in declared_here:
             if t.name in declared:
                 raise _reject(f"tensor {t.name[:120]!r} is stored twice ({declared[t.name].file} and {shard})", "header")
             if weight_map is not None and weight_map.get(t.name) != shard:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from neurons.cliparse import Deprecated, QuasarParser, warn_deprecated
 from neurons.network import LOCALNET
+from quasar_model.teacher_outputs import TeacherCacheError
 
 
 def cmd_params(args) -> int:
@@ -330,13 +331,6 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
             _add_logging_args(sub)
 
 
-def _is_teacher_cache_error(e: BaseException) -> bool:
-    """A quasar_model.teacher_outputs.cache.TeacherCacheError, without importing that module (it imports torch: a
-    command that never loaded it cannot have raised one, and a bad flag must fail without torch)."""
-    module = sys.modules.get("quasar_model.teacher_outputs.cache")
-    return module is not None and isinstance(e, module.TeacherCacheError)
-
-
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -359,7 +353,7 @@ def main(argv=None) -> int:
     except Exception as e:
         # bad configs, files, checkpoints and arguments, and chain refusals: the message names the
         # problem; a traceback adds nothing for an operator (QUASAR_DEBUG=1 keeps it)
-        if not isinstance(e, (ValueError, ChainError)) and not _is_teacher_cache_error(e):
+        if not isinstance(e, (ValueError, ChainError, TeacherCacheError)):
             raise
         if os.environ.get("QUASAR_DEBUG"):
             raise

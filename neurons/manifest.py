@@ -18,9 +18,10 @@ import hashlib
 import json
 import os
 import re
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+from eval import checkpoint_layout
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -226,28 +227,11 @@ def write_manifest(directory: str | os.PathLike) -> Manifest:
 
 # ---------------------------------------------------------------------------------- read
 def strict_json_loads(raw: bytes, what: str, stage: str = "manifest"):
-    """Parse untrusted JSON bytes: strict UTF-8, no NaN/Infinity, no repeated keys.
-
-    Repeated keys are refused because two parsers may keep different copies of one (the miner's
-    tooling and ours would then disagree about the file). Oversized integers, deep nesting and
-    bad encodings all become a SubmissionRejected naming `what`.
-    """
-    def no_duplicates(pairs):
-        counts = Counter(k for k, _ in pairs)  # linear: a 100 MiB header may hold millions of keys
-        if len(counts) != len(pairs):
-            repeated = sorted(k for k, n in counts.items() if n > 1)
-            raise SubmissionRejected(f"{what} repeats the key(s) {repeated[:5]}", stage)
-        return dict(pairs)
-
-    def no_constants(token: str):
-        raise SubmissionRejected(f"{what} contains the non-JSON number {token}", stage)
-
+    """eval.checkpoint_layout.strict_json_loads, refusing at `stage`."""
     try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates, parse_constant=no_constants)
-    except SubmissionRejected:
-        raise
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise SubmissionRejected(f"{what} is not valid UTF-8 JSON: {str(e)[:200]}", stage) from None
+        return checkpoint_layout.strict_json_loads(raw, what)
+    except checkpoint_layout.LayoutError as e:
+        raise SubmissionRejected(str(e), stage) from None
 
 
 def parse_manifest(raw: bytes) -> Manifest:

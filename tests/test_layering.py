@@ -1,6 +1,7 @@
 """The package layering the design fixes, read statically (ast, no imports run): quasar_model
-imports nothing of ours, and eval and distill do not import each other (what both roles need lives in
-quasar_model). Imports inside functions count: they are links all the same."""
+imports nothing of ours, eval and distill do not import each other (what both roles need lives in
+quasar_model) nor neurons (which composes them). Imports inside functions count, and so do
+`importlib.import_module("...")` calls with a literal name: they are links all the same."""
 
 import ast
 from pathlib import Path
@@ -18,7 +19,15 @@ def _imported_packages(path: Path) -> set[str]:
             out.update(a.name.split(".")[0] for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             out.add(node.module.split(".")[0])
+        elif (isinstance(node, ast.Call) and _called_name(node.func) in ("import_module", "__import__")
+              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+              and not node.args[0].value.startswith(".")):
+            out.add(node.args[0].value.split(".")[0])
     return out
+
+
+def _called_name(func: ast.expr) -> str | None:
+    return func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
 
 
 def _violations(package: str, forbidden: set[str]) -> list[str]:
@@ -30,8 +39,8 @@ def _violations(package: str, forbidden: set[str]) -> list[str]:
 
 @pytest.mark.parametrize("package, forbidden", [
     ("quasar_model", {"distill", "eval", "neurons"}),
-    ("eval", {"distill"}),
-    ("distill", {"eval"}),
+    ("eval", {"distill", "neurons"}),
+    ("distill", {"eval", "neurons"}),
 ])
 def test_packages_import_only_downwards(package, forbidden):
     assert _violations(package, forbidden) == []
@@ -39,5 +48,7 @@ def test_packages_import_only_downwards(package, forbidden):
 
 def test_the_scan_sees_imports_inside_functions(tmp_path):
     mod = tmp_path / "m.py"
-    mod.write_text("def f():\n    from distill.losses import chunked_kd_loss\n    import neurons.cli\n")
-    assert _imported_packages(mod) == {"distill", "neurons"}
+    mod.write_text("def f():\n    from distill.losses import chunked_kd_loss\n    import neurons.cli\n"
+                   "    class C:\n        def g(self):\n            importlib.import_module('eval.cli')\n"
+                   "            import_module('.sibling', __package__)\n")
+    assert _imported_packages(mod) == {"distill", "neurons", "eval"}

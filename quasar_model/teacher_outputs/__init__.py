@@ -8,4 +8,11 @@ definition lives here, below `distill` and `eval`:
 - `cache`: the on-disk teacher cache format, named by its content (`open_teacher_cache`);
 - `buckets`: the k+1-bucket KD divergence both roles compute on them;
 - `tiny_teacher`: the project's own small teacher (localnet, tests, the "tiny-teacher" competition).
+
+`TeacherCacheError` is defined here, not in `cache`, so a command line can catch it (one `error:`
+line) without importing torch.
 """
+
+
+class TeacherCacheError(Exception):
+    """A teacher cache that cannot be used as asked: wrong tokenizer/k/vocab, damaged or missing files."""

@@ -43,6 +43,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save_file
 
+from quasar_model.teacher_outputs import TeacherCacheError
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DEFAULT_SHARD_TOKENS = 1 << 20          # ~0.5 GB per shard at k=64 with fp32 log-probs
@@ -56,10 +58,6 @@ __all__ = [
     "shard_is_full", "write_shard", "finalize_cache", "manifest_id", "partial_dir", "write_shard_record",
     "read_shard_record", "discard_unfinished",
 ]
-
-
-class TeacherCacheError(Exception):
-    """A teacher cache that cannot be used as asked: wrong tokenizer/k/vocab, damaged or missing files."""
 
 
 class CaptureInterrupted(KeyboardInterrupt):
