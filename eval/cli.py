@@ -49,8 +49,9 @@ def print_plan(comp, checkpoint) -> None:
     try:
         from transformers import AutoConfig
 
-        import quasar_model  # noqa: F401  registers quasar_long
+        import quasar_model
 
+        quasar_model.register()
         cost = model_cost(AutoConfig.from_pretrained(checkpoint))
     except Exception as e:  # noqa: BLE001 - only the estimate is lost; the evaluation reports the real error
         print(f"(no FLOP estimate for {checkpoint}: {type(e).__name__}: {str(e)[:200]})")

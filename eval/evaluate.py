@@ -34,9 +34,12 @@ from eval.heldout import HeldoutSet, draw_documents, heldout_source, prepare_hel
 from eval.recall import greedy_decode, run_recall
 from eval.recall_tasks import TaskItem, generate_items
 from eval.results import ItemResult, SubmissionResult
+import quasar_model
+from quasar_model.atomic import write_atomic
+from quasar_model.paths import cache_root as quasar_cache_root
+from quasar_model.teacher_outputs.capture import load_teacher
+from quasar_model.teacher_outputs.tiny_teacher import TINY_TEACHER, tiny_teacher
 from quasar_model.tokenization import PlainTextTokenizer, tokenizer_fingerprint
-
-TINY_TEACHER = "tiny-teacher"
 
 
 # -----------------------------------------------------------------------------
@@ -50,8 +53,6 @@ def teacher_location(competition: Competition) -> tuple[str, str | None]:
     """(path or repo id, revision) of the teacher; the tiny teacher is trained here on first use."""
     t = competition.teacher
     if t.id == TINY_TEACHER:
-        from quasar_model.teacher_outputs.tiny_teacher import tiny_teacher
-
         return str(tiny_teacher(progress=False)), None
     return t.id, t.revision
 
@@ -62,8 +63,6 @@ def resolve_tokenizer(competition: Competition):
 
     spec = competition.tokenizer
     if spec.id == TINY_TEACHER:
-        from quasar_model.teacher_outputs.tiny_teacher import tiny_teacher
-
         tok = AutoTokenizer.from_pretrained(tiny_teacher(progress=False))
     else:
         revision = competition.teacher.revision if spec.id == competition.teacher.id else None
@@ -90,9 +89,7 @@ def recall_items(competition: Competition, seed: int, tokenizer) -> list[TaskIte
 
 
 def default_cache_root() -> Path:
-    from quasar_model.paths import cache_root
-
-    return cache_root() / "eval"
+    return quasar_cache_root() / "eval"
 
 
 # Model names round their sizes ("9B"): a pin within this of the loaded teacher's count describes
@@ -129,8 +126,6 @@ def _teacher_fingerprint(comp: Competition, seed: int, probes: torch.Tensor, ide
                          load_teacher) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, the teacher's fingerprint) on this round's probes, cached by content like the held-out
     outputs so a restart or a replay does not load the teacher again."""
-    from quasar_model.atomic import write_atomic  # here, not at the top: quasar_model loads transformers (seconds)
-
     blob = json.dumps(dict(teacher=identity, seed=seed, probes=probes.tolist()), sort_keys=True)
     path = cache_root / "fingerprint" / f"{hashlib.sha256(blob.encode()).hexdigest()}.pt"
     if path.exists():
@@ -162,8 +157,6 @@ def prepare_round(competition, seed: int, *, cache_root=None, device="cpu", prog
 
     def load():  # at most once per round, and only on a cache miss
         if not loaded:
-            from quasar_model.teacher_outputs.capture import load_teacher
-
             loaded.append(load_teacher(location, revision=revision, dtype=comp.teacher.dtype, device=device))
             check_teacher_params(comp, loaded[0][0])
         return loaded[0]
@@ -256,8 +249,7 @@ def load_student(path: str | os.PathLike, competition: Competition, device="cpu"
     the checkpoint's: a miner must not pick the code path its model is scored with."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import quasar_model  # noqa: F401  registers quasar_long with the Auto classes
-
+    quasar_model.register()
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r}: no config.json (is this a checkpoint directory?)")

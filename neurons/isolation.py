@@ -46,7 +46,8 @@ from pathlib import Path
 MAX_REASON = 300  # reasons end up on the status page; a miner's exception text is not a channel
 PROCESS_NAME = b"quasar-eval"  # the child's /proc/PID/comm: how operators (and tests) find it
 # what the zygote imports once; none of it touches CUDA or runs a parallel op (fork-safe)
-ZYGOTE_PRELOAD = ["torch", "transformers", "eval.evaluate", "eval.gates", "neurons.isolation"]
+ZYGOTE_PRELOAD = ["torch", "transformers", "quasar_model.modeling_quasar_long", "eval.evaluate", "eval.gates",
+                  "neurons.isolation"]
 
 
 class EvaluationStopped(Exception):

@@ -140,7 +140,9 @@ def test_slow_heldout_kl_halves(caches, tmp_path):
     # the export is a plain Hugging Face checkpoint that scores exactly what the trainer measured
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import quasar_model  # noqa: F401  (registers quasar_long)
+    import quasar_model
+
+    quasar_model.register()
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     assert AutoTokenizer.from_pretrained(out / "final").eos_token_id == model.config.eos_token_id
     again = heldout_kl(model, open_teacher_cache(caches[1]), seq_len=128, batch_size=4)

@@ -4,6 +4,8 @@ quasar_model) nor neurons (which composes them). Imports inside functions count,
 `importlib.import_module("...")` calls with a literal name: they are links all the same."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,3 +54,21 @@ def test_the_scan_sees_imports_inside_functions(tmp_path):
                    "    class C:\n        def g(self):\n            importlib.import_module('eval.cli')\n"
                    "            import_module('.sibling', __package__)\n")
     assert _imported_packages(mod) == {"distill", "neurons", "eval"}
+
+
+def test_light_modules_import_without_torch():
+    """Loading a competition or reading a config file must not pay for torch and transformers
+    (`import quasar_model` once imported the model, ~3 s of a competition load)."""
+    code = ("import sys, quasar_model, quasar_model.files, quasar_model.paths, eval.competition, "
+            "quasar_model.teacher_outputs; eval.competition.load_competition('localnet'); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_model_names_load_and_register_on_first_use():
+    code = ("import quasar_model; from transformers import AutoConfig; "
+            "assert quasar_model.QuasarLongConfig.model_type == 'quasar_long'; "
+            "print(type(AutoConfig.for_model('quasar_long')).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "QuasarLongConfig"

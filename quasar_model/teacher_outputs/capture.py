@@ -34,6 +34,7 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
+from quasar_model import register
 from quasar_model.teacher_outputs.cache import (
     DEFAULT_SHARD_TOKENS, CapturedSequence, CaptureInterrupted, TeacherCacheMeta, discard_unfinished, finalize_cache,
     partial_dir, read_shard_record, shard_is_full, write_shard, write_shard_record,
@@ -94,6 +95,7 @@ def load_teacher(name_or_path: str | os.PathLike, *, revision: str | None = None
         place = device
     if place is not None and place.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device: {device!r} asked for, but CUDA is not available")
+    register()  # a Quasar-Long checkpoint may teach too
     model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     if place is not None:
         model.to(place)

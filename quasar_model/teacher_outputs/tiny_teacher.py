@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -24,6 +25,11 @@ from quasar_model import corpus
 from quasar_model.paths import cache_root
 from quasar_model.progress import progress_bar
 
+# The teacher's one name: competitions' teacher and tokenizer ids, distill configs' teacher.model,
+# `--teacher`. (The student preset "tiny" is another thing: a QuasarLongConfig size.)
+TINY_TEACHER = "tiny-teacher"
+# what configs and commands said before; still read, with a warning naming TINY_TEACHER
+DEPRECATED_NAME = "tiny"
 EOS = "<|endoftext|>"
 
 RECIPE = dict(
@@ -145,6 +151,10 @@ def tiny_teacher(cache_dir: str | os.PathLike | None = None, progress: bool = Tr
 def resolve_teacher(name: str, progress: bool = True) -> str:
     """A teacher as named on the command line or in a config -> what `load_teacher` takes.
 
-    "tiny" is the project's own teacher (trained here on first use); anything else passes through.
+    TINY_TEACHER is the project's own teacher (trained here on first use); anything else passes through.
     """
-    return str(tiny_teacher(progress=progress)) if name == "tiny" else name
+    if name == DEPRECATED_NAME:
+        logging.getLogger("quasar_model").warning(
+            f"teacher {DEPRECATED_NAME!r} is deprecated; name it {TINY_TEACHER!r}")
+        name = TINY_TEACHER
+    return str(tiny_teacher(progress=progress)) if name == TINY_TEACHER else name
