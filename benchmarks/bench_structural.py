@@ -59,8 +59,8 @@ def main(argv=None) -> int:
 
     root = cache_root() / "test-teacher-caches"
     kw = dict(k=16, seq_len=128, batch_size=64, progress=False)
-    train = teacher_cache_main("tiny", "corpus:train", root / "train", **kw)
-    held = teacher_cache_main("tiny", "corpus:heldout", root / "heldout", **kw)
+    train = teacher_cache_main("tiny-teacher", "corpus:train", root / "train", **kw)
+    held = teacher_cache_main("tiny-teacher", "corpus:heldout", root / "heldout", **kw)
     data = [f"data.train_cache={train}", f"data.heldout_cache={held}", f"steps={args.steps}"]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         for name, extra in (("attention", []), ("fresh", ["--fresh-branches"])):
             students[name] = tmp / f"student-{name}"
             with contextlib.redirect_stdout(io.StringIO()):
-                cli_main(["init-student", "--teacher", "tiny", "--replace", "--hybrid-layers", "1-3",
+                cli_main(["init-student", "--teacher", "tiny-teacher", "--replace", "--hybrid-layers", "1-3",
                           "--cycle", "quasar,raven,gla", "--out", str(students[name]), *extra])
         from quasar_model import QuasarLongConfig, QuasarLongForCausalLM
         torch.manual_seed(0)

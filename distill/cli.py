@@ -15,7 +15,7 @@ with layer-wise hidden-state MSE against the live teacher (configs/structural_ti
     quasar distill my.json --set student.init_from=runs/q06/student --set teacher.model=Qwen/Qwen3-0.6B \\
         --set loss.hidden_mse_weight=1
 
-`--teacher tiny` is the project's own ~1M-parameter teacher (trained on first use) and
+`--teacher tiny-teacher` is the project's own ~1M-parameter teacher (trained on first use) and
 `--data corpus:train` / `corpus:heldout` the local real-text corpus: the offline end-to-end run.
 Also runnable as `python -m distill.cli ...`.
 """
@@ -314,7 +314,7 @@ def cmd_init_student(args) -> int:
 def add_commands(subparsers) -> None:
     """Register `teacher-cache` and `distill` on an argparse subparsers object."""
     p = subparsers.add_parser("teacher-cache", help="capture a teacher's top-k log-probs on a dataset")
-    p.add_argument("--teacher", default=None, help="Hub name or local checkpoint; 'tiny' = the project's tiny teacher")
+    p.add_argument("--teacher", default=None, help="Hub name or local checkpoint; 'tiny-teacher' = the project's tiny teacher")
     p.add_argument("--text-only", action="store_true",
                    help="no teacher: cache the text itself (e.g. teacher generations) for sequence-level KD; "
                         "train it with loss.ce_weight=1")
@@ -343,7 +343,7 @@ def add_commands(subparsers) -> None:
 
     p = subparsers.add_parser("teacher-generate", help="teacher continuations as a jsonl text dataset "
                                                        "(sequence-level KD across tokenizers)")
-    p.add_argument("--teacher", required=True, help="Hub name or local checkpoint; 'tiny' = the project's tiny teacher")
+    p.add_argument("--teacher", required=True, help="Hub name or local checkpoint; 'tiny-teacher' = the project's tiny teacher")
     p.add_argument("--revision", default=None, help="Hub revision (commit) of the teacher")
     p.add_argument("--data", required=True, help="where the prompts come from (as for teacher-cache)")
     p.add_argument("--split", default="train", help="dataset split")
@@ -362,7 +362,7 @@ def add_commands(subparsers) -> None:
                                                    "(structural distillation, stage 1)")
     p.add_argument("--teacher", required=True,
                    help="qwen3/llama/mistral, Qwen3.5 or Qwen3.5-MoE (text model), GLM-4 or GLM-4.5 (glm4_moe) "
-                        "checkpoint (Hub name or local); 'tiny' = the project's tiny teacher")
+                        "checkpoint (Hub name or local); 'tiny-teacher' = the project's tiny teacher")
     p.add_argument("--revision", default=None, help="Hub revision (commit) of the teacher")
     p.add_argument("--out", required=True, help="directory for the student (save_pretrained + tokenizer)")
     p.add_argument("--hybrid-layers", type=_layer_list, default=None,

@@ -72,7 +72,7 @@ class LossSection:
 @dataclass
 class TeacherSection:
     """The live teacher for hidden-state MSE (structural distillation); caches hold no hidden states."""
-    model: str | None = None              # Hub name or local checkpoint; "tiny" = the project's tiny teacher
+    model: str | None = None              # Hub name or local checkpoint; "tiny-teacher" = the project's own ("tiny": old, warned)
     revision: str | None = None
     dtype: str = "auto"                   # auto | float32 | bfloat16 | float16
     layers: list | None = None            # [[student_layer, teacher_layer], ...]; None: distill.structural.layer_map

@@ -29,7 +29,16 @@ import sys
 import time
 from pathlib import Path
 
+from distill.cli import teacher_cache_main
+from eval.competition import load_competition
+from neurons.keys import local_keypair
+from neurons.localchain import LocalChain
 from neurons.shutdown import die_with_parent
+from neurons.state import ValidatorState
+from quasar_model.atomic import write_atomic
+from quasar_model.paths import cache_root
+from quasar_model.progress import progress_bar
+from quasar_model.teacher_outputs.tiny_teacher import TINY_TEACHER, recipe_id, tiny_teacher
 
 HONEST = {
     # name: (total steps, steps per self-evaluation cycle), best first: their composites must keep this order
@@ -56,15 +65,11 @@ def say(t0: float, msg: str) -> None:
 
 def train_cache(progress: bool = True) -> Path:
     """The tiny teacher's cache on the corpus train split, captured once per machine."""
-    from distill.cli import teacher_cache_main
-    from quasar_model.atomic import write_atomic
-    from quasar_model.paths import cache_root
-    from quasar_model.teacher_outputs.tiny_teacher import recipe_id
 
     index = cache_root() / f"localnet-train-cache-{recipe_id()}.txt"
     if index.exists() and Path(index.read_text().strip()).is_dir():
         return Path(index.read_text().strip())
-    path = teacher_cache_main("tiny", "corpus:train", cache_root() / "teacher-caches", k=32, seq_len=128,
+    path = teacher_cache_main(TINY_TEACHER, "corpus:train", cache_root() / "teacher-caches", k=32, seq_len=128,
                               device="cpu", dtype="float32", progress=progress)
     write_atomic(index, str(path))
     return path
@@ -85,7 +90,7 @@ def _tail(path: Path, n: int = 15) -> str:
 
 
 def _plots(report: dict, out: Path) -> list[str]:
-    import matplotlib
+    import matplotlib  # here: only the finished run plots, and matplotlib costs a second to import
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -135,8 +140,6 @@ def _outcome(rounds: list[dict], rejected: list[dict], leader: bool) -> str:
 
 
 def build_report(run_dir: Path, chain, hotkeys: dict[str, str]) -> dict:
-    from neurons.state import ValidatorState
-
     state = ValidatorState(run_dir / VALIDATOR / "validator.db")
     names = {hk: name for name, hk in hotkeys.items()}
     vkey = hotkeys[VALIDATOR]
@@ -225,16 +228,12 @@ def run_localnet(run_dir: Path, *, rounds: int = 2, block_time: float = 1.0, tim
     t0 = time.time()
     run_dir = Path(run_dir).resolve()
     claim_run_dir(run_dir, fresh)  # before any import or work: a refused directory costs nothing
-    from eval.competition import load_competition
-    from neurons.keys import local_keypair
-    from neurons.localchain import LocalChain
 
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     competition = load_competition("localnet")
 
     say(t0, "teacher: the tiny Qwen3 trained on the local corpus (cached after the first run)")
-    from quasar_model.teacher_outputs.tiny_teacher import tiny_teacher
     tiny_teacher()
     say(t0, "teacher cache: top-32 log-probs on the corpus train split")
     cache = train_cache()
@@ -358,8 +357,6 @@ def _wait_for_commits(t0, chain, hotkeys, procs, seen, timeout, logs, cadence, d
 
 def _watch(t0, run_dir, chain, hotkeys, procs, rounds, timeout, logs, seen) -> int | None:
     """Show progress until the validator has scored `rounds` rounds; an exit status on failure."""
-    from neurons.state import ValidatorState
-    from quasar_model.progress import progress_bar
 
     names = {hk: n for n, hk in hotkeys.items()}
     state = None

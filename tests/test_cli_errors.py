@@ -10,6 +10,7 @@ in this process: its presets live in the model package, which imports torch eith
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -101,7 +102,7 @@ def test_distill_with_a_malformed_config(tmp_path, bad):
 
 def test_teacher_cache_flags_are_checked_before_the_teacher_is_loaded(tmp_path):
     out = tmp_path / "cache"
-    common = ["teacher-cache", "--teacher", "tiny", "--data", "corpus:train", "--out", str(out)]
+    common = ["teacher-cache", "--teacher", "tiny-teacher", "--data", "corpus:train", "--out", str(out)]
     refused([*common, "--k", "0"], match="--k must be >= 1, got 0", seconds=5)
     refused([*common, "--seq-len", "0"], match="--seq-len must be >= 1", seconds=5)
     refused([*common, "--temperature", "0"], match="--temperature must be > 0", seconds=5)
@@ -217,3 +218,12 @@ def test_localnet_refuses_a_directory_it_did_not_create(tmp_path):
     assert [p.name for p in mine.iterdir()] == ["thesis.txt"]
     (tmp_path / "file").write_text("x")
     refused(["localnet", "--out", str(tmp_path / "file")], match="not a directory", seconds=5)
+
+
+def test_the_old_tiny_teacher_spelling_still_works_with_one_warning(caplog):
+    from quasar_model.teacher_outputs.tiny_teacher import TINY_TEACHER, resolve_teacher
+
+    with caplog.at_level(logging.WARNING, logger="quasar_model"):
+        old = resolve_teacher("tiny", progress=False)
+    assert old == resolve_teacher(TINY_TEACHER, progress=False) and Path(old).is_dir()
+    assert [r.getMessage() for r in caplog.records] == ["teacher 'tiny' is deprecated; name it 'tiny-teacher'"]

@@ -57,8 +57,8 @@ def float64():
 def config_file(tmp_path_factory):
     root = cache_root() / "test-teacher-caches"        # shared with test_distill_train.py
     kw = dict(k=16, seq_len=128, batch_size=64, progress=False)
-    train = teacher_cache_main("tiny", "corpus:train", root / "train", **kw)
-    heldout = teacher_cache_main("tiny", "corpus:heldout", root / "heldout", **kw)
+    train = teacher_cache_main("tiny-teacher", "corpus:train", root / "train", **kw)
+    heldout = teacher_cache_main("tiny-teacher", "corpus:heldout", root / "heldout", **kw)
     path = tmp_path_factory.mktemp("ddp") / "config.json"
     path.write_text(json.dumps({
         "data": {"train_cache": str(train), "heldout_cache": str(heldout), "seq_len": 128,
@@ -151,7 +151,7 @@ def test_slow_ddp_structural_hidden_mse_two_processes_match_one(config_file, tmp
     from distill.cli import main as cli_main
 
     student = tmp_path / "student"
-    assert cli_main(["init-student", "--teacher", "tiny", "--replace", "--hybrid-layers", "2-3",
+    assert cli_main(["init-student", "--teacher", "tiny-teacher", "--replace", "--hybrid-layers", "2-3",
                      "--cycle", "gla,quasar", "--out", str(student)]) == 0
     over = [f"student.init_from={student}", "teacher.model=tiny", "loss.hidden_mse_weight=1"]
     assert_two_ranks_match_one(config_file, tmp_path, over, "hidden_mse")

@@ -32,8 +32,8 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "distill_tiny.json"
 def caches():
     root = cache_root() / "test-teacher-caches"
     kw = dict(k=16, seq_len=128, batch_size=64, progress=False)
-    return (teacher_cache_main("tiny", "corpus:train", root / "train", **kw),
-            teacher_cache_main("tiny", "corpus:heldout", root / "heldout", **kw))
+    return (teacher_cache_main("tiny-teacher", "corpus:train", root / "train", **kw),
+            teacher_cache_main("tiny-teacher", "corpus:heldout", root / "heldout", **kw))
 
 
 def tiny_config(caches, out, *overrides, heldout=True):
@@ -220,7 +220,7 @@ def test_clear_errors(caches, tmp_path):
 def test_cli_reports_a_dataset_without_the_text_field(tmp_path, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"body": "some text"}) + "\n")
-    rc = cli_main(["teacher-cache", "--teacher", "tiny", "--data", str(data), "--out", str(tmp_path / "c"),
+    rc = cli_main(["teacher-cache", "--teacher", "tiny-teacher", "--data", str(data), "--out", str(tmp_path / "c"),
                    "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "no text field 'text'" in err and "['body']" in err

@@ -25,7 +25,7 @@ def setup(tmp_path_factory):
     student_tok.save_pretrained(d / "student-tok")
     teacher_tok = AutoTokenizer.from_pretrained(tiny_teacher())
     gen = d / "generations.jsonl"
-    assert distill_main(["teacher-generate", "--teacher", "tiny", "--data", "corpus:train", "--max-docs", "32",
+    assert distill_main(["teacher-generate", "--teacher", "tiny-teacher", "--data", "corpus:train", "--max-docs", "32",
                          "--prompt-chars", "80", "--max-new-tokens", "48", "--device", "cpu", "--out", str(gen)]) == 0
     assert distill_main(["teacher-cache", "--text-only", "--tokenizer", str(d / "student-tok"), "--data", str(gen),
                          "--seq-len", "64", "--out", str(d / "cache")]) == 0

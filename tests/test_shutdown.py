@@ -161,7 +161,7 @@ def _train_cache() -> Path:
     from distill.cli import teacher_cache_main
     from quasar_model.paths import cache_root
 
-    return teacher_cache_main("tiny", "corpus:train", cache_root() / "test-teacher-caches" / "train",
+    return teacher_cache_main("tiny-teacher", "corpus:train", cache_root() / "test-teacher-caches" / "train",
                               k=16, seq_len=128, batch_size=64, progress=False)
 
 

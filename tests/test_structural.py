@@ -201,11 +201,11 @@ def test_structural_distillation_end_to_end(tmp_path, capsys):
 
     root = cache_root() / "test-teacher-caches"
     kw = dict(k=16, seq_len=128, batch_size=64, progress=False)
-    train = teacher_cache_main("tiny", "corpus:train", root / "train", **kw)
-    held = teacher_cache_main("tiny", "corpus:heldout", root / "heldout", **kw)
+    train = teacher_cache_main("tiny-teacher", "corpus:train", root / "train", **kw)
+    held = teacher_cache_main("tiny-teacher", "corpus:heldout", root / "heldout", **kw)
     out = tmp_path / "student"
     # layers 1-3 swapped for branches alone (the teacher's attention copied into them)
-    assert cli_main(["init-student", "--teacher", "tiny", "--out", str(out), "--replace",
+    assert cli_main(["init-student", "--teacher", "tiny-teacher", "--out", str(out), "--replace",
                      "--hybrid-layers", "1-3", "--cycle", "quasar,raven,gla"]) == 0
     report = json.loads((out / "structural_init.json").read_text())
     assert report["branches"] == {"1": "quasar", "2": "raven", "3": "gla"}
@@ -236,10 +236,10 @@ def test_branches_only_training_and_live_teacher_errors(tmp_path):
     from quasar_model.teacher_outputs.tiny_teacher import train_tokenizer
 
     root = cache_root() / "test-teacher-caches"
-    train = teacher_cache_main("tiny", "corpus:train", root / "train", k=16, seq_len=128, batch_size=64,
+    train = teacher_cache_main("tiny-teacher", "corpus:train", root / "train", k=16, seq_len=128, batch_size=64,
                                progress=False)
     out = tmp_path / "student"
-    assert cli_main(["init-student", "--teacher", "tiny", "--out", str(out), "--hybrid-layers", "2-3",
+    assert cli_main(["init-student", "--teacher", "tiny-teacher", "--out", str(out), "--hybrid-layers", "2-3",
                      "--cycle", "gla", "--alpha", "0"]) == 0
     base = [f"data.train_cache={train}", "data.heldout_cache=none", f"student.init_from={out}", "progress=false",
             "steps=3", "teacher.model=tiny", "loss.hidden_mse_weight=1", "checkpoint_every=100"]
@@ -274,7 +274,7 @@ def test_init_student_in_bfloat16_halves_the_checkpoint(tmp_path):
     sizes = {}
     for dtype in ("float32", "bfloat16"):
         out = tmp_path / dtype
-        assert cli_main(["init-student", "--teacher", "tiny", "--dtype", dtype, "--out", str(out)]) == 0
+        assert cli_main(["init-student", "--teacher", "tiny-teacher", "--dtype", dtype, "--out", str(out)]) == 0
         with safe_open(str(out / "model.safetensors"), "pt") as f:
             assert f.get_tensor("model.embed_tokens.weight").dtype == getattr(torch, dtype)
         sizes[dtype] = (out / "model.safetensors").stat().st_size

@@ -432,7 +432,7 @@ def test_teacher_cache_command_stopped_by_sigterm(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", QUASAR_DEBUG="",
                PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
-    p = subprocess.Popen([sys.executable, "-m", "neurons.cli", "teacher-cache", "--teacher", "tiny", "--data",
+    p = subprocess.Popen([sys.executable, "-m", "neurons.cli", "teacher-cache", "--teacher", "tiny-teacher", "--data",
                           "corpus:train", "--k", "8", "--seq-len", "128", "--out", str(out), "--device", "cpu",
                           "--dtype", "float32", "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, env=env, cwd=tmp_path)
