@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from eval.budget import model_cost
 from eval.checkpoint_layout import (
     FLOAT_DTYPES, MAX_HEADER_BYTES, LayoutError, TensorInfo, is_int, read_safetensors_header,
 )
@@ -98,7 +99,7 @@ class CheckedSubmission:
     summary: SubmissionSummary
 
 
-def _reject(reason: str, stage: str) -> SubmissionRejected:  # SubmissionRejected's order
+def _reject(stage: str, reason: str) -> SubmissionRejected:  # stage first, as a Submission records them
     return SubmissionRejected(reason, stage)
 
 
@@ -135,47 +136,47 @@ def check_config_schema(raw: dict, limits: StudentLimits) -> None:
     """
     model_type = raw.get("model_type")
     if model_type != limits.allowed_model_type:
-        raise _reject(f"config.json model_type {str(model_type)[:40]!r} is not {limits.allowed_model_type!r}", "config")
-    from quasar_model import QuasarLongConfig
+        raise _reject("config", f"config.json model_type {str(model_type)[:40]!r} is not {limits.allowed_model_type!r}")
+    from quasar_model import QuasarLongConfig  # here: it loads torch (seconds); a bad model_type must not wait
 
     fields = QuasarLongConfig.__annotations__
     for key, value in raw.items():
         if key in CODE_KEYS:
-            raise _reject(f"config.json key {key!r} is not accepted "
-                          "(it makes loaders run code or reinterpret the weights)", "config")
+            raise _reject("config", f"config.json key {key!r} is not accepted "
+                                    "(it makes loaders run code or reinterpret the weights)")
         if key in BOOKKEEPING_KEYS:
             continue
         if key not in fields:
-            raise _reject(f"config.json has the unknown key {key[:60]!r}", "config")
+            raise _reject("config", f"config.json has the unknown key {key[:60]!r}")
         annotation = fields[key]
         if not isinstance(annotation, str):  # evaluated annotations (no `from __future__`): spell them
             annotation = annotation.__name__ if isinstance(annotation, type) else str(annotation)
         try:
             ok = _type_ok(annotation, value)
         except TypeError:  # a field type this checker does not know: fail closed, loudly
-            raise _reject(f"config.json field {key!r} has a type the validator cannot check", "config") from None
+            raise _reject("config", f"config.json field {key!r} has a type the validator cannot check") from None
         if not ok:
-            raise _reject(f"config.json field {key!r} has the wrong type or value: "
-                          f"{str(value)[:60]!r} (expected {fields[key]})", "config")
+            raise _reject("config", f"config.json field {key!r} has the wrong type or value: "
+                                    f"{str(value)[:60]!r} (expected {fields[key]})")
     if "architectures" in raw and raw["architectures"] != ARCHITECTURES:
-        raise _reject(f"config.json architectures {str(raw['architectures'])[:80]} is not {ARCHITECTURES}", "config")
+        raise _reject("config", f"config.json architectures {str(raw['architectures'])[:80]} is not {ARCHITECTURES}")
     for key in ("dtype", "torch_dtype"):
         if key in raw and not (isinstance(raw[key], str) and raw[key] in CONFIG_DTYPES):
-            raise _reject(f"config.json {key} {str(raw[key])[:40]!r} is not one of {sorted(CONFIG_DTYPES)}", "config")
+            raise _reject("config", f"config.json {key} {str(raw[key])[:40]!r} is not one of {sorted(CONFIG_DTYPES)}")
     if "transformers_version" in raw and not (isinstance(raw["transformers_version"], str)
                                                and len(raw["transformers_version"]) <= 32):
-        raise _reject("config.json transformers_version is not a short string", "config")
+        raise _reject("config", "config.json transformers_version is not a short string")
 
 
 def build_config(raw: dict):
     """QuasarLongConfig from the checked dict; its own validation names the offending field."""
-    from quasar_model import QuasarLongConfig
+    from quasar_model import QuasarLongConfig  # here, as in check_config_schema: it loads torch
 
     fields = {k: v for k, v in raw.items() if k not in BOOKKEEPING_KEYS}
     try:
         return QuasarLongConfig(**fields)
     except (ValueError, TypeError) as e:
-        raise _reject(f"config.json is not a valid QuasarLongConfig: {str(e)[:300]}", "config") from None
+        raise _reject("config", f"config.json is not a valid QuasarLongConfig: {str(e)[:300]}") from None
 
 
 def check_config_bounds(config, limits: StudentLimits) -> None:
@@ -186,7 +187,7 @@ def check_config_bounds(config, limits: StudentLimits) -> None:
     hash primes in Python at construction.
     """
     def over(field_name: str, value, bound, rule: str):
-        raise _reject(f"config.json {field_name}={value} is outside the competition bounds ({rule} {bound})", "config")
+        raise _reject("config", f"config.json {field_name}={value} is outside the competition bounds ({rule} {bound})")
 
     if config.vocab_size != limits.vocab_size:
         over("vocab_size", config.vocab_size, limits.vocab_size, "must equal the competition tokenizer's")
@@ -227,31 +228,29 @@ def check_config_bounds(config, limits: StudentLimits) -> None:
 
 def count_parameters(config, limits: StudentLimits) -> dict[str, int]:
     """Exact parameter counts on the meta device (no memory), refused over the competition cap."""
-    from quasar_model.report import parameter_counts
+    from quasar_model.report import parameter_counts  # torch, as above
 
     try:
         counts = parameter_counts(config)
     except Exception as e:  # our own library refusing a shape (overflow, bad sizes): still a rejection
         first_line = (str(e).splitlines() or [""])[0][:200]
-        raise _reject(f"config.json does not build a model: {type(e).__name__}: {first_line}", "config") from None
+        raise _reject("config", f"config.json does not build a model: {type(e).__name__}: {first_line}") from None
     if counts["total"] > limits.max_total_params:
-        raise _reject(f"model has {counts['total']:,} parameters, "
-                      f"over the competition cap of {limits.max_total_params:,}", "config")
+        raise _reject("config", f"model has {counts['total']:,} parameters, "
+                                f"over the competition cap of {limits.max_total_params:,}")
     if limits.max_active_params is not None and counts["active"] > limits.max_active_params:
-        raise _reject(f"model has {counts['active']:,} active parameters, over the competition cap of "
-                      f"{limits.max_active_params:,} (student.max_active_params_vs_teacher x teacher.params: "
-                      "a student must be smaller than its teacher)", "config")
+        raise _reject("config", f"model has {counts['active']:,} active parameters, over the competition cap of "
+                                f"{limits.max_active_params:,} (student.max_active_params_vs_teacher x teacher.params: "
+                                "a student must be smaller than its teacher)")
     if limits.max_eval_flops is not None and limits.eval_plan:
-        from eval.budget import model_cost
-
         cost = model_cost(config, counts)
         flops = sum(cost.axis_flops(a) for a in limits.eval_plan)
         if flops > limits.max_eval_flops:
-            raise _reject(f"evaluating this model costs an estimated {flops:.3e} FLOPs, over the competition's "
-                          f"budget.max_flops of {limits.max_eval_flops:.3e} (eval.budget: num_loops="
-                          f"{config.num_loops} x {cost.layer_params:,} active layer parameters, attention width "
-                          f"{cost.attention_width:,} summed over layers, {cost.recurrent:,} recurrent FLOPs per "
-                          "token; `quasar eval` prints the estimate)", "config")
+            raise _reject("config", f"evaluating this model costs an estimated {flops:.3e} FLOPs, over the "
+                                    f"competition's budget.max_flops of {limits.max_eval_flops:.3e} (eval.budget: "
+                                    f"num_loops={config.num_loops} x {cost.layer_params:,} active layer parameters, "
+                                    f"attention width {cost.attention_width:,} summed over layers, "
+                                    f"{cost.recurrent:,} recurrent FLOPs per token; `quasar eval` prints the estimate)")
     return counts
 
 
@@ -260,18 +259,18 @@ def _check_generation_config(directory: Path, manifest: Manifest) -> None:
     if manifest.entry("generation_config.json") is not None:
         raw = read_small_file(directory / "generation_config.json", MAX_CONFIG_BYTES, "generation_config.json", "config")
         if not isinstance(strict_json_loads(raw, "generation_config.json", "config"), dict):
-            raise _reject("generation_config.json is not a JSON object", "config")
+            raise _reject("config", "generation_config.json is not a JSON object")
 
 
 def check_config(directory: str | os.PathLike, limits: StudentLimits, manifest: Manifest):
     """(config, parameter counts) of a checkpoint, or SubmissionRejected(stage="config")."""
     directory = Path(directory)
     if manifest.entry("config.json") is None:
-        raise _reject("config.json is missing", "config")
+        raise _reject("config", "config.json is missing")
     raw = read_small_file(directory / "config.json", MAX_CONFIG_BYTES, "config.json", "config")
     body = strict_json_loads(raw, "config.json", "config")
     if not isinstance(body, dict):
-        raise _reject("config.json is not a JSON object", "config")
+        raise _reject("config", "config.json is not a JSON object")
     check_config_schema(body, limits)
     config = build_config(body)
     check_config_bounds(config, limits)
@@ -292,7 +291,7 @@ def expected_tensors(config) -> tuple[dict[str, tuple[tuple[int, ...], object]],
     A state_dict entry that is the same tensor object as an earlier one (tied lm_head) is an alias:
     save_pretrained stores it once, under the first name, and so must a submission.
     """
-    from quasar_model.report import build_on_meta
+    from quasar_model.report import build_on_meta  # torch, as above
 
     model = build_on_meta(config)
     expected, aliases, seen = {}, {}, {}
@@ -316,22 +315,22 @@ def _weight_files(directory: Path, manifest: Manifest) -> tuple[list[str], dict[
     """The safetensors files to read and, when sharded, the index's tensor -> file map."""
     shards = sorted(n for n in manifest.names if n.endswith(".safetensors"))
     if not shards:
-        raise _reject("checkpoint has no .safetensors weights", "header")
+        raise _reject("header", "checkpoint has no .safetensors weights")
     if manifest.entry(INDEX_NAME) is None:
         if shards != ["model.safetensors"]:
-            raise _reject(f"weights {shards[:5]} need {INDEX_NAME}, or one file named model.safetensors", "header")
+            raise _reject("header", f"weights {shards[:5]} need {INDEX_NAME}, or one file named model.safetensors")
         return shards, None
     raw = read_small_file(directory / INDEX_NAME, MAX_INDEX_BYTES, INDEX_NAME, "header")
     index = strict_json_loads(raw, INDEX_NAME, "header")
     if not isinstance(index, dict) or not set(index) <= {"metadata", "weight_map"} or "weight_map" not in index:
-        raise _reject(f"{INDEX_NAME} must be an object with 'weight_map' (and optional 'metadata')", "header")
+        raise _reject("header", f"{INDEX_NAME} must be an object with 'weight_map' (and optional 'metadata')")
     weight_map = index["weight_map"]
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise _reject(f"{INDEX_NAME} weight_map must map tensor names to file names", "header")
+        raise _reject("header", f"{INDEX_NAME} weight_map must map tensor names to file names")
     referenced = set(weight_map.values())
     if referenced != set(shards):
         unknown, unused = sorted(referenced - set(shards))[:3], sorted(set(shards) - referenced)[:3]
-        raise _reject(f"{INDEX_NAME} references files {unknown} not in the checkpoint, or leaves {unused} unused", "header")
+        raise _reject("header", f"{INDEX_NAME} references files {unknown} not in the checkpoint, or leaves {unused} unused")
     return shards, weight_map
 
 
@@ -346,36 +345,36 @@ def check_headers(directory: str | os.PathLike, manifest: Manifest, config) -> l
         try:
             declared_here = read_safetensors_header(directory / shard, shard, cap)
         except LayoutError as e:
-            raise _reject(str(e), "header") from None
+            raise _reject("header", str(e)) from None
         for t in declared_here:
             if t.name in declared:
-                raise _reject(f"tensor {t.name[:120]!r} is stored twice ({declared[t.name].file} and {shard})", "header")
+                raise _reject("header", f"tensor {t.name[:120]!r} is stored twice ({declared[t.name].file} and {shard})")
             if weight_map is not None and weight_map.get(t.name) != shard:
-                raise _reject(f"tensor {t.name[:120]!r} is in {shard} "
-                              f"but {INDEX_NAME} says {weight_map.get(t.name)!r}", "header")
+                raise _reject("header", f"tensor {t.name[:120]!r} is in {shard} "
+                                        f"but {INDEX_NAME} says {weight_map.get(t.name)!r}")
             declared[t.name] = t
     if weight_map is not None and set(weight_map) != set(declared):
         absent = sorted(set(weight_map) - set(declared))[:3]
-        raise _reject(f"{INDEX_NAME} lists tensors the shards do not hold: {absent}", "header")
+        raise _reject("header", f"{INDEX_NAME} lists tensors the shards do not hold: {absent}")
 
     for name in sorted(declared):
         if name in aliases:
-            raise _reject(f"tensor {name!r} is tied to {aliases[name]!r} and must not be stored separately", "header")
+            raise _reject("header", f"tensor {name!r} is tied to {aliases[name]!r} and must not be stored separately")
         if name not in expected:
-            raise _reject(f"unexpected tensor {name[:120]!r} (not in the Quasar-Long model for this config)", "header")
+            raise _reject("header", f"unexpected tensor {name[:120]!r} (not in the Quasar-Long model for this config)")
     missing = sorted(set(expected) - set(declared))
     if missing:
-        raise _reject(f"{len(missing)} tensor(s) missing, e.g. {missing[:3]}", "header")
+        raise _reject("header", f"{len(missing)} tensor(s) missing, e.g. {missing[:3]}")
     for name, t in declared.items():
         shape, torch_dtype = expected[name]
         if t.shape != shape:
-            raise _reject(f"tensor {name!r} has shape {list(t.shape)}, the model expects {list(shape)}", "header")
+            raise _reject("header", f"tensor {name!r} has shape {list(t.shape)}, the model expects {list(shape)}")
         if torch_dtype.is_floating_point:
             if t.dtype not in FLOAT_DTYPES:
-                raise _reject(f"tensor {name!r} has dtype {t.dtype}; "
-                              f"weights must be one of {sorted(FLOAT_DTYPES)}", "header")
+                raise _reject("header", f"tensor {name!r} has dtype {t.dtype}; "
+                                        f"weights must be one of {sorted(FLOAT_DTYPES)}")
         elif t.dtype != _safetensors_dtype(torch_dtype):
-            raise _reject(f"tensor {name!r} has dtype {t.dtype}, the model's buffer is {torch_dtype}", "header")
+            raise _reject("header", f"tensor {name!r} has dtype {t.dtype}, the model's buffer is {torch_dtype}")
     return list(declared.values())
 
 
@@ -407,12 +406,12 @@ def check_finite(directory: str | os.PathLike, tensors: list[TensorInfo]) -> Non
                     for chunk in chunks:
                         bad = int((~torch.isfinite(chunk)).sum())
                         if bad:
-                            raise _reject(f"tensor {t.name!r} in {file_name} has {bad} "
-                                          "non-finite value(s) (NaN/Inf)", "weights")
+                            raise _reject("weights", f"tensor {t.name!r} in {file_name} has {bad} "
+                                                     "non-finite value(s) (NaN/Inf)")
         except SubmissionRejected:
             raise
         except Exception as e:  # safetensors refusing the file after our header checks passed
-            raise _reject(f"{file_name} cannot be read by safetensors: {str(e)[:200]}", "weights") from None
+            raise _reject("weights", f"{file_name} cannot be read by safetensors: {str(e)[:200]}") from None
 
 
 # ================================================================================== all
@@ -431,7 +430,7 @@ def check_submission(directory: str | os.PathLike, limits: StudentLimits, *, man
         if hotkey is None:
             raise ValueError("checking against a commitment needs the hotkey that made it")
         if not commitment.matches(manifest.model_hash, hotkey):
-            raise _reject(unbound_reason(manifest.model_hash, commitment, hotkey), "manifest")
+            raise _reject("manifest", unbound_reason(manifest.model_hash, commitment, hotkey))
     verify_manifest(directory, manifest)
     config, counts = check_config(directory, limits, manifest)
     tensors = check_headers(directory, manifest, config)
