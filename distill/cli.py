@@ -24,20 +24,31 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import signal
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
+from quasar_model import corpus
+from quasar_model.devices import HELP as DEVICE_HELP
+from quasar_model.devices import resolve_device
 from quasar_model.teacher_outputs import TeacherCacheError
+from quasar_model.teacher_outputs.tiny_teacher import TINY_TEACHER, resolve_teacher
+
+from .config import json_or_text, load_config
+
+# The imports left inside the commands (transformers, distill.data / sequence_kd / structural /
+# trainer, quasar_model.teacher_outputs.capture / cache) load torch, seconds: `quasar --help` and
+# a bad flag must not wait for them.
 
 CORPUS_PREFIX = "corpus:"
 
 
 def read_documents(data: str, *, split: str, text_field: str, max_docs: int | None) -> list[str]:
     """The texts of a data source (`corpus:<split>` = the local corpus, else via distill.data.load_texts)."""
-    from quasar_model import corpus
     from .data import load_texts
 
     if data.startswith(CORPUS_PREFIX):
@@ -65,10 +76,8 @@ def teacher_cache_main(teacher: str, data: str, out: str | os.PathLike, *, k: in
     reuse: when `out` already holds an intact cache of this teacher, tokenizer, data, k, temperature
     and storage dtype, return it instead of capturing again.
     """
-    from quasar_model import corpus
     from .data import tokenize_segments
     from quasar_model.teacher_outputs.capture import capture_teacher_cache, load_teacher
-    from quasar_model.teacher_outputs.tiny_teacher import resolve_teacher
 
     out = Path(out)
     teacher_path = resolve_teacher(teacher, progress=progress)
@@ -96,9 +105,7 @@ def teacher_cache_main(teacher: str, data: str, out: str | os.PathLike, *, k: in
 
 def find_cache(out: Path, want: dict) -> Path | None:
     """An intact cache under `out` whose meta has every field of `want`, else None."""
-    from dataclasses import asdict
-
-    from quasar_model.teacher_outputs.cache import TeacherCacheError, open_teacher_cache
+    from quasar_model.teacher_outputs.cache import open_teacher_cache
 
     if not out.is_dir():
         return None
@@ -129,10 +136,10 @@ def text_cache_main(tokenizer_path: str, data: str, out: str | os.PathLike, *, s
 def cmd_teacher_generate(args) -> int:
     """Teacher continuations of document openings, as a jsonl text dataset (sequence-level KD)."""
     from quasar_model.teacher_outputs.capture import load_teacher
-    from quasar_model.teacher_outputs.tiny_teacher import resolve_teacher
 
     from .sequence_kd import generate_teacher_texts, write_teacher_texts
 
+    resolve_device(args.device)
     teacher = resolve_teacher(args.teacher)
     docs = read_documents(args.data, split=args.split, text_field=args.text_field, max_docs=args.max_docs)
     model, tok = load_teacher(teacher, revision=args.revision, dtype=args.dtype, device=args.device)
@@ -177,6 +184,7 @@ def cmd_teacher_cache(args) -> int:
         return 0
     if not args.teacher:
         raise ValueError("teacher-cache needs --teacher (or --text-only --tokenizer for sequence-level KD)")
+    resolve_device(args.device)  # a device this machine lacks: one error line before anything loads
     with _term_as_interrupt() as signals:
         try:
             path = teacher_cache_main(args.teacher, args.data, args.out, k=args.k, temperature=args.temperature,
@@ -214,12 +222,11 @@ def _term_as_interrupt():
 
 
 def cmd_distill(args) -> int:
-    from .config import load_config
-
     if args.overrides:  # the old spelling: still applied, before --set (so --set wins)
         logging.getLogger("distill").warning("deprecated flag", extra={"fields": {
             "detail": "positional key=value overrides are deprecated; use --set key=value"}})
     cfg = load_config(args.config, [*args.overrides, *args.set])  # before torch: a bad file fails at once
+    resolve_device(cfg.device)
     from .trainer import run
 
     records = run(cfg)
@@ -265,16 +272,13 @@ def _refuse_early(teacher: str, revision: str | None) -> None:
 
 def cmd_init_student(args) -> int:
     """A Quasar-Long student holding a teacher's weights, saved with the teacher's tokenizer."""
-    import json
-
     import torch
 
-    from .config import json_or_text
     from quasar_model.teacher_outputs.capture import load_teacher
-    from quasar_model.teacher_outputs.tiny_teacher import resolve_teacher
 
     from quasar_model.conversion import init_student, logit_gap
 
+    resolve_device(args.device)
     teacher = resolve_teacher(args.teacher)
     overrides = {}
     for item in args.set:
@@ -314,7 +318,7 @@ def cmd_init_student(args) -> int:
 def add_commands(subparsers) -> None:
     """Register `teacher-cache` and `distill` on an argparse subparsers object."""
     p = subparsers.add_parser("teacher-cache", help="capture a teacher's top-k log-probs on a dataset")
-    p.add_argument("--teacher", default=None, help="Hub name or local checkpoint; 'tiny-teacher' = the project's tiny teacher")
+    p.add_argument("--teacher", default=None, help=f"Hub name or local checkpoint; '{TINY_TEACHER}' = the project's tiny teacher")
     p.add_argument("--text-only", action="store_true",
                    help="no teacher: cache the text itself (e.g. teacher generations) for sequence-level KD; "
                         "train it with loss.ce_weight=1")
@@ -333,7 +337,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--seq-len", type=int, default=512, help="segment length (<= the student's data.seq_len)")
     p.add_argument("--out", required=True, help="directory; the cache is written to OUT/<content hash>/")
     p.add_argument("--batch-size", type=int, default=8, help="segments per teacher forward")
-    p.add_argument("--device", default="auto", help="teacher device: auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", default="auto", help=f"teacher device: {DEVICE_HELP}")
     p.add_argument("--dtype", default="auto", help="teacher weights: auto | float32 | bfloat16 | float16")
     p.add_argument("--logprob-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="storage dtype of the log-probs (bfloat16/float16 halve the cache)")
@@ -343,7 +347,7 @@ def add_commands(subparsers) -> None:
 
     p = subparsers.add_parser("teacher-generate", help="teacher continuations as a jsonl text dataset "
                                                        "(sequence-level KD across tokenizers)")
-    p.add_argument("--teacher", required=True, help="Hub name or local checkpoint; 'tiny-teacher' = the project's tiny teacher")
+    p.add_argument("--teacher", required=True, help=f"Hub name or local checkpoint; '{TINY_TEACHER}' = the project's tiny teacher")
     p.add_argument("--revision", default=None, help="Hub revision (commit) of the teacher")
     p.add_argument("--data", required=True, help="where the prompts come from (as for teacher-cache)")
     p.add_argument("--split", default="train", help="dataset split")
@@ -353,7 +357,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--device", default="auto", help="teacher device: auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", default="auto", help=f"teacher device: {DEVICE_HELP}")
     p.add_argument("--dtype", default="auto", help="teacher weights: auto | float32 | bfloat16 | float16")
     p.add_argument("--out", required=True, help="the .jsonl file to write")
     p.set_defaults(func=_loading_teacher(cmd_teacher_generate))
@@ -362,7 +366,7 @@ def add_commands(subparsers) -> None:
                                                    "(structural distillation, stage 1)")
     p.add_argument("--teacher", required=True,
                    help="qwen3/llama/mistral, Qwen3.5 or Qwen3.5-MoE (text model), GLM-4 or GLM-4.5 (glm4_moe) "
-                        "checkpoint (Hub name or local); 'tiny-teacher' = the project's tiny teacher")
+                        f"checkpoint (Hub name or local); '{TINY_TEACHER}' = the project's tiny teacher")
     p.add_argument("--revision", default=None, help="Hub revision (commit) of the teacher")
     p.add_argument("--out", required=True, help="directory for the student (save_pretrained + tokenizer)")
     p.add_argument("--hybrid-layers", type=_layer_list, default=None,
@@ -388,7 +392,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="teacher and student weights while building (bfloat16 halves the memory of large teachers; "
                         "the trainer keeps fp32 master weights either way)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
+    p.add_argument("--device", default="auto", help=f"teacher and student device: {DEVICE_HELP}")
     p.set_defaults(func=_loading_teacher(cmd_init_student))
 
     p = subparsers.add_parser("distill", help="distill a teacher cache into a Quasar-Long student")

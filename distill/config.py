@@ -18,6 +18,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from quasar_model.devices import check_spelling
+from quasar_model.files import read_file
+
+from .recall_curriculum import FAMILIES
+
 # torch's dtype names are the code's spelling; the short forms are read at the config boundary only
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
@@ -160,10 +165,12 @@ class DistillConfig:
             fail("dtype", "must be bfloat16 or float32 (bf16, fp32)")
         if self.parallel not in ("ddp", "fsdp"):
             fail("parallel", "must be ddp or fsdp")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+        try:
+            check_spelling(self.device)
+        except ValueError:
             fail("device", "must be auto, cpu, cuda or cuda:N")
         self._check_recall(fail)
-        from quasar_model.configuration_quasar_long import PRESETS
+        from quasar_model.configuration_quasar_long import PRESETS  # here: it loads torch, as KINDS does
         if self.student.preset not in PRESETS:
             fail("student.preset", f"unknown preset; known: {sorted(PRESETS)}")
         return self
@@ -180,7 +187,6 @@ class DistillConfig:
                  "recall row and one teacher-cache row")
         if not r.weight > 0:
             fail("recall.weight", "must be > 0")
-        from .recall_curriculum import FAMILIES
         if r.families is not None and (not r.families or any(f not in FAMILIES for f in r.families)):
             fail("recall.families", f"must be a non-empty list from {list(FAMILIES)}")
         if not 16 <= r.min_len <= self.data.seq_len:
@@ -333,8 +339,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     """File (optional), then keyword sections/fields (dicts for sections), then dotted overrides.
     check=False: each value's type is checked, the whole config is not (a preflight reading the
     student section before the miner fills in its data paths)."""
-    from quasar_model.files import read_file  # here, not at the top: importing this module must not import torch
-
     d = read_file(path) if path is not None else {}
     for name, value in fields.items():
         if isinstance(value, dict) and isinstance(d.get(name), dict):

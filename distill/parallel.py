@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from quasar_model.devices import resolve_device
+
 MODES = ("ddp", "fsdp")
 
 
@@ -55,21 +57,11 @@ class DistEnv:
         return t.cpu()
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        device = f"cuda:{local_rank}"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device!r} but CUDA is not available on this machine")
-    return torch.device(device)
-
-
 def init_distributed(device: str = "auto") -> DistEnv:
     """A DistEnv for this process: from torchrun's environment when there is one, else single."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local_rank)
+    dev = torch.device(resolve_device(device, local_rank))
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)

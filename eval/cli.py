@@ -1,6 +1,6 @@
 """`quasar eval`: score a checkpoint exactly as a validator would, and write the report.
 
-    quasar eval CHECKPOINT [--competition localnet|FILE] [--seed N] [--out DIR] [--device cpu|cuda]
+    quasar eval CHECKPOINT [--competition localnet|FILE] [--seed N] [--out DIR] [--device auto|cpu|cuda|cuda:N]
     quasar eval --replay ROUND [--validator-dir DIR] [--competition ...] [--out DIR]   (from `quasar` only)
 
 Before evaluating it prints the plan (eval.budget): per axis the most tokens the evaluation runs and
@@ -16,18 +16,19 @@ import argparse
 import sys
 import time
 
+import quasar_model
+from eval.budget import format_plan, model_cost
 from eval.checkpoint_layout import check_checkpoint_files
+from eval.competition import load_competition
+from quasar_model.devices import AUTO, resolve_device
+from quasar_model.devices import HELP as DEVICE_HELP
 
 
 def cmd_eval(args) -> int:
-    from eval.competition import load_competition
-
     comp = load_competition(args.competition)
     check_checkpoint_files(args.checkpoint)  # before torch: a wrong path fails in a second, in one line
-    if args.device is None:
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = resolve_device(args.device)
+    # here: they load torch (seconds), and `quasar --help` or a bad path must not wait for it
     from eval.evaluate import evaluate_checkpoint
     from eval.report import format_summary, summarize, write_report
 
@@ -43,13 +44,9 @@ def cmd_eval(args) -> int:
 
 def print_plan(comp, checkpoint) -> None:
     """The competition's per-submission plan, with FLOPs for the checkpoint's config when it reads."""
-    from eval.budget import format_plan, model_cost
-
     cost = None
     try:
-        from transformers import AutoConfig
-
-        import quasar_model
+        from transformers import AutoConfig  # torch, as above
 
         quasar_model.register()
         cost = model_cost(AutoConfig.from_pretrained(checkpoint))
@@ -66,7 +63,7 @@ def add_commands(subparsers, replay=None) -> None:
     p.add_argument("--competition", default="localnet", help="shipped competition name or a JSON/YAML file")
     p.add_argument("--seed", type=int, default=0, help="round seed: picks documents and recall items")
     p.add_argument("--out", default="eval-report", help="directory for report.json and the PNGs")
-    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--device", default=AUTO, help=DEVICE_HELP)
     p.add_argument("--cache-root", default=None, help="teacher cache root (default: $QUASAR_CACHE/eval)")
     p.add_argument("--hotkey", default="local", help="hotkey recorded in the result")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

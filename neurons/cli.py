@@ -10,6 +10,8 @@ from pathlib import Path
 
 from neurons.cliparse import Deprecated, QuasarParser, warn_deprecated
 from neurons.network import LOCALNET
+from quasar_model.devices import AUTO
+from quasar_model.devices import HELP as DEVICE_HELP
 from quasar_model.teacher_outputs import TeacherCacheError
 
 
@@ -89,7 +91,7 @@ def cmd_miner(args) -> int:
         steps_per_cycle=args.steps_per_cycle, eval_seed=args.eval_seed, min_improvement=args.min_improvement,
         min_commit_interval_blocks=args.min_commit_interval, seal_blocks=args.seal_blocks, storage=args.storage, host=args.host, port=args.port,
         public_host=args.public_host, storage_root=args.storage_root and Path(args.storage_root),
-        repo_id=args.hf_repo, hf_token=os.environ.get("HF_TOKEN"), device=args.device,
+        repo_id=args.hf_repo, hf_token=os.environ.get("HF_TOKEN"), device=pf.device,
         copy_from=args.copy_from and Path(args.copy_from), adversary=args.adversary,
         serve_after_training=not args.exit_after_training,
         progress=not args.quiet, metrics_host=args.metrics_host,
@@ -108,7 +110,7 @@ def cmd_validator(args) -> int:
     log = logs.setup("validator", args.log_level)
     pf = preflight(args, "validator")
     settings = ValidatorSettings(
-        work_dir=Path(args.work_dir), device=args.device, localnet=args.network == LOCALNET,
+        work_dir=Path(args.work_dir), device=pf.device, localnet=args.network == LOCALNET,
         storage_root=args.storage_root and Path(args.storage_root), poll_seconds=args.poll_seconds,
         fetch_concurrency=args.fetch_concurrency, fetch_deadline=args.fetch_deadline,
         disk_budget_bytes=int(args.disk_budget_gb * (1 << 30)), progress=not args.quiet,
@@ -188,7 +190,7 @@ def add_miner_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--public-host", default=None, help="host validators dial (default: --host)")
     p.add_argument("--storage-root", default=None, help="local storage root (localnet)")
     p.add_argument("--hf.repo", dest="hf_repo", default=None, help="Hub repo for hf storage (token: $HF_TOKEN)")
-    p.add_argument("--device", default="cpu", help="torch device of training and the self-evaluation")
+    p.add_argument("--device", default=AUTO, help=f"torch device of the self-evaluation: {DEVICE_HELP}")
     p.add_argument("--copy-from", default=None, help=argparse.SUPPRESS)  # localnet's adversaries: the victim
     p.add_argument("--adversary", default=None, help=argparse.SUPPRESS,  # localnet: neurons.adversaries kind
                    choices=["copy", "near-copy", "crash", "teacher"])
@@ -212,7 +214,7 @@ def add_validator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--competition", default=None,
                    help="shipped competition name or a file (default: the network's own: localnet on localnet, sn24 on finney)")
     add_out_arg(p, "validator", "the validator's directory: validator.db, fetched submissions, round inputs")
-    p.add_argument("--device", default="cpu", help="torch device of the evaluations")
+    p.add_argument("--device", default=AUTO, help=f"torch device of the evaluations: {DEVICE_HELP}")
     p.add_argument("--storage-root", default=None, help="local storage root (localnet)")
     p.add_argument("--status-host", default="127.0.0.1", help="bind address of the status server")
     p.add_argument("--status-port", type=int, default=0, help="status server port (0: any free port; -1: none)")

@@ -6,6 +6,8 @@ seconds and, when it fails, says what to change. In order:
     competition  the file the role would run matches the network: its netuid is --netuid, the
                  shipped `localnet` competition only on the local chain, and off the local chain
                  every field two validators must agree on is pinned (`Competition.unpinned()`)
+    device       --device is one this machine has (quasar_model.devices: auto is cuda when there
+                 is one, else cpu)
     storage      (miner) http: a public host validators can dial (no loopback, private, link-local
                  or unspecified address, no local name) and a fixed port, outside the local chain;
                  hf: a repo id and $HF_TOKEN; local: only on the local chain
@@ -31,6 +33,14 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from distill.config import load_config
+from eval.competition import load_competition
+from neurons import network
+from neurons.addresses import address_problem
+from neurons.commitment import CommitmentRejected, _check_host, _check_hf_repo_id
+from neurons.network import BITTENSOR_LOCAL, OLD_LOCAL_HINT
+from quasar_model.devices import AUTO, resolve_device
 
 GIB = 1 << 30
 LOCAL = "localnet"  # neurons.network.LOCALNET: the SQLite local chain
@@ -75,8 +85,6 @@ def competition_name(args) -> str:
 
 def _old_local_hint(args) -> str:
     """`local` meant the SQLite chain before it was renamed `localnet`: say so when it fails."""
-    from neurons.network import BITTENSOR_LOCAL, OLD_LOCAL_HINT
-
     return f" ({OLD_LOCAL_HINT})" if args.network == BITTENSOR_LOCAL else ""
 
 
@@ -93,8 +101,7 @@ def miner_student(args, competition) -> tuple[int, int, str]:
     """(parameters, training checkpoints kept, where the count came from) for the miner's distill
     config; the competition's cap when the config cannot be read here (the miner says why later)."""
     try:
-        from distill.config import load_config
-        from quasar_model import QuasarLongConfig
+        from quasar_model import QuasarLongConfig  # here: these load torch, which a refusal need not wait for
         from quasar_model.report import parameter_counts
 
         cfg = load_config(getattr(args, "config", None), getattr(args, "override", None) or [], check=False)
@@ -140,15 +147,13 @@ class Preflight:
         if role not in ("miner", "validator"):
             raise ValueError(f"unknown role {role!r}")
         self.args, self.role, self.timeout = args, role, timeout
-        if open_chain is None:
-            from neurons.network import open_chain
-        self._open_chain = open_chain
+        self._open_chain = open_chain or network.open_chain
         self.local = args.network == LOCAL
-        self.chain = self.keypair = self.competition = None
+        self.chain = self.keypair = self.competition = self.device = None
 
     # each check returns a detail string or raises PreflightError with the fix
     def checks(self) -> list[tuple[str, Callable[[], str]]]:
-        out = [("competition", self.check_competition)]
+        out = [("competition", self.check_competition), ("device", self.check_device)]
         if self.role == "miner":
             out.append(("storage", self.check_storage))
             out.append(("metrics port", self.check_metrics_port))
@@ -191,8 +196,6 @@ class Preflight:
 
     # ---------------------------------------------------------------- the checks
     def check_competition(self) -> str:
-        from eval.competition import load_competition
-
         a = self.args
         name = competition_name(a)
         c = load_competition(name)
@@ -220,8 +223,6 @@ class Preflight:
                 raise PreflightError("--storage local needs --storage-root DIR")
             return f"local at {a.storage_root}"
         if a.storage == "hf":
-            from neurons.commitment import CommitmentRejected, _check_hf_repo_id
-
             if not a.hf_repo:
                 raise PreflightError("--storage hf needs --hf.repo OWNER/NAME (a Hub model repo you can write to)")
             try:  # the commitment grammar's rule: a repo id that could not be committed
@@ -246,6 +247,12 @@ class Preflight:
         if not 1 <= a.port <= 65535:
             raise PreflightError(f"http storage: --port {a.port} is not in 1..65535")
         return f"http, validators dial {host}:{a.port}"
+
+    def check_device(self) -> str:
+        """--device names a device this machine has; `device` holds what it resolved to."""
+        asked = getattr(self.args, "device", AUTO)
+        self.device = resolve_device(asked)
+        return self.device if asked == self.device else f"{self.device} (--device {asked})"
 
     def check_work_dir(self) -> str:
         """Writable, or creatable: nothing is created here (a failed preflight leaves nothing behind)."""
@@ -356,9 +363,6 @@ def host_problem(host: str) -> str | None:
     """Why validators could not dial `host` on a real network, or None: the commitment grammar's
     host rules (neurons.commitment), then every address the name resolves to must be public
     (neurons.addresses), as the validator's fetcher checks it."""
-    from neurons.addresses import address_problem
-    from neurons.commitment import CommitmentRejected, _check_host
-
     if host in ("", "0.0.0.0", "::"):
         return f"{host or 'an empty host'} is the unspecified address (bind-all), not one validators can dial"
     try:

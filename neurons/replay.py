@@ -16,9 +16,10 @@ import math
 import sys
 from pathlib import Path
 
-from eval.competition import Competition
+from eval.competition import Competition, load_competition
 from neurons.state import Round, Submission, ValidatorState
 from neurons.validator import label_results, score_results
+from quasar_model.devices import resolve_device
 
 
 class ReplayError(RuntimeError):
@@ -75,7 +76,7 @@ def replay_round(work_dir, round_id: int, competition: Competition, *, device: s
                  progress: bool = True, cache_root=None, out=None) -> dict:
     """Re-evaluate and re-rank a finished round; the comparison as a dict (also OUT/replay.json and one
     eval report per hotkey under OUT/<hotkey>/ when `out` is given)."""
-    from eval.evaluate import load_student, prepare_round, score_model
+    from eval.evaluate import load_student, prepare_round, score_model  # torch: `quasar --help` imports this module
 
     work_dir = Path(work_dir)
     db = work_dir / "validator.db"
@@ -139,7 +140,7 @@ def replay_round(work_dir, round_id: int, competition: Competition, *, device: s
 
 
 def _write(report: dict, results: list, competition: Competition, seed: int, out: Path) -> None:
-    from eval.report import write_report
+    from eval.report import write_report  # torch, as above
 
     out.mkdir(parents=True, exist_ok=True)
     for res in results:
@@ -166,13 +167,11 @@ def format_report(report: dict) -> str:
 def replay_command(args) -> int:
     """`quasar eval --replay ROUND`: 0 when every submission replays identically, 1 when any differs,
     2 when the round cannot be replayed."""
-    from eval.competition import load_competition
-
     try:
         report = replay_round(args.validator_dir, args.replay, load_competition(args.competition),
-                              # the validator's default device: results are bit-identical only on the
-                              # device the round ran on
-                              device=args.device or "cpu", progress=not args.quiet, cache_root=args.cache_root,
+                              # auto, as the validator's default: results are bit-identical only on
+                              # the device the round ran on
+                              device=resolve_device(args.device), progress=not args.quiet, cache_root=args.cache_root,
                               out=args.out)
     except ReplayError as e:
         print(f"quasar eval --replay: {e}", file=sys.stderr)

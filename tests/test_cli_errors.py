@@ -131,6 +131,22 @@ def test_demo_and_params(capsys):
     assert err.splitlines() == ["quasar params: error: unknown preset 'nosuch'; known: ['dense', 'preview', 'small', 'tiny']"]
 
 
+# ---- --device (quasar_model.devices) --------------------------------------------------------
+
+def test_a_device_that_does_not_exist_is_one_error_line(tmp_path, pristine):
+    refused(["eval", str(pristine), "--out", str(tmp_path / "r"), "--device", "tpu"],
+            match="device 'tpu': expected auto, cpu, cuda or cuda:N")
+    refused(["init-student", "--teacher", "tiny-teacher", "--device", "cuda:99", "--out", str(tmp_path / "s")],
+            match="device 'cuda:99': ")  # no CUDA here, or fewer than 100 GPUs
+    chain = LocalChain(tmp_path / "chain.db")
+    keys = tmp_path / "keys"
+    chain.register(local_keypair("v-default", keys), local_keypair("cold", keys).ss58_address, stake=100.0)
+    refused(["validator", "--network", "localnet", "--chain.path", str(chain.path), "--wallet.path", str(keys),
+             "--wallet.name", "v", "--out", str(tmp_path / "v"), "--status-port", "-1", "--device", "gpu"],
+            match="preflight device: device 'gpu': expected auto, cpu, cuda or cuda:N")
+    assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists() and not (tmp_path / "v").exists()
+
+
 # ---- miner and validator ---------------------------------------------------------------------
 
 @pytest.fixture

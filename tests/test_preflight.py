@@ -170,7 +170,7 @@ def test_doctor_prints_every_check(tmp_path, capsys, fake, pinned, monkeypatch):
     rc, out, err, _ = run(capsys, ["doctor", *validator(tmp_path, "--competition", str(pinned))])
     assert rc == 0 and err == "", err
     lines = out.splitlines()
-    assert [line.split()[:2] for line in lines] == [["ok", "competition"], ["ok", "work"], ["ok", "disk"],
+    assert [line.split()[:2] for line in lines] == [["ok", "competition"], ["ok", "device"], ["ok", "work"], ["ok", "disk"],
                                                     ["ok", "chain"], ["ok", "registered"], ["ok", "permit"],
                                                     ["ok", "status"]]
     assert "finney at block 1000" in out and "uid 0" in out
@@ -181,7 +181,7 @@ def test_doctor_prints_every_check(tmp_path, capsys, fake, pinned, monkeypatch):
     rc, out, err, took = run(capsys, ["doctor", *miner(tmp_path, "--storage", "hf")])
     assert rc == 2 and took < 10
     status = {line.split()[1]: line.split()[0] for line in out.splitlines()}
-    assert status == {"competition": "FAIL", "storage": "FAIL", "metrics": "ok", "work": "ok", "disk": "skip",
+    assert status == {"competition": "FAIL", "device": "ok", "storage": "FAIL", "metrics": "ok", "work": "ok", "disk": "skip",
                       "chain": "FAIL", "registered": "skip"}
     assert err.splitlines() == ["quasar doctor: error: 3 check(s) failed: competition, storage, chain"]
 

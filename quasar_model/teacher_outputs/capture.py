@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from quasar_model import register
+from quasar_model.devices import resolve_device
 from quasar_model.teacher_outputs.cache import (
     DEFAULT_SHARD_TOKENS, CapturedSequence, CaptureInterrupted, TeacherCacheMeta, discard_unfinished, finalize_cache,
     partial_dir, read_shard_record, shard_is_full, write_shard, write_shard_record,
@@ -54,9 +55,13 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # -----------------------------------------------------------------------------
 # loading
 
-def _local_cuda() -> str:
-    # under torchrun each rank owns the GPU of its LOCAL_RANK
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+def _can_shard() -> bool:
+    """accelerate is installed and no torchrun is running (each rank then loads its own copy)."""
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        return False
+    return int(os.environ.get("WORLD_SIZE", 1)) == 1
 
 
 def load_teacher(name_or_path: str | os.PathLike, *, revision: str | None = None, dtype="auto",
@@ -79,22 +84,10 @@ def load_teacher(name_or_path: str | os.PathLike, *, revision: str | None = None
         dtype = _DTYPES[dtype]
     kwargs = dict(revision=revision, dtype=dtype, trust_remote_code=trust_remote_code)
     place = None
-    if device == "auto":
-        try:
-            import accelerate  # noqa: F401
-            shardable = int(os.environ.get("WORLD_SIZE", 1)) == 1
-        except ImportError:
-            shardable = False
-        if shardable and torch.cuda.is_available():
-            kwargs["device_map"] = "auto"
-        else:
-            place = _local_cuda() if torch.cuda.is_available() else "cpu"
-    elif device == "cuda":
-        place = _local_cuda()
+    if device == "auto" and torch.cuda.is_available() and _can_shard():
+        kwargs["device_map"] = "auto"  # accelerate spreads a large teacher over every GPU
     else:
-        place = device
-    if place is not None and place.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} asked for, but CUDA is not available")
+        place = resolve_device(device)
     register()  # a Quasar-Long checkpoint may teach too
     model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     if place is not None:
