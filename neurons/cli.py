@@ -2,14 +2,29 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from distill.cli import add_commands as add_distill_commands
+from eval.cli import add_commands as add_eval_commands
+from eval.competition import load_competition
+import neurons.validator  # Validator through the module, as network.open_chain*: tests stand fakes in there
+from neurons import logs
+from neurons.chain import ChainError
 from neurons.cliparse import Deprecated, QuasarParser, warn_deprecated
-from neurons.network import LOCALNET
+from neurons.miner import Miner, MinerSettings
+from neurons import network
+from neurons.network import LOCALNET, add_chain_args
+from neurons.preflight import Preflight, competition_name
+from neurons.replay import replay_command
+from neurons.standing import render, standing
+from neurons.status import StatusServer
+from neurons.validator import ValidatorSettings
 from quasar_model.devices import AUTO
 from quasar_model.devices import HELP as DEVICE_HELP
 from quasar_model.teacher_outputs import TeacherCacheError
@@ -60,18 +75,13 @@ def cmd_demo(args) -> int:
 def preflight(args, role: str):
     """Preflight checks (neurons.preflight) before any training or evaluation: PreflightError, one
     `error:` line, at the first failure; else the checks' chain, keypair and competition."""
-    from neurons.network import open_chain
-    from neurons.preflight import Preflight
-
-    pf = Preflight(args, role, open_chain=open_chain)
+    pf = Preflight(args, role, open_chain=network.open_chain)
     pf.run(stop_at_failure=True)
     return pf
 
 
 def cmd_doctor(args) -> int:
     """The miner's or validator's preflight checks alone, each result printed; 2 when one failed."""
-    from neurons.preflight import Preflight
-
     results = Preflight(args, args.role).run(stop_at_failure=False, report=lambda r: print(r.line(), flush=True))
     failed = [r.name for r in results if not r.ok and not r.skipped]
     if failed:
@@ -81,8 +91,6 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_miner(args) -> int:
-    from neurons import logs
-    from neurons.miner import Miner, MinerSettings
 
     logs.setup(f"miner:{args.wallet_name}", args.log_level)
     pf = preflight(args, "miner")
@@ -103,9 +111,6 @@ def cmd_miner(args) -> int:
 
 
 def cmd_validator(args) -> int:
-    from neurons import logs
-    from neurons.status import StatusServer
-    from neurons.validator import Validator, ValidatorSettings
 
     log = logs.setup("validator", args.log_level)
     pf = preflight(args, "validator")
@@ -117,7 +122,7 @@ def cmd_validator(args) -> int:
         eval_timeout=args.eval_timeout, eval_time_scale=args.eval_time_scale, max_eval_attempts=args.max_eval_attempts,
         eval_memory_bytes=None if args.eval_memory_gb is None else int(args.eval_memory_gb * (1 << 30)),
         allow_stack_mismatch=args.allow_stack_mismatch)
-    validator = Validator(pf.chain, pf.keypair, pf.competition, settings)
+    validator = neurons.validator.Validator(pf.chain, pf.keypair, pf.competition, settings)
     validator.install_signal_handlers()
     status = None
     if args.status_port >= 0:
@@ -135,28 +140,22 @@ def cmd_validator(args) -> int:
 
 def cmd_status(args) -> int:
     """A hotkey's latest commitment, its eligibility and the weights validators set on it (neurons.standing)."""
-    import json
 
-    from bittensor.sp_core import ss58_decode
-
-    from eval.competition import load_competition
-    from neurons.network import open_chain_to_read
-    from neurons.preflight import competition_name
-    from neurons.standing import render, standing
+    from bittensor.sp_core import ss58_decode  # here: bittensor costs ~0.8 s, and only `status` needs it
 
     try:
         ss58_decode(args.hotkey)
     except ValueError as e:
         raise ValueError(f"--hotkey {args.hotkey!r} is not an ss58 address ({e})") from None
     competition = load_competition(competition_name(args))
-    chain = open_chain_to_read(args)
+    chain = network.open_chain_to_read(args)
     s = standing(chain, competition.schedule, args.hotkey, localnet=args.network == LOCALNET)
     print(json.dumps(s.to_dict()) if args.json else "\n".join(render(s, args.network)))
     return 0
 
 
 def cmd_localnet(args) -> int:
-    from neurons.localnet import run_localnet
+    from neurons.localnet import run_localnet  # here: it loads bittensor's keys (~0.9 s)
 
     return run_localnet(Path(args.out), rounds=args.rounds, block_time=args.block_time, timeout=args.timeout,
                         fresh=not args.keep)
@@ -164,8 +163,6 @@ def cmd_localnet(args) -> int:
 
 def add_miner_args(p: argparse.ArgumentParser) -> None:
     """`quasar miner`'s flags (also `quasar doctor miner`'s)."""
-    from neurons.network import add_chain_args
-
     add_chain_args(p)
     p.add_argument("--competition", default=None,
                    help="shipped competition name or a file (default: the network's own: localnet on localnet, sn24 on finney)")
@@ -208,8 +205,6 @@ def add_miner_args(p: argparse.ArgumentParser) -> None:
 
 def add_validator_args(p: argparse.ArgumentParser) -> None:
     """`quasar validator`'s flags (also `quasar doctor validator`'s)."""
-    from neurons.network import add_chain_args
-
     add_chain_args(p)
     p.add_argument("--competition", default=None,
                    help="shipped competition name or a file (default: the network's own: localnet on localnet, sn24 on finney)")
@@ -261,10 +256,6 @@ def _blocks(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from distill.cli import add_commands as add_distill_commands
-    from eval.cli import add_commands as add_eval_commands
-    from neurons.replay import replay_command
-
     parser = QuasarParser(prog="quasar", description="SN24 Quasar miner/validator toolkit")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -296,8 +287,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="a hotkey's latest commitment, eligibility block, and the weights, rank and "
                                       "incentive validators give it (reads the chain only)")
-    from neurons.network import add_chain_args
-
     add_chain_args(p)
     p.add_argument("--hotkey", required=True, metavar="SS58", help="the hotkey to look up")
     p.add_argument("--competition", default=None,
@@ -323,8 +312,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     """`--log-level` / `--logging.*` on every (sub)command, so they go anywhere on the line."""
-    from neurons import logs
-
     subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     if not subcommands:
         logs.add_args(parser)
@@ -334,8 +321,6 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("quasar-sn24")
     except PackageNotFoundError:  # a checkout run without `pip install -e .`
@@ -344,8 +329,6 @@ def _version() -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from neurons import logs
-    from neurons.chain import ChainError
 
     logs.setup(args.command, args.log_level)  # miner and validator set it again, naming their role
     warn_deprecated(args, logging.getLogger(args.command))
