@@ -20,7 +20,9 @@ from typing import Iterable, Sequence
 
 import torch
 
+from quasar_model.corpus import write_jsonl
 from quasar_model.teacher_outputs.cache import CapturedSequence, TeacherCacheMeta, TeacherCacheWriter
+from quasar_model.tokenization import real_vocab_size, tokenizer_fingerprint
 
 TEXT_TEACHER_ID = "text-only"
 
@@ -32,8 +34,6 @@ def is_text_cache(meta) -> bool:
 def write_text_cache(tokenizer, segments: Iterable[list[int]], out_root: str | os.PathLike, *,
                      data_fingerprint: str, source: str = "") -> Path:
     """Student-tokenised segments -> a cache whose row t is the one-hot token t+1 (last row: itself)."""
-    from quasar_model.tokenization import real_vocab_size, tokenizer_fingerprint
-
     meta = TeacherCacheMeta(teacher_id=TEXT_TEACHER_ID, teacher_revision=source or None,
                             tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
                             vocab_size=real_vocab_size(tokenizer), k=1, temperature=1.0,
@@ -120,6 +120,4 @@ def generate_teacher_texts(model, tokenizer, prompts: Sequence[str], max_new_tok
 
 def write_teacher_texts(path: str | os.PathLike, texts: Sequence[str]) -> Path:
     """The generations as a `{"text": ...}` jsonl dataset (what the trainer reads for plain CE)."""
-    from quasar_model.corpus import write_jsonl
-
     return write_jsonl(path, list(texts))

@@ -139,7 +139,7 @@ def model_cost(config, counts: dict[str, int] | None = None) -> ModelCost:
     """A QuasarLongConfig's cost terms. `counts`: quasar_model.report.parameter_counts(config), the
     count the fetch checks use (built on the meta device when not given)."""
     if counts is None:
-        from quasar_model.report import parameter_counts
+        from quasar_model.report import parameter_counts  # here: it loads torch; competition files need this module
 
         counts = parameter_counts(config)
     H, d = config.num_attention_heads, config.head_dim

@@ -26,6 +26,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from eval.budget import planned_tokens  # eval.budget names Competition only for type checkers: no cycle
+from quasar_model.files import read_file
+
 FORMAT_VERSION = 1
 SHIPPED = Path(__file__).parent / "competitions"
 FAMILIES = ("passkey", "niah_multikey", "multivalue", "assoc_recall", "variable_tracking")
@@ -233,8 +236,6 @@ class Competition:
         need(self.budget.tokens >= 1, "budget.tokens", f"must be >= 1, got {self.budget.tokens}")
         need(self.budget.seconds > 0, "budget.seconds", f"must be > 0, got {self.budget.seconds}")
         need(self.budget.max_flops >= 0, "budget.max_flops", f"must be >= 0 (0 = no cap), got {self.budget.max_flops}")
-        from eval.budget import planned_tokens
-
         planned = planned_tokens(self)
         need(planned <= self.budget.tokens, "budget.tokens",
              f"the evaluation plan runs {planned:,} tokens per submission, over the budget of {self.budget.tokens:,} "
@@ -303,7 +304,6 @@ def load_competition(name_or_path: str | os.PathLike) -> Competition:
     if not path.is_file():
         shipped = sorted(p.stem for p in SHIPPED.glob("*.json"))
         raise CompetitionError(f"competition {str(name_or_path)!r}: no such file, and not a shipped name {shipped}")
-    from quasar_model.files import read_file
 
     try:
         raw = read_file(path)  # JSON, or YAML by extension: the same reader as distill configs

@@ -31,6 +31,12 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from eval.heldout_data import draw_rows, open_source
+from quasar_model.atomic import write_atomic
+from quasar_model.progress import progress_bar
+from quasar_model.teacher_outputs.cache import open_teacher_cache
+from quasar_model.teacher_outputs.capture import capture_teacher_cache
+
 from quasar_model.teacher_outputs.buckets import bucket_kd, student_buckets, teacher_buckets
 
 INDEX_DIR = "heldout"   # under the cache root: <key>.json -> which teacher cache, and teacher CE
@@ -76,8 +82,6 @@ def draw_documents(source, seed: int, n: int, tokenizer, seq_len: int) -> list[H
     (eval.heldout_data: a Hub dataset at a pinned revision, or the local corpus), each cut to seq_len
     tokens; a document with fewer than two tokens (nothing to predict) is passed over for the next
     draw. Only the drawn documents are read and tokenised."""
-    from eval.heldout_data import draw_rows
-
     if seq_len < 2:
         raise ValueError(f"heldout.seq_len must be >= 2 (one position predicting one token), got {seq_len}")
 
@@ -91,8 +95,6 @@ def draw_documents(source, seed: int, n: int, tokenizer, seq_len: int) -> list[H
 
 def heldout_source(spec, *, cache_root=None, endpoint: str | None = None):
     """The data source a competition's `heldout` section names (eval.heldout_data.open_source)."""
-    from eval.heldout_data import open_source
-
     return open_source(spec.dataset, spec.split, spec.text_field, spec.revision, cache_root=cache_root,
                        endpoint=endpoint)
 
@@ -116,15 +118,11 @@ def cache_key(teacher: dict, k: int, temperature: float, data_fp: str) -> str:
 
 def _write_json_atomic(path: Path, obj) -> None:
     """Concurrent validators never read half an index entry."""
-    from quasar_model.atomic import write_atomic  # here, not at the top: quasar_model loads transformers (seconds)
-
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def _open_checked(path: Path, docs: Sequence[HeldoutDoc], k: int, vocab_size: int | None, tok_fp: str | None):
-    from quasar_model.teacher_outputs.cache import open_teacher_cache
-
     cache = open_teacher_cache(path, tokenizer_fingerprint=tok_fp or None, k=k, vocab_size=vocab_size)
     if len(cache) != len(docs):
         raise ValueError(f"teacher cache {path}: {len(cache)} sequences, the held-out set has {len(docs)}")
@@ -156,8 +154,6 @@ def prepare_heldout(docs: Sequence[HeldoutDoc], seed: int, *, teacher: dict, k: 
             cache = _open_checked(path, docs, k, vocab_size, tokenizer_fingerprint)
             return HeldoutSet(seed, list(docs), fp, key, cache, entry.get("teacher_ce"))
         # the index outlived its cache (someone cleaned the capture dir): capture again
-
-    from quasar_model.teacher_outputs.capture import capture_teacher_cache
 
     model, tok = load_teacher()
     path = Path(capture_teacher_cache(
@@ -230,8 +226,6 @@ def score_document(model, input_ids: Sequence[int], captured=None, temperature: 
 
 def score_documents(model, docs: Sequence[HeldoutDoc], cache=None, temperature: float = 1.0, *, device=None,
                     progress: bool = False, desc: str = "held-out", chunk: int = HEAD_CHUNK) -> list[DocScore]:
-    from quasar_model.progress import progress_bar
-
     if hasattr(model, "eval"):
         model.eval()
     out = []

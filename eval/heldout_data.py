@@ -39,6 +39,9 @@ from pathlib import Path
 from typing import Sequence
 from urllib.parse import quote
 
+from quasar_model.atomic import write_atomic
+from quasar_model.corpus import fingerprint, local_split
+
 LOCAL_SHARD_DOCS = 8       # local corpus documents per "file" (its held-out split has a few dozen)
 FOOTER_PROBE = 64 << 10    # bytes read from a parquet file's end: footer and its length, usually at once
 FOOTER_WORKERS = 8         # footers fetched at once while indexing a dataset's files
@@ -140,15 +143,11 @@ def open_source(dataset: str, split: str, text_field: str, revision: str, *, cac
 
 def local_revision(split: str) -> str:
     """What pins the local corpus: its split's fingerprint (CPython's pydoc topics differ by version)."""
-    from quasar_model.corpus import fingerprint, local_split
-
     return fingerprint(local_split(split))[:40]
 
 
 class LocalSource:
     def __init__(self, split: str, revision: str):
-        from quasar_model.corpus import local_split
-
         self.split, self.revision = split, revision
         self.docs = local_split(split)
         if revision != "local":
@@ -376,8 +375,6 @@ class _RangeFile:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """Into the shared download cache, made on first use; a concurrent validator never reads half a file."""
-    from quasar_model.atomic import write_atomic  # here, not at the top: quasar_model loads transformers (seconds)
-
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, data)
 

@@ -37,6 +37,7 @@ from typing import Sequence
 import torch
 
 from eval.recall_tasks import TaskItem
+from quasar_model.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -157,8 +158,6 @@ def run_recall(model, items: Sequence[TaskItem], *, prefill_chunk: int, max_answ
                device=None, progress: bool = False, batch_size: int = 1) -> list[RecallOutcome]:
     """Every item, graded; outcomes in item order. batch_size 1: one item at a time (memory flat in
     the number of items); more: items of equal prompt length run batch_size at a time."""
-    from quasar_model.progress import progress_bar
-
     if max_answer_tokens < 1:
         raise ValueError(f"max_answer_tokens must be >= 1, got {max_answer_tokens}")
     if batch_size < 1:

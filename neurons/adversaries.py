@@ -20,6 +20,10 @@ import shutil
 from pathlib import Path
 
 from eval.competition import Competition
+from quasar_model.corpus import local_split
+
+# The makers import torch, transformers and the model themselves: the miner imports this module,
+# and `quasar --help` the miner, so none of that may load before an adversary runs.
 
 HUGE = 3e38          # finite in float32 (max 3.4e38); any product of two of them overflows
 NEAR_COPY_STEPS = 5  # the README's "fine-tuned 5 steps" copies: 0.988-0.994 similar to their source
@@ -49,7 +53,6 @@ def near_copy(victim: Path, dst: Path, competition: Competition | None = None, *
     from transformers import AutoTokenizer
 
     from quasar_model import QuasarLongForCausalLM
-    from quasar_model.corpus import local_split
 
     tok = AutoTokenizer.from_pretrained(victim)
     model = QuasarLongForCausalLM.from_pretrained(victim, dtype=torch.float32).train()

@@ -31,7 +31,7 @@ from quasar_model.teacher_outputs import TeacherCacheError
 
 
 def cmd_params(args) -> int:
-    from quasar_model import PRESETS, QuasarLongConfig
+    from quasar_model import PRESETS, QuasarLongConfig  # here, as in demo: the model loads torch (seconds)
     from quasar_model.report import branch_layout, parameter_counts
 
     names = args.preset or list(PRESETS)

@@ -33,6 +33,7 @@ import json
 import math
 import multiprocessing
 import os
+import resource
 import select
 import signal
 import subprocess
@@ -41,7 +42,10 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from multiprocessing import forkserver
 from pathlib import Path
+
+from quasar_model.atomic import write_atomic
 
 MAX_REASON = 300  # reasons end up on the status page; a miner's exception text is not a channel
 PROCESS_NAME = b"quasar-eval"  # the child's /proc/PID/comm: how operators (and tests) find it
@@ -70,9 +74,7 @@ class EvalLimits:
 
 def save_round_inputs(inputs, path: Path) -> Path:
     """Write the round's inputs (eval.evaluate.RoundInputs) for the children, atomically."""
-    import torch
-
-    from quasar_model.atomic import write_atomic
+    import torch  # here, as everywhere in this module: the validator process must not load torch for us
 
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_atomic(path, lambda tmp: torch.save(inputs, tmp))
@@ -171,8 +173,6 @@ def _zygote():
 def start_zygote() -> None:
     """Start the zygote now, if it is not running: its imports then overlap with whatever the
     validator does before its first evaluation (fetching), instead of delaying that evaluation."""
-    from multiprocessing import forkserver
-
     _zygote()
     forkserver.ensure_running()
 
@@ -216,9 +216,7 @@ def _die_with_parent() -> None:
 
 
 def _child(job: dict) -> dict:
-    import resource
-
-    import torch
+    import torch  # the child's imports: preloaded in the zygote (ZYGOTE_PRELOAD), fresh in a CUDA child
 
     from eval.evaluate import load_student, score_model
     from eval.gates import logit_fingerprint
@@ -255,15 +253,11 @@ def _describe(e: BaseException) -> str:
 
 
 def _lift_memory_cap() -> None:
-    import resource
-
     hard = resource.getrlimit(resource.RLIMIT_AS)[1]
     resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
 
 
 def main(argv: list[str]) -> int:
-    from quasar_model.atomic import write_atomic  # loaded already: the child ran the model
-
     _die_with_parent()
     job = json.loads(Path(argv[0]).read_text())
     out = Path(job["out"])

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eval import checkpoint_layout
+from quasar_model.atomic import write_atomic
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -219,8 +220,6 @@ def write_manifest(directory: str | os.PathLike) -> Manifest:
     """
     directory = Path(directory)
     manifest = build_manifest(directory)
-    from quasar_model.atomic import write_atomic  # here, not at the top: quasar_model loads transformers (seconds)
-
     write_atomic(directory / MANIFEST_NAME, manifest.to_json())
     return manifest
 

@@ -27,11 +27,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from distill.config import load_config
 from eval.competition import Competition
 from eval.stack import check_stack
+from neurons import adversaries
 from neurons.chain import Chain, ChainError, InvalidSignature, InvalidWrite, NotPermitted
+from neurons.commitment import encode_commitment, parse_commitment
 from neurons.logs import event
+from neurons.metrics import BackgroundApp, Registry, metrics_app
 from neurons.shutdown import Interrupted, stop_on_signals
+from neurons import storage  # storage.stage / .release through the module: tests stand failures in
+from quasar_model.atomic import write_atomic
 
 log = logging.getLogger("miner")
 
@@ -83,8 +89,6 @@ class Miner:
         self._init_metrics()
 
     def _init_metrics(self) -> None:
-        from neurons.metrics import Registry
-
         m = self.metrics = Registry()
         self._step = m.gauge("quasar_miner_step", "training steps done")
         self._loss = m.gauge("quasar_miner_loss", "training loss of the latest step")
@@ -105,8 +109,6 @@ class Miner:
         stop_on_signals(self.stop_event, log, abandonable=self._abandonable)
 
     def _save_state(self) -> None:
-        from quasar_model.atomic import write_atomic  # here, not at the top: quasar_model loads transformers (seconds)
-
         write_atomic(self.state_path, json.dumps(self.state, indent=1))
 
     def _is_validator(self, hotkey: str) -> bool:
@@ -121,7 +123,7 @@ class Miner:
     def start_server(self) -> None:
         if self.s.storage != "http":
             return
-        from neurons.serve import CheckpointServer
+        from neurons.serve import CheckpointServer  # here: it loads bittensor (~1 s), and only http storage serves
 
         self.server = CheckpointServer(self.keypair.ss58_address, self._is_validator, host=self.s.host,
                                        port=self.s.port, nonce_path=self.work_dir / "nonces.db").start()
@@ -132,8 +134,6 @@ class Miner:
     def start_metrics_server(self) -> None:
         if self.s.metrics_port is None:
             return
-        from neurons.metrics import BackgroundApp, metrics_app
-
         self.metrics_server = BackgroundApp(lambda: metrics_app(self.metrics), self.s.metrics_host,
                                             self.s.metrics_port, name="metrics").start()
         event(log, "metrics", url=self.metrics_server.url + "/metrics")
@@ -209,9 +209,6 @@ class Miner:
         the weights (storage keeps them unreadable, the commitment binds a hash of them to this
         hotkey), so a copy can land at the earliest one block later, and a later commitment of the
         same model is a copy (eval.gates)."""
-        from neurons.commitment import encode_commitment
-        from neurons.storage import stage
-
         last = self.state.get("commit_block")
         if last is not None and self.chain.block() - last < self.s.min_commit_interval_blocks:
             event(log, "commit deferred", blocks_since=self.chain.block() - last)
@@ -220,7 +217,7 @@ class Miner:
         if not target.exists():
             shutil.copytree(export, target)
         where, _ = self._where(export.name)
-        commitment = stage(target, self.s.storage, hotkey=self.keypair.ss58_address, **where)
+        commitment = storage.stage(target, self.s.storage, hotkey=self.keypair.ss58_address, **where)
         # recorded before committing: a restart finds it and commits and releases again (a second
         # commitment of the same model by this hotkey keeps the block of the first, neurons.validator)
         self.state["pending"] = dict(commitment=encode_commitment(commitment), published=str(target), score=score)
@@ -228,9 +225,6 @@ class Miner:
         return self._finish_pending()
 
     def _finish_pending(self) -> bool:
-        from neurons.commitment import parse_commitment
-        from neurons.storage import release
-
         pending = self.state["pending"]
         data, target, score = pending["commitment"], Path(pending["published"]), pending["score"]
         commitment = parse_commitment(data, localnet=True)
@@ -240,7 +234,7 @@ class Miner:
         while self.chain.block() <= block:  # until its block is closed: nothing else can land in it
             if self.stop_event.wait(min(self.s.poll_seconds, 0.25)):
                 return False  # still pending: the next start commits and releases
-        release(commitment, target, **self._where(target.name)[1])
+        storage.release(commitment, target, **self._where(target.name)[1])
         previous = self.state.get("published")
         self.state.update(best=score, published=str(target), commitment=data, commit_block=block, pending=None,
                           token=commitment.revision if self.s.storage != "hf" else None)
@@ -261,7 +255,7 @@ class Miner:
         self._loss.set(record["loss"])
 
     def self_score(self, export: Path) -> float:
-        from eval.evaluate import evaluate_checkpoint
+        from eval.evaluate import evaluate_checkpoint  # torch, as Trainer below
         from eval.scoring import composite
 
         result = evaluate_checkpoint(export, self.competition, self.s.eval_seed,
@@ -270,8 +264,7 @@ class Miner:
         return composite(result.items, self.competition.score.weights)
 
     def train_loop(self) -> None:
-        from distill.config import load_config
-        from distill.trainer import Trainer
+        from distill.trainer import Trainer  # torch (seconds): `quasar --help` imports this module
 
         overrides = [f"output_dir={self.work_dir / 'train'}", f"checkpoint_every={self.s.steps_per_cycle}",
                      f"progress={str(self.s.progress).lower()}", *self.s.overrides]
@@ -333,8 +326,6 @@ class Miner:
     def adversary_loop(self) -> None:
         """Wait for the victim's published checkpoint (when the attack needs one), make the attack's
         checkpoint from it, publish it under this hotkey."""
-        from neurons import adversaries
-
         kind = self.s.adversary or "copy"
         make = adversaries.MAKERS[kind]
         while not self.stop_event.is_set():

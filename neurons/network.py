@@ -84,6 +84,8 @@ def resolve_chain_args(args, btcli: dict | None = None) -> None:
 
 def open_chain(args):
     """(chain, hotkey keypair) for the parsed flags."""
+    # the keys and both chains load bittensor (~0.5-0.9 s): imported here, not at the top, which the
+    # command-line parser imports
     from neurons.keys import load_wallet, local_keypair
 
     if args.network == LOCALNET:
@@ -101,7 +103,8 @@ def open_chain(args):
 
 
 def open_chain_to_read(args):
-    """The chain for the parsed flags, without keys: for reads only (`quasar status`)."""
+    """The chain for the parsed flags, without keys: for reads only (`quasar status`). Imports here,
+    as in open_chain."""
     if args.network == LOCALNET:
         from neurons.localchain import LocalChain
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 from eval.competition import ScheduleSpec
 from neurons.chain import Chain
+from neurons.commitment import CommitmentRejected, parse_commitment
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,6 @@ def _ranks(values: dict[int, float]) -> dict[int, int]:
 
 
 def standing(chain: Chain, schedule: ScheduleSpec, hotkey: str, *, localnet: bool) -> Standing:
-    from neurons.commitment import CommitmentRejected, parse_commitment
-
     metagraph = chain.metagraph()
     uid = metagraph.uid_of(hotkey)
     record = chain.commitments().get(hotkey)

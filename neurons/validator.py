@@ -27,9 +27,11 @@ from typing import Callable, Iterable, Mapping
 
 from eval.budget import plan
 from eval.competition import Competition
+from eval.results import SubmissionResult
 from eval.stack import check_stack
 from neurons.chain import Chain, ChainError
 from neurons.checks import StudentLimits
+from neurons.fetching import FetchSettings, Job, fetch_round
 from neurons.isolation import (EvalLimits, EvaluationFailed, EvaluationStopped, evaluate_isolated,
                                forks_from_zygote, save_round_inputs, start_zygote)
 from neurons.logs import event
@@ -37,6 +39,7 @@ from neurons.metrics import Registry
 from neurons.modelstore import ModelStore
 from neurons.shutdown import stop_on_signals
 from neurons.state import Round, Submission, ValidatorState
+from neurons.storage.core import FetchLimits
 
 log = logging.getLogger("validator")
 
@@ -64,8 +67,6 @@ def label_results(stored: dict[str, tuple[str, dict]], commit_blocks: Mapping[st
 
     A result reused for a second hotkey with the same weights names the first one (or none): re-label
     it, with the commit block of the hotkey's eligible submission (the stored one when unknown)."""
-    from eval.results import SubmissionResult
-
     return [dataclasses.replace(SubmissionResult.from_dict(raw), hotkey=hotkey, model_hash=model_hash,
                                 commit_block=commit_blocks.get(hotkey, raw["commit_block"]))
             for hotkey, (model_hash, raw) in sorted(stored.items())]
@@ -79,7 +80,7 @@ def score_results(state: ValidatorState, r: Round, results: list, registered: It
     and every model hash's first commit block. Fingerprints are compared only within `r` (each round
     draws its own probes). Shared with the offline replay (neurons.replay) so a replayed round is
     ranked by exactly this code."""
-    from eval.scoring import axis_means, ema_from_scores, round_ranking
+    from eval.scoring import axis_means, ema_from_scores, round_ranking  # torch: `quasar --help` imports this module
 
     # while `r` is being scored it is the newest round, so this is state.last_round(); a replay of an
     # older round must not see the leaders of rounds that came after it
@@ -249,9 +250,6 @@ class Validator:
 
     # ------------------------------------------------------------------ phases
     def _fetch_phase(self, r: Round) -> bool:
-        from neurons.fetching import FetchSettings, Job, fetch_round
-        from neurons.storage.core import FetchLimits
-
         registered = set(self.chain.metagraph().hotkeys)
         jobs = [Job(hotkey, rec.data, rec.block) for hotkey, rec in sorted(self.chain.commitments().items())
                 if hotkey in registered and hotkey != self.keypair.ss58_address
@@ -357,7 +355,7 @@ class Validator:
                                  limits=self._eval_limits(), stop=self.stop_event)
 
     def _round_inputs_file(self, seed: int) -> Path:
-        from eval.evaluate import prepare_round
+        from eval.evaluate import prepare_round  # torch, as eval.scoring above
 
         path = self.work_dir / "rounds" / f"inputs-{seed % (1 << 64):016x}.pt"
         if self._round_inputs != path or not path.exists():
@@ -402,7 +400,7 @@ class Validator:
         return True
 
     def _weights_phase(self, r: Round) -> bool:
-        from eval.scoring import normalized
+        from eval.scoring import normalized  # torch, as above
 
         weights = dict(sorted(normalized(self.state.ema(), self.chain.metagraph().uid_of).items()))
         if not weights:

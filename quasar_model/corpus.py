@@ -16,6 +16,8 @@ import json
 import os
 from pathlib import Path
 
+from quasar_model.atomic import write_atomic
+
 DOC_CHARS = 1500
 HELDOUT_PERCENT = 10
 
@@ -66,8 +68,6 @@ def fingerprint(docs: list[str]) -> str:
 
 def write_jsonl(path: str | os.PathLike, docs: list[str]) -> Path:
     """One `{"text": ...}` per line: the format `datasets.load_dataset("json", ...)` reads."""
-    from quasar_model.atomic import write_atomic  # here, not at the top: quasar_model loads transformers (seconds)
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_atomic(path, "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))

@@ -23,6 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from distill.config import DistillConfig  # noqa: E402
+from eval.competition import load_competition  # noqa: E402
+from quasar_model.paths import cache_root  # noqa: E402
+from quasar_model.teacher_outputs.tiny_teacher import recipe_id  # noqa: E402
+from scripts.size_budget import reference_student  # noqa: E402
+
 GB = 1e9
 LOGPROB_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -47,9 +53,6 @@ def _numel(shape) -> int:
 
 
 def measure_cache(cache: Path | None) -> dict | None:
-    from quasar_model.paths import cache_root
-    from quasar_model.teacher_outputs.tiny_teacher import recipe_id
-
     if cache is None:
         index = cache_root() / f"localnet-train-cache-{recipe_id()}.txt"
         cache = Path(index.read_text().strip()) if index.exists() else None
@@ -90,9 +93,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", default="1e8,1e9", help="teacher-cache token counts to size (comma-separated)")
     a = ap.parse_args(argv)
 
-    from eval.competition import load_competition
-    from quasar_model.report import parameter_counts
-    from scripts.size_budget import reference_student
+    from quasar_model.report import parameter_counts  # after parsing: torch takes seconds, --help should not
 
     comp = load_competition(a.competition)
     print("measured on the tiny path")
@@ -113,7 +114,6 @@ def main(argv=None) -> int:
     else:
         print(f"  (no --run: export {export_bpp:g} and training checkpoint {train_bpp:g} B/parameter assumed)")
 
-    from distill.config import DistillConfig
     keep = DistillConfig.__dataclass_fields__["keep_checkpoints"].default
     print(f"\n{comp.name}: computed")
     print(f"  teacher {comp.teacher.id} weights ({comp.teacher.dtype}): {2 * comp.teacher.params / GB:.1f} GB")

@@ -34,11 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eval.budget import ModelCost, format_plan, model_cost, plan  # noqa: E402
 from eval.competition import load_competition  # noqa: E402
+from quasar_model import QuasarLongConfig  # noqa: E402  (loads the model on first use, not here)
 
 
 def reference_student(comp):
-    from quasar_model import QuasarLongConfig
-
     if comp.student.vocab_size <= 4096:  # localnet: the tiny preset is what its miners train
         return QuasarLongConfig.preset("tiny", vocab_size=comp.student.vocab_size)
     return QuasarLongConfig.preset(
@@ -68,7 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--block-s", type=float, default=12.0)
     a = ap.parse_args(argv)
 
-    from quasar_model.report import parameter_counts
+    from quasar_model.report import parameter_counts  # after parsing: torch takes seconds, --help should not
 
     comp = load_competition(a.competition)
     config = reference_student(comp)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from quasar_model import register
 from quasar_model.devices import resolve_device
+from quasar_model.progress import progress_bar
 from quasar_model.teacher_outputs.cache import (
     DEFAULT_SHARD_TOKENS, CapturedSequence, CaptureInterrupted, TeacherCacheMeta, discard_unfinished, finalize_cache,
     partial_dir, read_shard_record, shard_is_full, write_shard, write_shard_record,
@@ -357,7 +358,6 @@ def capture_teacher_cache(model, tokenizer, segments: Iterable[list[int]], out_r
     tmp = Path(_broadcast(dist, str(partial_dir(out_root, meta, shard_tokens)) if rank == 0 else None, device))
     total, n_planned = _shard_tokens_of_rank(segments, shard_tokens, rank, world)
 
-    from quasar_model.progress import progress_bar
     bar, resumed = None, 0
     n_shards = 0
     try:
