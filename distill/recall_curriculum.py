@@ -338,7 +338,7 @@ class DocMaker:
 def pack_docs(maker: DocMaker, rng: random.Random, seq_len: int, length: int, pad_id: int = 0) -> dict:
     """One row of seq_len tokens: documents of length in [length/2, length] side by side, position ids
     restarting per document (as the teacher-cache rows), labels only on answer tokens."""
-    import torch
+    import torch  # here: distill.config imports this module, and reading a config must not load torch
 
     from .losses import IGNORE_INDEX
 

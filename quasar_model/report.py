@@ -4,11 +4,10 @@ from __future__ import annotations
 import torch
 
 from .configuration_quasar_long import QuasarLongConfig
+from .modeling_quasar_long import QuasarLongForCausalLM
 
 
 def build_on_meta(config: QuasarLongConfig):
-    from .modeling_quasar_long import QuasarLongForCausalLM
-
     with torch.device("meta"):
         return QuasarLongForCausalLM(config)
 
