@@ -25,6 +25,8 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+import quasar_model
+
 from .checks import check_submission
 from .commitment import CommitmentRejected, parse_commitment
 from .logs import event
@@ -148,6 +150,11 @@ def fetch_round(jobs: Iterable[Job], store: ModelStore, settings: FetchSettings,
     """Fetch every job; `record(submission)` is called once per accepted or rejected job, and
     `timed(submission or None when deferred, seconds)` once per job that ran (metrics)."""
     store.clean_staging()
+    jobs = list(jobs)
+    if jobs:
+        # the checks run in worker threads, and transformers' lazy imports entered from several
+        # threads at once can hand one a half-initialised module: the model library loads here first
+        quasar_model.register()
     r = _Round(store, settings, accepted_hashes, keypair, record, timed)
-    return asyncio.run(_run(list(jobs), r, stop))
+    return asyncio.run(_run(jobs, r, stop))
 

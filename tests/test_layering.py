@@ -72,3 +72,21 @@ def test_the_model_names_load_and_register_on_first_use():
             "print(type(AutoConfig.for_model('quasar_long')).__name__)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "QuasarLongConfig"
+
+
+def test_the_first_load_from_several_threads_at_once():
+    """The validator checks submissions in worker threads: the lazy load must not race transformers'
+    own lazy imports (without quasar_model's lock this fails with a half-initialised module)."""
+    code = ("import threading, quasar_model\n"
+            "errors = []\n"
+            "def load(name):\n"
+            "    try:\n"
+            "        quasar_model.register() if name == 'register' else getattr(quasar_model, name)\n"
+            "    except Exception as e:\n"
+            "        errors.append(repr(e))\n"
+            "names = ['QuasarLongConfig', 'QuasarLongForCausalLM', 'register'] * 2\n"
+            "threads = [threading.Thread(target=load, args=(n,)) for n in names]\n"
+            "[t.start() for t in threads]; [t.join() for t in threads]\n"
+            "print(errors)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
