@@ -56,22 +56,26 @@ def test_the_scan_sees_imports_inside_functions(tmp_path):
     assert _imported_packages(mod) == {"distill", "neurons", "eval"}
 
 
+def _python(code: str) -> str:
+    """stdout of `code` in a fresh interpreter (what a module imports at first is per process)."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
 def test_light_modules_import_without_torch():
     """Loading a competition or reading a config file must not pay for torch and transformers
     (`import quasar_model` once imported the model, ~3 s of a competition load)."""
     code = ("import sys, quasar_model, quasar_model.files, quasar_model.paths, eval.competition, "
             "quasar_model.teacher_outputs; eval.competition.load_competition('localnet'); "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert _python(code) == "[]"
 
 
 def test_the_model_names_load_and_register_on_first_use():
     code = ("import quasar_model; from transformers import AutoConfig; "
             "assert quasar_model.QuasarLongConfig.model_type == 'quasar_long'; "
             "print(type(AutoConfig.for_model('quasar_long')).__name__)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "QuasarLongConfig"
+    assert _python(code) == "QuasarLongConfig"
 
 
 def test_the_first_load_from_several_threads_at_once():
@@ -88,5 +92,4 @@ def test_the_first_load_from_several_threads_at_once():
             "threads = [threading.Thread(target=load, args=(n,)) for n in names]\n"
             "[t.start() for t in threads]; [t.join() for t in threads]\n"
             "print(errors)\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert _python(code) == "[]"
