@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from quasar_model.atomic import write_atomic
+
 from . import parallel
 from .kd_student import engine_state_dict, student_state_dict
 
@@ -31,8 +33,6 @@ def save_checkpoint(root: Path, *, step: int, tokens_seen: int, model, optimizer
     """Write root/step-XXXXXXXX atomically (temp dir + rename), point `latest` at it, keep the newest
     cfg.keep_checkpoints. model is the (wrapped) KDStudent. Collective: every rank calls it."""
     from safetensors.torch import save_file
-
-    from quasar_model.atomic import write_atomic
 
     model_sd, optim_sd = parallel.full_state_dicts(model, optimizer)   # collective
     name = f"step-{step:08d}"

@@ -10,13 +10,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quasar_model import QuasarLongConfig, QuasarLongForCausalLM
+from quasar_model.teacher_outputs.cache import TeacherCacheError, open_teacher_cache
+from quasar_model.tokenization import tokenizer_fingerprint
+
 from .config import DistillConfig
 
 
 def resolve_cache_dir(path: str | os.PathLike) -> Path:
     """A cache directory, or a directory holding exactly one (what `quasar teacher-cache --out` makes)."""
-    from quasar_model.teacher_outputs.cache import TeacherCacheError, open_teacher_cache
-
     path = Path(path)
     if not path.exists():
         raise ValueError(f"teacher cache {str(path)!r}: no such directory (make one with `quasar teacher-cache`)")
@@ -40,8 +42,6 @@ def resolve_cache_dir(path: str | os.PathLike) -> Path:
 
 def open_caches(cfg: DistillConfig):
     """(train cache, held-out cache or None), checked against each other."""
-    from quasar_model.teacher_outputs.cache import open_teacher_cache
-
     train = open_teacher_cache(resolve_cache_dir(cfg.data.train_cache))
     m = train.meta
     if cfg.loss.temperature is not None and not math.isclose(cfg.loss.temperature, m.temperature):
@@ -67,8 +67,6 @@ def load_tokenizer(cfg: DistillConfig, meta):
     """The teacher's tokenizer (exported with the student), checked against the cache's fingerprint."""
     from transformers import AutoTokenizer
 
-    from quasar_model.tokenization import tokenizer_fingerprint
-
     name = cfg.data.tokenizer or meta.teacher_id
     try:
         tok = AutoTokenizer.from_pretrained(name)
@@ -84,8 +82,6 @@ def load_tokenizer(cfg: DistillConfig, meta):
 
 def build_student(cfg: DistillConfig, vocab_size: int, tokenizer=None) -> nn.Module:
     """A fresh student from the preset (+ overrides), or the checkpoint named by student.init_from."""
-    from quasar_model import QuasarLongConfig, QuasarLongForCausalLM
-
     if cfg.student.init_from:
         # master weights in torch's default dtype: float32, unless a caller sets another (the
         # equivalence tests run in float64)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from quasar_model.progress import progress_bar
+
 from . import parallel
 from .checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import DistillConfig
@@ -178,8 +180,6 @@ class Trainer:
         `should_stop()`, checked after every step, ends training at that step boundary the same way (the
         caller checkpoints: `save_checkpoint`). `on_step(record)` sees every step's record (step, loss,
         ...: the miner's metrics), not only the logged ones."""
-        from quasar_model.progress import progress_bar
-
         cfg = self.cfg
         cfg_steps = cfg.steps
         stop = cfg_steps if until is None else min(until, cfg_steps)
