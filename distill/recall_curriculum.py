@@ -14,8 +14,9 @@ connectors, question phrasing, cue, list separator):
     mqar         many key/value pairs, several asked in a shuffled order (associative recall)
     vartrack     assignment chains "a := 123", "b := a"; every name holding the value
     copy         a span of the text repeated after the cue
-    induction    random tokens in which a random segment occurs twice; the second occurrence is the
-                 target (pure induction-head practice, no language at all)
+    induction    random tokens (or, digit_share of the time, random digits) in which a random segment
+                 of up to a third of the document occurs twice; the second occurrence is the target
+                 (pure induction-head practice, no language at all)
 
 This generator shares nothing with the validator's (eval/recall_tasks.py, eval/haystack.py), and
 must not: filler is the training corpus's own text or log-book sentences, keys and values are
@@ -48,8 +49,12 @@ LABELS = ["secret number", "vault combination", "access token", "door pin", "hid
           "safe number", "launch sequence", "recovery phrase", "ticket number", "serial", "magic number"]
 PASSKEY_FACTS = ["The {k} is {v}.", "Keep in mind: the {k} is {v}.", "(The {k} is {v}; do not forget it.)",
                  "Note to self -- {k}: {v}.", "Whoever asks, the {k} is {v}."]
+# some questions echo the fact's own words ("... is"): the answer is what followed the fact, not
+# what follows the same words in the question (a student that copies after the last "is" fails them)
 PASSKEY_QUESTIONS = ["What is the {k}?", "Recall the {k}.", "Which value was given as the {k}?",
-                     "Tell me the {k} mentioned above.", "The {k} was stated earlier. What was it?"]
+                     "Tell me the {k} mentioned above.", "The {k} was stated earlier. What was it?",
+                     "So the {k} is what, exactly?", "What is the {k} that was mentioned?",
+                     "Somebody said the {k} is something. What is it?"]
 CONNECTORS = ["{k}: {v}.", "{k} = {v}.", "{k} -> {v}.", "The value of {k} is {v}.", "{k} maps to {v}.",
               "[{k}] {v}.", "Entry {k} holds {v}.", "{k} is paired with {v}.", "Record {k} says {v}.",
               "{k} => {v}."]
@@ -65,6 +70,12 @@ TRACK_QUESTIONS = ["Which names end up holding {v}{how}?", "Every variable equal
                    "Name all variables whose value is {v}{how}."]
 COPY_PROMPTS = ["Repeat this line exactly: {s}", "Copy: {s}", "Say it back word for word: {s}",
                 "Echo the following. {s}"]
+# how to answer, after the question half the time: its words ("number", "code", "digits") are also
+# label words, so a student must learn that the instruction is not where the key was stated
+INSTRUCTIONS = ["Give the value alone.", "Just the number, please.", "Write only the code, no other words.",
+                "Copy it exactly as written, nothing more.", "One value, digits and letters as they were.",
+                "No explanation: the value only.", "Type the exact characters of the secret.",
+                "Keep it short: the code or number itself."]
 CUES = ["\nAnswer:", "\nA:", "\nReply:", "\nResult:", "\nOutput:", " =>", "\nResponse:", "\nThe answer is",
         "\n>>", "\nAnswer (exactly):"]
 INTROS = ["", "Log file follows.", "Some facts are buried in the notes below.", "Read everything; questions come last.",
@@ -147,7 +158,11 @@ class _Spec:
 
 
 def _passkey(rng, length):
-    k = rng.choice(LABELS) if rng.random() < 0.6 else f"{_pseudo(rng, 2, 2)} code"
+    # labels of made-up words too: a student that only knows LABELS' head nouns misses a label it
+    # has never seen, whose tokens are arbitrary word pieces
+    r = rng.random()
+    k = rng.choice(LABELS) if r < 0.4 else f"{_pseudo(rng, 2, 2)} code" if r < 0.6 else \
+        f"{_pseudo(rng, 1, 2)} {_pseudo(rng, 1, 2)}"
     v = _value(rng, rng.choice(["number", "number", "code", "word"]))
     return _Spec([rng.choice(PASSKEY_FACTS).format(k=k, v=v)], rng.choice(PASSKEY_QUESTIONS).format(k=k), v)
 
@@ -247,9 +262,13 @@ def units_from_ids(cache, eos_id: int | None, max_sequences: int = 256, size: in
 
 class DocMaker:
     """Recall documents for one tokenizer. `units`: filler sentences as token lists, in text order
-    (`filler_units` of the training corpus); without them all filler is log-book sentences."""
+    (`filler_units` of the training corpus); without them all filler is log-book sentences.
+    `families` may repeat a family to weight it; `digit_share`: the share of induction documents drawn
+    from the ten digits alone (a digit string repeats its digits, so copying one takes more than one
+    token of context: the skill a long numeric answer needs)."""
 
-    def __init__(self, tokenizer, units: Sequence[list[int]] = (), *, families: Sequence[str] = FAMILIES):
+    def __init__(self, tokenizer, units: Sequence[list[int]] = (), *, families: Sequence[str] = FAMILIES,
+                 digit_share: float = 0.5):
         unknown = [f for f in families if f not in FAMILIES]
         if unknown or not families:
             raise ValueError(f"recall families {list(families)}: choose from {list(FAMILIES)}")
@@ -257,6 +276,10 @@ class DocMaker:
         self.vocab = int(len(tokenizer))
         self.eos = tokenizer.eos_token_id
         self._memo: dict[str, list[int]] = {}
+        self.digits = [self.enc(d)[0] for d in "0123456789"]
+        if not 0.0 <= digit_share <= 1.0:
+            raise ValueError(f"digit_share {digit_share}: must be in [0, 1]")
+        self.digit_share = digit_share
 
     def enc(self, text: str) -> list[int]:
         ids = self._memo.get(text)
@@ -293,7 +316,8 @@ class DocMaker:
         intro = rng.choice(INTROS)
         head = self.enc(intro + "\n") if intro else []
         facts = [self.enc(" " + f) for f in spec.facts]
-        tail = self.enc("\n" + spec.question + rng.choice(CUES))
+        how = " " + rng.choice(INSTRUCTIONS) if rng.random() < 0.5 else ""
+        tail = self.enc("\n" + spec.question + how + rng.choice(CUES))
         answer = self.enc(" " + spec.answer)
         budget = length - len(head) - len(tail) - len(answer) - sum(map(len, facts))
         if budget < 0:      # too many facts for this length
@@ -323,10 +347,13 @@ class DocMaker:
 
     def _induction(self, rng: random.Random, length: int) -> Doc:
         """Random tokens; a random segment recurs later: after its first token, the rest is copyable."""
-        n = rng.randint(3, 12)
-        seq = [t for t in (rng.randrange(self.vocab) for _ in range(length + 8)) if t != self.eos][:length]
-        if length < 2 * n + 2:
+        if rng.random() < self.digit_share:     # a digit string: one token of context is ambiguous
+            seq = [rng.choice(self.digits) for _ in range(length)]
+        else:
+            seq = [t for t in (rng.randrange(self.vocab) for _ in range(length + 8)) if t != self.eos][:length]
+        if length < 16:
             return Doc(seq, [])
+        n = rng.randint(3, max(3, length // 3))
         a = rng.randrange(0, length // 2 - n)
         b = rng.randrange(a + n, length - n)
         seq[b:b + n] = seq[a:a + n]

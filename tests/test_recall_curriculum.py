@@ -51,6 +51,17 @@ def test_documents_are_seeded_bounded_and_answerable(tok):
                 assert first                     # ...occurred before
 
 
+def test_induction_documents_can_be_digit_strings(tok):
+    """digit_share 1: every induction document is digits alone, its repeat a copyable target."""
+    maker = DocMaker(tok, families=["induction"], digit_share=1.0)
+    digits = {tok.encode(d, add_special_tokens=False)[0] for d in "0123456789"}
+    for i in range(10):
+        doc = maker.make(random.Random(i), 96)
+        assert set(doc.ids) <= digits and len(doc.targets) == 1
+    with pytest.raises(ValueError, match="digit_share"):
+        DocMaker(tok, digit_share=1.5)
+
+
 def test_batches_label_only_answers_and_follow_the_curriculum(tok):
     maker = DocMaker(tok, families=["passkey", "multikey"])
     b = recall_batch(maker, rows=4, seq_len=256, length=64, seed=3, step=7)
