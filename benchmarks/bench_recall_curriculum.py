@@ -3,11 +3,14 @@
 Trains a Quasar-Long student from scratch on distill/recall_curriculum.py documents alone (answer-span
 cross-entropy, the length curriculum up to --seq-len) and, every --eval-every steps, grades it on the
 validator's own items (eval.recall_tasks.generate_items at 1x of --context-len, eval.recall.run_recall)
-two ways: exact match (the validator's grade) and teacher-forced answer-token accuracy (how much of
-the answer it would get right given the rest: shows progress long before exact match moves). Step 0
+two ways: exact match (the validator's grade) and teacher-forced accuracy on the answer's tokens after
+its first, often a bare leading space (how much of the answer it would get right given the rest: shows
+progress long before exact match moves). Step 0
 is the untrained student, the baseline of the same run; the table prints each later value against it.
 
     python benchmarks/bench_recall_curriculum.py --steps 400 --eval-every 100          # CPU, minutes
+    python benchmarks/bench_recall_curriculum.py --student recall --steps 500 --eval-every 100 --batch 16 \
+        --lr 1e-2 --seq-len 192 --min-len 64 --context-len 192 --forms fixed,round  # ~1 CPU-minute of training
     python benchmarks/bench_recall_curriculum.py --device cuda --steps 20000 --batch 32  # what it takes
 
 Writes recall_curriculum.png (both grades per family against steps) to --out.
@@ -16,19 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import random
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from distill.recall_curriculum import FAMILIES, DocMaker, curriculum_length, filler_units, recall_batch  # noqa: E402
+from distill.recall_curriculum import FAMILIES, DocMaker, filler_units  # noqa: E402
+from distill.recall_student import RECALL_STUDENT_FAMILIES, recall_student_config, train_recall  # noqa: E402
 from eval.recall import run_recall  # noqa: E402
 from eval.recall_tasks import FAMILIES as VALIDATOR_FAMILIES, generate_items  # noqa: E402
 from quasar_model import QuasarLongConfig, QuasarLongForCausalLM  # noqa: E402
@@ -39,16 +40,18 @@ from quasar_model.tokenization import PlainTextTokenizer  # noqa: E402
 
 @torch.no_grad()
 def grade(model, items, device) -> dict[str, tuple[float, float]]:
-    """family -> (exact-match rate, teacher-forced answer-token accuracy)."""
+    """family (with its forms) -> (exact-match rate, teacher-forced accuracy on the answer's tokens
+    after the first: the first is often the bare leading space, right long before any digit is)."""
     model.eval()
     exact, tokens = defaultdict(list), defaultdict(list)
-    for o in run_recall(model, items, prefill_chunk=512, max_answer_tokens=12, device=device):
-        exact[o.family].append(float(o.correct))
-    for it in items:
+    names = [f"{it.family}/{it.meta.get('forms', {}).get('kind', 'fixed')}" for it in items]
+    for name, o in zip(names, run_recall(model, items, prefill_chunk=512, max_answer_tokens=12, device=device)):
+        exact[name].append(float(o.correct))
+    for name, it in zip(names, items):
         ans = it.answer_ids[:12]
         ids = torch.tensor([it.prompt_ids + ans], device=device)
         pred = model(input_ids=ids, use_cache=False).logits[0, len(it.prompt_ids) - 1:-1].argmax(-1)
-        tokens[it.family].append(float((pred == torch.tensor(ans, device=device)).float().mean()))
+        tokens[name].append(float((pred == torch.tensor(ans, device=device)).float()[1:].mean()))
     model.train()
     return {f: (sum(exact[f]) / len(exact[f]), sum(tokens[f]) / len(tokens[f])) for f in exact}
 
@@ -62,28 +65,6 @@ def save_png(fig, path: Path) -> None:
     print(f"wrote {path}")
 
 
-def train(model, maker: DocMaker, *, steps: int, seq_len: int, min_len: int, batch: int, lr: float, device,
-          after_step=None) -> None:
-    """AdamW on answer-span CE of curriculum rows (warmup, cosine to a tenth); the rows of step s are
-    the same for every model: a function of (seed 0, s)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    model.train()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1, (step + 1) / 20) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
-        b = recall_batch(maker, rows=batch, seq_len=seq_len, seed=0, step=step,
-                         length=curriculum_length(step, steps, min_len, seq_len, 0.5))
-        logits = model(input_ids=b["input_ids"].to(device), position_ids=b["position_ids"].to(device),
-                       use_cache=False).logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), b["labels"].to(device).flatten(), ignore_index=-100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if after_step is not None:
-            after_step(step + 1, loss.item())
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=400)
@@ -94,7 +75,12 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--context-len", type=int, default=256, help="validator items at 1x of this (>= 256 with the tiny tokenizer)")
     ap.add_argument("--families", default="passkey", help="validator families, comma-separated")
-    ap.add_argument("--train-families", default=",".join(FAMILIES))
+    ap.add_argument("--train-families", default=None, help="curriculum families, comma-separated, repeats weight "
+                    "(default: all; with --student recall: distill.recall_student.RECALL_STUDENT_FAMILIES)")
+    ap.add_argument("--forms", default="fixed", help="validator forms, comma-separated: fixed, round")
+    ap.add_argument("--student", choices=("tiny", "recall"), default="tiny",
+                    help="tiny: the tiny preset with --overrides, cosine lr; recall: distill.recall_student's "
+                         "copy-ready student, constant lr")
     ap.add_argument("--overrides", default='{"num_loops": 1, "use_looped_injection": false}',
                     help="QuasarLongConfig fields over the tiny preset (JSON)")
     ap.add_argument("--device", default="cpu")
@@ -112,13 +98,20 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tiny_teacher())
-    maker = DocMaker(tok, filler_units(tok, local_split("train")), families=a.train_families.split(","))
-    items = generate_items(1, PlainTextTokenizer(tok), a.context_len, families=fams, lengths=(1,), depth_bins=4,
-                           items_per_cell=2)
+    train_fams = a.train_families.split(",") if a.train_families else \
+        list(RECALL_STUDENT_FAMILIES if a.student == "recall" else FAMILIES)
+    forms = a.forms.split(",")
+    if any(f not in ("fixed", "round") for f in forms):
+        print("error: --forms: choose from fixed, round", file=sys.stderr)
+        return 2
     try:
-        cfg = QuasarLongConfig.preset("tiny", vocab_size=len(tok), **overrides)
+        maker = DocMaker(tok, filler_units(tok, local_split("train")), families=train_fams)
+        items = [it for f in forms for it in generate_items(1, PlainTextTokenizer(tok), a.context_len, families=fams,
+                                                            lengths=(1,), depth_bins=4, items_per_cell=2, forms=f)]
+        cfg = recall_student_config(len(tok)) if a.student == "recall" else \
+            QuasarLongConfig.preset("tiny", vocab_size=len(tok), **overrides)
     except (TypeError, ValueError) as e:
-        print(f"error: --overrides: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     model = QuasarLongForCausalLM(cfg).to(a.device)
     print(f"student: {sum(p.numel() for p in model.parameters()):,} parameters; {len(items)} validator items "
@@ -126,15 +119,22 @@ def main(argv=None) -> int:
     history = [(0, grade(model, items, a.device))]
     t0 = time.time()
 
+    graded = [0.0]    # seconds spent grading, left out of the training time printed
+
     def report(step, loss):
         if step % a.eval_every == 0 or step == a.steps:
+            g0 = time.time()
             history.append((step, grade(model, items, a.device)))
+            graded[0] += time.time() - g0
             cells = "  ".join(f"{f} {e:.2f}/{t:.2f}" for f, (e, t) in history[-1][1].items())
-            print(f"step {step:6d}  answer CE {loss:.3f}  {time.time() - t0:7.1f}s  "
+            print(f"step {step:6d}  answer CE {loss:.3f}  {time.time() - t0 - graded[0]:7.1f}s training  "
                   f"exact/token-acc: {cells}", flush=True)
 
-    train(model, maker, steps=a.steps, seq_len=a.seq_len, min_len=a.min_len, batch=a.batch, lr=a.lr,
-          device=a.device, after_step=report)
+    # the rows of step s are the same for every model: a function of (seed 0, s)
+    schedule = dict(ramp=0.3, warmup=50, decay="constant") if a.student == "recall" else \
+        dict(ramp=0.5, warmup=20, decay="cosine")
+    train_recall(model, maker, steps=a.steps, rows=a.batch, seq_len=a.seq_len, min_len=a.min_len, lr=a.lr,
+                 device=a.device, after_step=report, **schedule)
 
     base = history[0][1]
     print(f"\n{'family':<18} {'exact (step 0 -> end)':>24} {'token acc (step 0 -> end, ratio)':>36}")
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
-    for f in fams:
+    for f in history[0][1]:
         xs = [s for s, _ in history]
         ax.plot(xs, [h[f][0] for _, h in history], "o-", label=f"{f}: exact match")
         ax.plot(xs, [h[f][1] for _, h in history], "s--", label=f"{f}: answer-token accuracy (teacher-forced)")
