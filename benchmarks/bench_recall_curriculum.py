@@ -9,7 +9,7 @@ progress long before exact match moves). Step 0
 is the untrained student, the baseline of the same run; the table prints each later value against it.
 
     python benchmarks/bench_recall_curriculum.py --steps 400 --eval-every 100          # CPU, minutes
-    python benchmarks/bench_recall_curriculum.py --student recall --steps 500 --eval-every 100 --batch 16 \
+    python benchmarks/bench_recall_curriculum.py --student recall --steps 420 --eval-every 60 --batch 16 \
         --lr 1e-2 --seq-len 192 --min-len 64 --context-len 192 --forms fixed,round  # ~1 CPU-minute of training
     python benchmarks/bench_recall_curriculum.py --device cuda --steps 20000 --batch 32  # what it takes
 

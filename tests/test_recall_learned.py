@@ -5,6 +5,10 @@ The curriculum (distill/recall_curriculum.py) shares no template with the valida
 (eval/recall_tasks.py); the items are drawn from a seed the training never saw, in the public fixed
 forms and in a round's drawn forms, at 1x of a small context length. The untrained student scores 0
 on the same items (the negative control: exact match on a 6-7 digit passkey is not luck).
+
+About a minute on one thread (57 s on a loaded 2-core machine; it scored 0.56 fixed, 0.69 round).
+The copy circuit appears abruptly near step 300 (320 steps scored 0.06 / 0.00), so the step count
+is not cut closer.
 """
 import pytest
 import torch
@@ -14,7 +18,7 @@ from distill.recall_student import RECALL_STUDENT_FAMILIES, recall_student_confi
 from eval.recall import run_recall
 from eval.recall_tasks import generate_items
 
-STEPS = 500
+STEPS = 420
 CONTEXT = 192
 
 
