@@ -1,24 +1,26 @@
 """Does the Quasar-Long hybrid recall further than a plain transformer? Same data, steps and parameters.
 
-Four students of the `tiny` class, trained identically on the recall curriculum (distill/recall_curriculum.py,
-the same rows at every step) at length L, then graded on the validator's items (eval.recall_tasks at
-1x, 2x, 4x, 8x L; eval.recall.run_recall) per family:
+Students of one size class, trained identically on the recall curriculum (distill/recall_student.py's
+train_recall and families: the same rows at every step) at length L, then graded on the validator's
+passkey items (eval.recall_tasks at 1x, 2x, 4x, 8x L, fixed and round forms; eval.recall.run_recall):
 
-    hybrid        the tiny preset (one loop): recurrent branches in layers 1-5, RoPE up to position 16
-                  and NoPE after, MoE, engram
-    dense         a plain transformer: RoPE everywhere, no branches, no MoE, no engram; its MLP width
-                  sized to the hybrid's parameter count
-    no-branches   the hybrid with hybrid_attention_layers=[] (attention alone); its experts widened
-                  to the hybrid's parameter count
+    recall        distill.recall_student's student: 3 attention layers, RoPE everywhere, an engram
+                  layer at layer 0 (the configuration known to learn copying in a few hundred steps)
+    hybrid        the same with the Quasar-Long pieces: recurrent branches beside attention in
+                  layers 1-2 (quasar, raven) and RoPE up to position 16, NoPE after (the `tiny` preset's cutoff)
+    no-branches   the hybrid without branches (attention alone), MLP widened to its parameter count
     rope-all      the hybrid with RoPE at every position
+    dense         a plain transformer: RoPE everywhere, no branches, no engram; MLP widened to the
+                  hybrid's parameter count (the baseline)
 
-Two grades per cell: exact match (the validator's) and teacher-forced answer-token accuracy.
-The dense baseline is measured in the same run; the table prints every variant's 8x/1x ratio too.
+Two grades per cell: exact match (the validator's) and teacher-forced answer-token accuracy (the
+answer's leading space left out). The table prints each variant's 8x/1x token-accuracy ratio and
+its 4x token accuracy against the dense baseline of the same run.
 
-    python benchmarks/bench_recall_arch.py --steps 150              # CPU, a few minutes
-    python benchmarks/bench_recall_arch.py --device cuda --steps 20000 --batch 32
+    python benchmarks/bench_recall_arch.py                      # CPU: ~10 min on one thread
+    python benchmarks/bench_recall_arch.py --device cuda --steps 5000 --seq-len 1024
 
-Writes recall_arch.png (a heatmap: variant x family rows, length columns) to --out.
+Writes recall_arch.png (a heatmap: variant x forms rows, length columns) to --out.
 """
 from __future__ import annotations
 
@@ -32,22 +34,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_recall_curriculum import grade, save_png, train  # noqa: E402
+from bench_recall_curriculum import grade, save_png  # noqa: E402
 from distill.recall_curriculum import DocMaker, filler_units  # noqa: E402
+from distill.recall_student import RECALL_STUDENT_FAMILIES, recall_student_config, train_recall  # noqa: E402
 from eval.recall_tasks import generate_items  # noqa: E402
 from quasar_model import QuasarLongConfig, QuasarLongForCausalLM  # noqa: E402
 from quasar_model.corpus import local_split  # noqa: E402
 from quasar_model.teacher_outputs.tiny_teacher import tiny_teacher  # noqa: E402
 from quasar_model.tokenization import PlainTextTokenizer  # noqa: E402
 
-ONE_LOOP = dict(num_loops=1, use_looped_injection=False)
-PLAIN = dict(num_experts=0, first_k_dense_replace=6, engram_layers=[], hybrid_attention_layers=[],
-             use_nope=False, long_context_mode="rope")
+BRANCHES = dict(hybrid_attention_layers=[1, 2], hybrid_alpha_init=0.0)
+NOPE = dict(use_nope=True, long_context_mode="rope_short_nope_long", nope_after_position=16)
 VARIANTS = {
-    "hybrid": {},
-    "dense": PLAIN,
-    "no-branches": dict(hybrid_attention_layers=[]),
-    "rope-all": dict(use_nope=False, long_context_mode="rope"),
+    "recall": {},
+    "hybrid": {**BRANCHES, **NOPE},
+    "no-branches": NOPE,
+    "rope-all": BRANCHES,
+    "dense": dict(engram_layers=[]),
 }
 LENGTHS = (1, 2, 4, 8)
 
@@ -58,12 +61,15 @@ def n_params(cfg: QuasarLongConfig) -> int:
 
 
 # the width each variant grows to reach the hybrid's parameter count (the others are at it already)
-WIDEN = {"dense": "intermediate_size", "no-branches": "moe_intermediate_size"}
+WIDEN = {"no-branches": "intermediate_size", "dense": "intermediate_size"}
 
 
 def config(name: str, vocab: int) -> QuasarLongConfig:
     def make(**extra):
-        return QuasarLongConfig.preset("tiny", vocab_size=vocab, **ONE_LOOP, **VARIANTS[name], **extra)
+        cfg = recall_student_config(vocab).to_dict()
+        for k in ("model_type", "transformers_version", "architectures"):
+            cfg.pop(k, None)
+        return QuasarLongConfig(**{**cfg, **VARIANTS[name], **extra})
 
     if name not in WIDEN:
         return make()
@@ -80,24 +86,26 @@ def config(name: str, vocab: int) -> QuasarLongConfig:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--seq-len", type=int, default=256, help="L: training length, and the items' 1x")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--families", default="passkey", help="validator families that fit at 1x L (passkey >= 256)")
+    ap.add_argument("--steps", type=int, default=420)
+    ap.add_argument("--seq-len", type=int, default=192, help="L: training length, and the items' 1x")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--families", default="passkey", help="validator families that fit at 1x L (passkey >= ~180)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="runs/bench_recall_arch")
     a = ap.parse_args(argv)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_teacher())
-    maker = DocMaker(tok, filler_units(tok, local_split("train")))
+    maker = DocMaker(tok, filler_units(tok, local_split("train")), families=RECALL_STUDENT_FAMILIES)
     fams = a.families.split(",")
+    rows_of = [f"{f}/{k}" for f in fams for k in ("fixed", "round")]
     items = {}
     for n in LENGTHS:    # a family too long for L at 1x is left out at every length
         try:
-            items[n] = generate_items(1, PlainTextTokenizer(tok), a.seq_len, families=fams, lengths=(n,),
-                                      depth_bins=2, items_per_cell=2)
+            items[n] = [it for forms in ("fixed", "round")
+                        for it in generate_items(1, PlainTextTokenizer(tok), a.seq_len, families=fams, lengths=(n,),
+                                                 depth_bins=2, items_per_cell=2, forms=forms)]
         except ValueError as e:
             print(f"error: {e} (raise --seq-len or drop the family)", file=sys.stderr)
             return 2
@@ -106,7 +114,7 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         model = QuasarLongForCausalLM(config(name, len(tok))).to(a.device)
         t0 = time.time()
-        train(model, maker, steps=a.steps, seq_len=a.seq_len, min_len=48, batch=a.batch, lr=a.lr, device=a.device)
+        train_recall(model, maker, steps=a.steps, rows=a.batch, seq_len=a.seq_len, lr=a.lr, seed=0, device=a.device)
         results[name] = {n: grade(model, items[n], a.device) for n in LENGTHS}
         print(f"{name:<12} {sum(p.numel() for p in model.parameters()):>9,} params  trained {a.steps} steps in "
               f"{time.time() - t0:.0f}s, graded at {', '.join(f'{n}x' for n in LENGTHS)} L (L={a.seq_len})",
@@ -116,7 +124,7 @@ def main(argv=None) -> int:
     print(f"{'variant':<12} {'family':<15} " + " ".join(f"{f'{n}x':>11}" for n in LENGTHS) + "  tok 8x/1x  tok vs dense 4x")
     rows, grid = [], []
     for name, by_len in results.items():
-        for f in fams:
+        for f in rows_of:
             cells = [by_len[n][f] for n in LENGTHS]
             one, eight = cells[0][1], cells[-1][1]
             dense4 = results["dense"][4][f][1]
