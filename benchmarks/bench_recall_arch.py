@@ -66,10 +66,7 @@ WIDEN = {"no-branches": "intermediate_size", "dense": "intermediate_size"}
 
 def config(name: str, vocab: int) -> QuasarLongConfig:
     def make(**extra):
-        cfg = recall_student_config(vocab).to_dict()
-        for k in ("model_type", "transformers_version", "architectures"):
-            cfg.pop(k, None)
-        return QuasarLongConfig(**{**cfg, **VARIANTS[name], **extra})
+        return recall_student_config(vocab, **{**VARIANTS[name], **extra})
 
     if name not in WIDEN:
         return make()

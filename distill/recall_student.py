@@ -33,14 +33,17 @@ from .recall_curriculum import DocMaker, curriculum_length, recall_batch
 RECALL_STUDENT_FAMILIES = ("passkey", "passkey", "passkey", "copy", "induction", "induction")
 
 
-def recall_student_config(vocab_size: int, *, hidden: int = 64, layers: int = 3, heads: int = 4) -> QuasarLongConfig:
-    return QuasarLongConfig.preset(
-        "tiny", vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+def recall_student_config(vocab_size: int, *, hidden: int = 64, layers: int = 3, heads: int = 4,
+                          **overrides) -> QuasarLongConfig:
+    """The student above; `overrides` replace any of its fields (benchmarks/bench_recall_arch.py's variants)."""
+    fields = dict(
+        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=heads, head_dim=hidden // heads, intermediate_size=2 * hidden, num_experts=0,
         first_k_dense_replace=layers, hybrid_attention_layers=[], use_nope=False, long_context_mode="rope",
         partial_rotary_factor=1.0, num_loops=1, use_looped_injection=False, use_qk_norm=False,
         initializer_range=0.08, tie_word_embeddings=True, engram_layers=[0], engram_dim=hidden,
         engram_num_heads=2, engram_slots=2053, engram_ngram_orders=[2, 3], engram_residual_scale=1.0)
+    return QuasarLongConfig.preset("tiny", **{**fields, **overrides})
 
 
 def train_recall(model, maker: DocMaker, *, steps: int, rows: int = 16, seq_len: int = 192, min_len: int = 64,
